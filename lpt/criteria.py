@@ -1,0 +1,56 @@
+"""Importance criteria: pure functions of tensors (no model, no optimiser).
+
+Element-wise scores have the shape of the weight ``[out, in]``; ``reduce`` turns them into the per-row (fan-out
+projections) or per-column (fan-in projections) sums that ``groups.group_scores`` adds up per group (Eq. 4).
+"""
+
+from __future__ import annotations
+
+import torch
+
+CRITERIA = ("lora", "vanilla", "magnitude", "random")
+SCORES = ("square", "abs")
+
+
+def _score(x: torch.Tensor, score: str) -> torch.Tensor:
+    if score == "square":
+        return x.square()
+    if score == "abs":
+        return x.abs()
+    raise ValueError(f"unknown score '{score}' (use {', '.join(SCORES)})")
+
+
+def lora_weight_grad(A: torch.Tensor, B: torch.Tensor, gA: torch.Tensor, gB: torch.Tensor) -> torch.Tensor:
+    """Estimate of the full weight's gradient from LoRA alone: ``G = gB·A + B·gA − gB·gA`` (Eq. 10, lr = 1).
+
+    Shapes: ``A [r, in]``, ``B [out, r]``, ``gA`` like ``A``, ``gB`` like ``B``; returns ``[out, in]``.
+    """
+    A, B, gA, gB = (t.float() for t in (A, B, gA, gB))
+    return gB @ A + B @ gA - gB @ gA
+
+
+def lora_importance(W0: torch.Tensor, A: torch.Tensor, B: torch.Tensor, gA: torch.Tensor, gB: torch.Tensor,
+                    scaling: float, score: str = "square") -> torch.Tensor:
+    """LoRA-guided importance ``I = (G ⊙ (W0 + s·B·A))²`` (or ``|·|`` with ``score='abs'``), element-wise."""
+    G = lora_weight_grad(A, B, gA, gB)
+    W = W0.float() + scaling * (B.float() @ A.float())
+    return _score(G * W, score)
+
+
+def vanilla_importance(W: torch.Tensor, gW: torch.Tensor, score: str = "square") -> torch.Tensor:
+    """First-order Taylor importance ``I = (∂L/∂W ⊙ W)²`` (Eq. 3), needing the full weight's gradient."""
+    return _score(gW.float() * W.float(), score)
+
+
+def magnitude_importance(W: torch.Tensor, score: str = "square") -> torch.Tensor:
+    """Weight magnitude: summed over a group, ``square`` gives the squared L2 norm of the group's weights."""
+    return _score(W.float(), score)
+
+
+def random_scores(n: int, generator: torch.Generator) -> torch.Tensor:
+    return torch.rand(n, generator=generator)
+
+
+def reduce(I: torch.Tensor, fan_in: bool) -> torch.Tensor:
+    """Row sums ``[out]`` for fan-out projections, column sums ``[in]`` for fan-in projections."""
+    return I.sum(0) if fan_in else I.sum(1)

@@ -1,0 +1,1 @@
+"""One module per stage, each with ``run(config) -> Path``: the Python API behind every CLI command."""
