@@ -69,6 +69,61 @@ class CalibrateConfig(ModelOptions, DataOptions):
     overwrite: bool = _f(False, "Replace an existing output directory.")
 
 
+PROJECTION_LIST = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
+
+
+@dataclass
+class PruneConfig(ModelOptions, DataOptions):
+    """``lpt prune``: iterative LoRA-guided structured pruning with joint LoRA fine-tuning (Algorithm 1)."""
+
+    # data (same flags as calibrate, or a calibrate output directory)
+    data: str | None = _f(None, "Data source when --calib is not given (default: MBZUAI/LaMini-instruction for hub "
+                                "models, as in the paper; builtin:pydoc:train for local models and aliases).")
+    calib: str | None = _f(None, "A calibrate output directory to train on (instead of --data).")
+    nsamples: int = _f(1024, "Calibration blocks when calibrating inline from --data.")
+    seq_len: int = _f(256, "Tokens per block when calibrating inline from --data.")
+    # what to prune
+    ratio: float = _f(0.5, "Fraction of the transformer blocks' linear-layer parameters to remove.")
+    criterion: str = _f("lora", "Importance: lora (LoRA-guided, Eq. 10), vanilla (full-gradient Taylor, Eq. 3), "
+                                "magnitude, random.")
+    score: str = _f("square", "Element score: square (paper) or abs (authors' released code).")
+    normalize: bool = _f(True, "Normalise each layer's group scores by their L2 norm (matters for --layout per-layer).")
+    gqa: str = _f("kv-groups", "Grouped-query attention: kv-groups (prune whole key/value groups) or query-heads "
+                               "(prune the same number of query heads inside every group).")
+    layout: str = _f("uniform", "uniform (every layer keeps the same widths: a standard config) or per-layer.")
+    skip_layers: str = _f("", "Layers never pruned: comma list / ranges (e.g. 0-2,31), or 'paper' for the first 10% "
+                              "and the last layer. Implies --layout per-layer.")
+    # schedule
+    ema: float = _f(0.9, "Moving-average factor λ of the group importance (Eq. 11).")
+    prune_freq: int = _f(10, "Optimiser steps between mask updates.")
+    warmup: float = _f(0.1, "Fraction of the steps before pruning starts.")
+    cooldown: float = _f(0.3, "Fraction of the steps after the target is reached (recovery fine-tuning).")
+    one_shot: bool = _f(False, "Score once over the calibration set, prune to --ratio at once, then fine-tune "
+                               "(the paper's 'separate' ablation).")
+    # LoRA
+    lora_r: int = _f(8, "LoRA rank.")
+    lora_alpha: float = _f(16.0, "LoRA alpha (scaling = alpha / r).")
+    lora_dropout: float = _f(0.05, "LoRA dropout.")
+    targets: str = _f(PROJECTION_LIST, "Comma-separated projections that get LoRA.")
+    # training
+    lr: float = _f(1e-4, "Peak learning rate (AdamW, cosine decay).")
+    lr_warmup: float = _f(0.03, "Fraction of the steps of linear learning-rate warm-up.")
+    weight_decay: float = _f(0.0, "AdamW weight decay.")
+    batch_size: int = _f(16, "Samples per optimiser step.")
+    micro_batch_size: int = _f(4, "Samples per forward/backward (gradient accumulation = batch / micro-batch).")
+    epochs: float = _f(2.0, "Passes over the calibration blocks (ignored with --max-steps).")
+    max_steps: int = _f(0, "Optimiser steps (0: from --epochs).")
+    max_grad_norm: float = _f(1.0, "Gradient clipping (0 disables).")
+    load_8bit: bool = _f(False, "Freeze the base weights in bitsandbytes int8 (LLM.int8).")
+    device_map: str | None = _f(None, "Spread the model over devices with accelerate (auto, balanced, ...).")
+    # outputs
+    output: str = _f("prune-out", "Output directory.")
+    overwrite: bool = _f(False, "Replace an existing output directory.")
+    save_every: int = _f(0, "Checkpoint every N optimiser steps into OUTPUT.partial/ (0: never).")
+    resume: bool = _f(False, "Continue an interrupted run from OUTPUT.partial/checkpoint.")
+    log_every: int = _f(1, "Optimiser steps between log lines.")
+
+
 def load_recipe(path: str | Path, stage: str) -> dict[str, Any]:
     """Read one stage's section from a recipe YAML (keys are flag names, dashes or underscores)."""
     import yaml

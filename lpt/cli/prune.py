@@ -1,14 +1,93 @@
-"""``lpt prune`` (placeholder until its issue lands)."""
+"""``lpt prune``."""
 
 from __future__ import annotations
 
 import typer
 
-from lpt.cli._common import not_implemented
+from lpt.cli._common import RECIPE_HELP, arg, make_config, opt, run_stage
+from lpt.config import PruneConfig as C
+
+EPILOG = """[b]Examples[/b]
+
+  lpt prune meta-llama/Llama-2-7b-hf --ratio 0.5 --8bit -o llama7b-50/
+
+  lpt prune smollm2-135m --recipe recipes/smollm2-135m.yaml -o smol-50/
+
+  lpt calibrate smollm2-135m -n 256 -o calib/ && lpt prune smollm2-135m --calib calib/ --ratio 0.2 --max-steps 40 -o smol-20/
+
+  lpt prune smollm2-135m --criterion vanilla --one-shot --ratio 0.5 -o smol-vanilla-oneshot/
+
+[b]Writes[/b] OUTPUT/adapter_config.json + adapter_model.safetensors (PEFT LoRA adapter for the unpruned base),
+OUTPUT/masks.json (kept heads / channels per layer), OUTPUT/importance.safetensors, OUTPUT/log.jsonl,
+OUTPUT/lpt_config.json. Next: lpt slice MODEL --masks OUTPUT/masks.json --adapter OUTPUT -o SLICED/
+"""
+
+
+def prune(
+    ctx: typer.Context,
+    model: str = arg(C, "model"),
+    ratio: float = opt(C, "ratio", "--ratio", "-r"),
+    criterion: str = opt(C, "criterion"),
+    calib: str = opt(C, "calib"),
+    data: str = opt(C, "data"),
+    subset: str = opt(C, "subset"),
+    split: str = opt(C, "split"),
+    data_files: str = opt(C, "data_files"),
+    text_field: str = opt(C, "text_field"),
+    format: str = opt(C, "format"),
+    template: str = opt(C, "template"),
+    train_on_inputs: bool = opt(C, "train_on_inputs"),
+    nsamples: int = opt(C, "nsamples", "--nsamples", "-n"),
+    seq_len: int = opt(C, "seq_len"),
+    seed: int = opt(C, "seed"),
+    score: str = opt(C, "score"),
+    normalize: bool = opt(C, "normalize"),
+    gqa: str = opt(C, "gqa"),
+    layout: str = opt(C, "layout"),
+    skip_layers: str = opt(C, "skip_layers"),
+    ema: float = opt(C, "ema"),
+    prune_freq: int = opt(C, "prune_freq"),
+    warmup: float = opt(C, "warmup"),
+    cooldown: float = opt(C, "cooldown"),
+    one_shot: bool = opt(C, "one_shot"),
+    lora_r: int = opt(C, "lora_r"),
+    lora_alpha: float = opt(C, "lora_alpha"),
+    lora_dropout: float = opt(C, "lora_dropout"),
+    targets: str = opt(C, "targets"),
+    lr: float = opt(C, "lr"),
+    lr_warmup: float = opt(C, "lr_warmup"),
+    weight_decay: float = opt(C, "weight_decay"),
+    batch_size: int = opt(C, "batch_size"),
+    micro_batch_size: int = opt(C, "micro_batch_size"),
+    epochs: float = opt(C, "epochs"),
+    max_steps: int = opt(C, "max_steps"),
+    max_grad_norm: float = opt(C, "max_grad_norm"),
+    load_8bit: bool = opt(C, "load_8bit", "--8bit"),
+    dtype: str = opt(C, "dtype"),
+    device: str = opt(C, "device"),
+    device_map: str = opt(C, "device_map"),
+    revision: str = opt(C, "revision"),
+    trust_remote_code: bool = opt(C, "trust_remote_code"),
+    output: str = opt(C, "output", "--output", "-o"),
+    overwrite: bool = opt(C, "overwrite"),
+    save_every: int = opt(C, "save_every"),
+    resume: bool = opt(C, "resume"),
+    log_every: int = opt(C, "log_every"),
+    recipe: str = typer.Option(None, "--recipe", help=RECIPE_HELP),
+) -> None:
+    """Iterative LoRA-guided structured pruning with joint LoRA fine-tuning (Algorithm 1 of LoRAPrune).
+
+    Only LoRA's A and B train; head and channel importance comes from LoRA's gradients (Eq. 10), is summed over
+    dependency groups, smoothed by a moving average, and the weakest groups are masked along a cubic schedule.
+    """
+
+    def go():
+        from lpt.stages import prune as stage
+
+        return stage.run(make_config(ctx, C, "prune"))
+
+    run_stage(go)
 
 
 def register(app: typer.Typer) -> None:
-    @app.command("prune", epilog="[b]Example[/b]\n\n  lpt prune meta-llama/Llama-2-7b-hf --ratio 0.5 --8bit -o out/")
-    def prune(model: str = typer.Argument(..., help="Model to prune.")) -> None:
-        """Iterative LoRA-guided structured pruning + LoRA fine-tuning -> PEFT adapter + masks.json."""
-        not_implemented("prune", "LoRA-guided pruning")
+    app.command("prune", epilog=EPILOG)(prune)

@@ -1,0 +1,66 @@
+"""The importance criteria and the schedule, checked against autograd and first principles."""
+
+import pytest
+import torch
+
+from lpt import criteria, schedule
+
+
+def _setup(seed=0, out=12, inp=10, r=3, s=2.0):
+    g = torch.Generator().manual_seed(seed)
+    W0 = torch.randn(out, inp, generator=g)
+    A = torch.randn(r, inp, generator=g, requires_grad=True)
+    B = torch.randn(out, r, generator=g, requires_grad=True)
+    x = torch.randn(7, inp, generator=g)
+    t = torch.randn(7, out, generator=g)
+    return W0, A, B, x, t, s
+
+
+def test_lora_gradient_estimate_matches_autograd():
+    """gA, gB from autograd relate to the full gradient gW by gB = s·gW·Aᵀ, gA = s·Bᵀ·gW (chain rule), so
+    Eq. 10 must equal s·gW·AᵀA + s·BBᵀ·gW − s²·gW·AᵀBᵀ·gW computed from the full gradient."""
+    W0, A, B, x, t, s = _setup()
+    W = (W0 + s * B @ A).detach().requires_grad_(True)
+    ((x @ W.T - t) ** 2).sum().backward()
+    gW = W.grad
+    ((x @ (W0 + s * B @ A).T - t) ** 2).sum().backward()
+    G = criteria.lora_weight_grad(A.detach(), B.detach(), A.grad, B.grad)
+    Ad, Bd = A.detach(), B.detach()
+    expected = s * gW @ Ad.T @ Ad + s * Bd @ Bd.T @ gW - s * s * gW @ Ad.T @ Bd.T @ gW
+    torch.testing.assert_close(G, expected, rtol=1e-4, atol=1e-3)
+    imp = criteria.lora_importance(W0, Ad, Bd, A.grad, B.grad, s, "square")
+    torch.testing.assert_close(imp, (expected * (W0 + s * Bd @ Ad)) ** 2, rtol=1e-3, atol=1e-2)
+    assert torch.equal(criteria.lora_importance(W0, Ad, Bd, A.grad, B.grad, s, "abs"),
+                       (G * (W0 + s * Bd @ Ad)).abs())
+
+
+def test_vanilla_and_magnitude():
+    W = torch.tensor([[1.0, -2.0], [3.0, 0.5]])
+    gW = torch.tensor([[0.5, 1.0], [-1.0, 2.0]])
+    assert torch.equal(criteria.vanilla_importance(W, gW), torch.tensor([[0.25, 4.0], [9.0, 1.0]]))
+    assert torch.equal(criteria.magnitude_importance(W, "abs"), W.abs())
+    assert torch.equal(criteria.reduce(W, fan_in=False), W.sum(1))
+    assert torch.equal(criteria.reduce(W, fan_in=True), W.sum(0))
+    with pytest.raises(ValueError):
+        criteria.vanilla_importance(W, gW, "cube")
+
+
+def test_cubic_schedule_and_prune_steps():
+    start, end = schedule.ramp_bounds(100, 0.1, 0.3)
+    assert (start, end) == (10, 70)
+    vals = [schedule.cubic_sparsity(t, 0.5, start, end) for t in range(0, 101)]
+    assert vals[10] == 0.0 and vals[70] == 0.5 and vals[100] == 0.5
+    assert all(b >= a for a, b in zip(vals, vals[1:]))
+    steps = [t for t in range(1, 101) if schedule.is_prune_step(t, 10, start, end)]
+    assert steps == [20, 30, 40, 50, 60, 70]
+    # a short run still reaches its target at the end of the ramp
+    s, e = schedule.ramp_bounds(6, 0.1, 0.3)
+    assert [t for t in range(1, 7) if schedule.is_prune_step(t, 10, s, e)] == [e]
+
+
+def test_moving_average():
+    a = schedule.ema(None, torch.tensor([1.0, 2.0]), 0.9)
+    b = schedule.ema(a, torch.tensor([3.0, 0.0]), 0.9)
+    torch.testing.assert_close(b, torch.tensor([1.2, 1.8]))
+    with pytest.raises(ValueError):
+        schedule.ema(a, a, 1.0)

@@ -1,0 +1,252 @@
+"""lpt prune on tiny random Llamas: groups, ratio, criterion vs autograd, resume, int8, PEFT compatibility."""
+
+import json
+
+import pytest
+import torch
+
+from conftest import build_model, invoke, tiny_config
+from lpt import artifacts, groups, lora
+from lpt.arch import describe
+from lpt.config import PruneConfig
+from lpt.stages import prune
+
+FAST = ["--max-steps", "6", "--batch-size", "4", "--micro-batch-size", "2", "--prune-freq", "2", "--lr", "1e-3",
+        "--warmup", "0.0", "--cooldown", "0.3"]
+
+
+def _pruner(gqa_model=True, **kw):
+    cfg = tiny_config(gqa=gqa_model)
+    model = build_model(cfg)
+    pc = PruneConfig(lora_r=4, lora_alpha=8, lora_dropout=0.0, **kw)
+    return prune.Pruner(model, describe(cfg), pc, total_steps=10), cfg
+
+
+def _batch(cfg, n=4, seq=16, seed=0):
+    ids = torch.randint(0, cfg.vocab_size, (n, seq), generator=torch.Generator().manual_seed(seed))
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+
+
+@pytest.mark.parametrize("gqa_mode", ["kv-groups", "query-heads"])
+def test_group_importance_matches_autograd_and_no_base_gradients(gqa_mode):
+    p, cfg = _pruner(gqa_model=True, gqa=gqa_mode, normalize=False)
+    for layer in p.layers.values():  # non-zero B so that every term of Eq. 10 matters
+        if layer.r:
+            torch.nn.init.normal_(layer.lora_B.weight, std=0.05)
+    p.forward_backward(_batch(cfg))
+    # no base weight has (or can get) a gradient: the criterion never needs one
+    for layer in p.layers.values():
+        assert layer.base_layer.weight.grad is None and not layer.base_layer.weight.requires_grad
+    got = p.group_importance()
+    a = p.arch
+    for i in range(a.num_layers):
+        full = {}
+        for proj in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"):
+            L = p.layers[a.module_path(i, proj)]
+            A, B, gA, gB = L.lora_A.weight, L.lora_B.weight, L.lora_A.weight.grad, L.lora_B.weight.grad
+            G = gB @ A + B @ gA - gB @ gA  # Eq. 10, written out independently
+            full[proj] = ((G * (L.base_layer.weight + L.scaling * B @ A)) ** 2).detach()
+        hd, g = a.head_dim, a.group_size
+        q = full["q_proj"].view(a.num_heads, hd, -1).sum((1, 2)) + full["o_proj"].view(-1, a.num_heads, hd).sum((0, 2))
+        if gqa_mode == "kv-groups":
+            want_h = q.view(a.num_kv_heads, g).sum(1) + full["k_proj"].view(a.num_kv_heads, hd, -1).sum((1, 2)) \
+                + full["v_proj"].view(a.num_kv_heads, hd, -1).sum((1, 2))
+        else:
+            want_h = q
+        want_c = full["gate_proj"].sum(1) + full["up_proj"].sum(1) + full["down_proj"].sum(0)
+        torch.testing.assert_close(got[i][0], want_h, rtol=1e-4, atol=1e-9)
+        torch.testing.assert_close(got[i][1], want_c, rtol=1e-4, atol=1e-9)
+
+
+@pytest.mark.parametrize("gqa, mode", [(True, "kv-groups"), (True, "query-heads"), (False, "kv-groups")])
+def test_masked_forward_equals_zeroed_heads_and_channels(gqa, mode):
+    p, cfg = _pruner(gqa_model=gqa, gqa=mode)
+    ref = build_model(cfg)  # same seed: same weights, no LoRA (B = 0 at the start anyway)
+    p.ema_heads = [torch.rand(p.heads_pruned[0].numel()) for _ in range(cfg.num_hidden_layers)]
+    p.ema_channels = [torch.rand(cfg.intermediate_size) for _ in range(cfg.num_hidden_layers)]
+    p.prune_to(0.5)
+    masks = p.masks()
+    x = _batch(cfg)["input_ids"]
+    with torch.no_grad():
+        got = p.model(x).logits
+        a = describe(cfg)
+        for i, m in enumerate(masks.layers):
+            attn, mlp = ref.model.layers[i].self_attn, ref.model.layers[i].mlp
+            for h in range(a.num_heads):
+                if h not in m.heads:
+                    attn.q_proj.weight[h * 16:(h + 1) * 16] = 0
+                    attn.o_proj.weight[:, h * 16:(h + 1) * 16] = 0
+            for kv in range(a.num_kv_heads):
+                if kv not in m.kv_heads:
+                    attn.k_proj.weight[kv * 16:(kv + 1) * 16] = 0
+                    attn.v_proj.weight[kv * 16:(kv + 1) * 16] = 0
+            drop = [c for c in range(a.intermediate_size) if c not in m.channels]
+            mlp.gate_proj.weight[drop] = 0
+            mlp.up_proj.weight[drop] = 0
+            mlp.down_proj.weight[:, drop] = 0
+        want = ref(x).logits
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("ratio", [0.2, 0.5])
+@pytest.mark.parametrize("gqa_mode", ["kv-groups", "query-heads"])
+def test_cli_prune_respects_groups_and_ratio(tmp_path, runner, tiny_llama_dir, tiny_calib_dir, ratio, gqa_mode):
+    out = tmp_path / "out"
+    r = invoke(runner, ["prune", tiny_llama_dir, "--calib", tiny_calib_dir, "--ratio", ratio, "--gqa", gqa_mode,
+                        *FAST, "-o", out])
+    assert r.exit_code == 0, r.output
+    for name in (artifacts.ADAPTER_CONFIG, artifacts.ADAPTER_WEIGHTS, artifacts.MASKS, artifacts.IMPORTANCE,
+                 artifacts.TRAIN_LOG, artifacts.RESOLVED_CONFIG):
+        assert (out / name).is_file(), name
+    arch = describe(tiny_config(gqa=True))
+    masks = groups.Masks.load(out / artifacts.MASKS, arch)  # validates groups under GQA
+    g = arch.group_size
+    for m in masks.layers:
+        if gqa_mode == "kv-groups":  # whole key/value groups: every kept kv head keeps all its query heads
+            assert m.heads == [q for kv in m.kv_heads for q in range(kv * g, (kv + 1) * g)]
+        else:
+            assert m.kv_heads == list(range(arch.num_kv_heads))
+            assert len({sum(1 for q in m.heads if q // g == kv) for kv in m.kv_heads}) == 1
+    doc = json.loads((out / artifacts.MASKS).read_text())
+    before, after = masks.block_params()
+    assert doc["params"]["blocks_before"] == before and doc["params"]["blocks_after"] == after
+    # achieved ratio equals the requested one to the nearest group: within half the largest group's share
+    p_head, p_chan = groups.unit_params(arch, gqa_mode)
+    assert abs((before - after) - ratio * before) <= arch.num_layers * (p_head / 2 + p_chan / 2)
+    log = [json.loads(line) for line in (out / artifacts.TRAIN_LOG).read_text().splitlines()]
+    assert [r["step"] for r in log] == list(range(1, 7))
+    assert log[-1]["sparsity"] == pytest.approx(doc["ratio"]["blocks"], abs=1e-5)
+
+
+def test_adapter_loads_in_peft_and_matches(tmp_path, runner, tiny_mha_dir, tiny_calib_dir):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "out"
+    r = invoke(runner, ["prune", tiny_mha_dir, "--calib", tiny_calib_dir, "--ratio", "0.2", *FAST, "-o", out])
+    assert r.exit_code == 0, r.output
+    base = AutoModelForCausalLM.from_pretrained(tiny_mha_dir)
+    peft_model = PeftModel.from_pretrained(base, out).eval()
+    ours = AutoModelForCausalLM.from_pretrained(tiny_mha_dir).eval()
+    lora.load_adapter(ours, out, describe(ours.config))
+    assert any(float(layer.lora_B.weight.detach().abs().sum()) > 0 for layer in lora.lora_layers(ours).values() if layer.r)
+    x = torch.randint(0, 300, (2, 10))
+    with torch.no_grad():
+        torch.testing.assert_close(peft_model(x).logits, ours(x).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_resume_equals_uninterrupted(tmp_path, runner, tiny_llama_dir, tiny_calib_dir, monkeypatch):
+    args = ["prune", tiny_llama_dir, "--calib", tiny_calib_dir, "--ratio", "0.5", *FAST, "--lora-dropout", "0.1"]
+    full = tmp_path / "full"
+    assert invoke(runner, [*args, "-o", full]).exit_code == 0
+
+    cut = tmp_path / "cut"
+    real_step = prune.Pruner.train_step
+
+    def crash_at_5(self, batch):
+        if self.step == 4:
+            raise KeyboardInterrupt
+        return real_step(self, batch)
+
+    monkeypatch.setattr(prune.Pruner, "train_step", crash_at_5)
+    r = invoke(runner, [*args, "--save-every", "2", "-o", cut])
+    assert r.exit_code != 0
+    assert not cut.exists()  # nothing that looks finished
+    assert (prune.partial_dir(cut) / artifacts.CHECKPOINT_DIR).is_dir()
+    monkeypatch.setattr(prune.Pruner, "train_step", real_step)
+    r = invoke(runner, [*args, "--save-every", "2", "--resume", "-o", cut])
+    assert r.exit_code == 0, r.output
+    assert (full / artifacts.MASKS).read_text() == (cut / artifacts.MASKS).read_text()
+    from safetensors.torch import load_file
+
+    a, b = load_file(full / artifacts.ADAPTER_WEIGHTS), load_file(cut / artifacts.ADAPTER_WEIGHTS)
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-6, atol=1e-7)
+    logs = [(full / artifacts.TRAIN_LOG).read_text().splitlines(), (cut / artifacts.TRAIN_LOG).read_text().splitlines()]
+    assert [json.loads(x)["loss"] for x in logs[0]] == [json.loads(x)["loss"] for x in logs[1]]
+    assert not prune.partial_dir(cut).exists()
+
+
+def test_8bit_prune_runs_and_stays_int8(tmp_path, runner, tiny_llama_dir, tiny_calib_dir):
+    out = tmp_path / "out8"
+    r = invoke(runner, ["prune", tiny_llama_dir, "--calib", tiny_calib_dir, "--ratio", "0.5", "--8bit", *FAST,
+                        "-o", out])
+    assert r.exit_code == 0, r.output
+    masks = groups.Masks.load(out / artifacts.MASKS)
+    assert masks.block_params()[1] < masks.block_params()[0]
+    p, cfg = _pruner(load_8bit=True)
+    assert all(lora.is_int8(layer.base_layer) for layer in p.layers.values())
+    p.train_step(_batch(cfg))
+    # int8 de-quantisation is close to the dense weight it came from
+    dense = build_model(cfg)
+    w8 = lora.dense_weight(p.layers["model.layers.0.mlp.up_proj"].base_layer)
+    torch.testing.assert_close(w8, dense.model.layers[0].mlp.up_proj.weight, rtol=0, atol=0.08 * 4 / 127)
+
+
+@pytest.mark.parametrize("criterion", ["vanilla", "magnitude", "random"])
+def test_baseline_criteria(tmp_path, runner, tiny_llama_dir, tiny_calib_dir, criterion):
+    out = tmp_path / criterion
+    r = invoke(runner, ["prune", tiny_llama_dir, "--calib", tiny_calib_dir, "--criterion", criterion,
+                        "--ratio", "0.5", *FAST, "-o", out])
+    assert r.exit_code == 0, r.output
+    assert json.loads((out / artifacts.MASKS).read_text())["info"]["criterion"] == criterion
+
+
+def test_vanilla_gets_base_gradients_lora_does_not():
+    p, cfg = _pruner(criterion="vanilla")
+    p.forward_backward(_batch(cfg))
+    assert all(layer.base_layer.weight.grad is not None for layer in p.layers.values())
+
+
+def test_one_shot_and_per_layer(tmp_path, runner, tiny_llama_dir, tiny_calib_dir):
+    out = tmp_path / "oneshot"
+    r = invoke(runner, ["prune", tiny_llama_dir, "--calib", tiny_calib_dir, "--one-shot", "--ratio", "0.5",
+                        "--layout", "per-layer", *FAST, "-o", out])
+    assert r.exit_code == 0, r.output
+    log = [json.loads(x) for x in (out / artifacts.TRAIN_LOG).read_text().splitlines()]
+    assert log[0]["sparsity"] > 0.3  # pruned before the first step
+    assert len({x["sparsity"] for x in log}) == 1
+
+
+def test_skip_layers(tmp_path, runner, tiny_llama_dir, tiny_calib_dir):
+    out = tmp_path / "skip"
+    r = invoke(runner, ["prune", tiny_llama_dir, "--calib", tiny_calib_dir, "--skip-layers", "0", "--ratio", "0.3",
+                        *FAST, "-o", out])
+    assert r.exit_code == 0, r.output
+    doc = json.loads((out / artifacts.MASKS).read_text())
+    assert doc["layout"] == "per-layer"
+    assert doc["layers"][0]["mlp_channels"] == list(range(96)) and len(doc["layers"][0]["attention_heads"]) == 4
+    assert len(doc["layers"][1]["mlp_channels"]) < 96
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--criterion", "vanilla", "--8bit"], "int8"),
+    (["--ratio", "1.5"], "--ratio"),
+    (["--criterion", "nope"], "--criterion"),
+    (["--batch-size", "6", "--micro-batch-size", "4"], "multiple"),
+    (["--skip-layers", "7"], "does not exist"),
+    (["--targets", "q_proj,foo"], "foo"),
+    (["--resume"], "no checkpoint"),
+])
+def test_bad_input_is_one_line(tmp_path, runner, tiny_llama_dir, tiny_calib_dir, args, message):
+    out = tmp_path / "bad"
+    r = invoke(runner, ["prune", tiny_llama_dir, "--calib", tiny_calib_dir, *FAST, *args, "-o", out])
+    assert r.exit_code == 2
+    assert message in r.output and "Traceback" not in r.output
+    assert not out.exists() and not prune.partial_dir(out).exists()
+
+
+def test_calib_from_another_tokenizer_is_refused(tmp_path, runner, tiny_llama_dir):
+    import shutil
+
+    from lpt.stages import calibrate
+
+    calib = tmp_path / "calib"
+    shutil.copytree(tiny_llama_dir, tmp_path / "m")
+    calibrate.run(calibrate.CalibrateConfig(model=str(tiny_llama_dir), nsamples=4, seq_len=16, output=str(calib)))
+    meta = json.loads((calib / artifacts.CALIB_META).read_text())
+    meta["tokenizer_fingerprint"] = "0" * 16
+    (calib / artifacts.CALIB_META).write_text(json.dumps(meta))
+    r = invoke(runner, ["prune", tmp_path / "m", "--calib", calib, *FAST, "-o", tmp_path / "o"])
+    assert r.exit_code == 2 and "does not match" in r.output
