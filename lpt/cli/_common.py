@@ -10,7 +10,6 @@ from typing import Any, Callable
 
 import click
 import typer
-from click.core import ParameterSource
 
 from lpt.config import build, default_of, help_of, load_recipe
 from lpt.errors import LptError
@@ -44,7 +43,7 @@ def make_config(ctx: typer.Context, cls: type, stage: str) -> Any:
     recipe_path = values.pop("recipe", None)
     explicit = {
         k for k in values
-        if ctx.get_parameter_source(k) in (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)
+        if getattr(ctx.get_parameter_source(k), "name", None) in ("COMMANDLINE", "ENVIRONMENT")
     }
     recipe = load_recipe(recipe_path, stage) if recipe_path else {}
     cfg = build(cls, values, explicit, recipe)

@@ -1,0 +1,48 @@
+"""Every shipped recipe loads, names only real flags, and passes the stage's validation."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from lpt.config import CalibrateConfig, PruneConfig, build, load_recipe
+
+RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml"))
+
+
+def test_there_are_recipes():
+    names = {p.name for p in RECIPES}
+    assert {"smollm2-135m.yaml", "llama-7b-20.yaml", "llama-7b-30.yaml", "llama-7b-50.yaml"} <= names
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
+def test_recipe_is_valid(path):
+    from lpt.stages import calibrate, prune
+
+    doc = yaml.safe_load(path.read_text())
+    assert path.read_text().startswith("# lpt "), "a recipe opens with the command that uses it"
+    if "calibrate" in doc:
+        calibrate.validate(build(CalibrateConfig, {}, set(), load_recipe(path, "calibrate")))
+    if "prune" in doc:
+        cfg = build(PruneConfig, {}, set(), load_recipe(path, "prune"))
+        prune.validate(cfg)
+        assert cfg.ratio == doc["prune"]["ratio"]
+    for stage in doc:
+        assert stage in {"calibrate", "prune", "merge", "slice", "eval", "bench"}, stage
+
+
+def test_flags_override_recipe(tmp_path, runner, tiny_llama_dir):
+    from conftest import invoke
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("calibrate:\n  nsamples: 3\n  seq-len: 16\n  seed: 5\n")
+    out = tmp_path / "o"
+    r = invoke(runner, ["calibrate", tiny_llama_dir, "--recipe", recipe, "--nsamples", "2", "-o", out])
+    assert r.exit_code == 0, r.output
+    import json
+
+    meta = json.loads((out / "calib.json").read_text())
+    assert (meta["nsamples"], meta["seq_len"], meta["seed"]) == (2, 16, 5)
+    recipe.write_text("calibrate:\n  bogus: 1\n")
+    r = invoke(runner, ["calibrate", tiny_llama_dir, "--recipe", recipe, "-o", tmp_path / "o2"])
+    assert r.exit_code == 2 and "bogus" in r.output
