@@ -24,17 +24,29 @@ def lora_weight_grad(A: torch.Tensor, B: torch.Tensor, gA: torch.Tensor, gB: tor
     """Estimate of the full weight's gradient from LoRA alone: ``G = gB·A + B·gA − gB·gA`` (Eq. 10, lr = 1).
 
     Shapes: ``A [r, in]``, ``B [out, r]``, ``gA`` like ``A``, ``gB`` like ``B``; returns ``[out, in]``.
+    Computed as one matmul with inner size ``2r``: ``[gB, B − gB] · [A; gA]``.
     """
     A, B, gA, gB = (t.float() for t in (A, B, gA, gB))
-    return gB @ A + B @ gA - gB @ gA
+    return torch.cat([gB, B - gB], dim=1) @ torch.cat([A, gA], dim=0)
 
 
 def lora_importance(W0: torch.Tensor, A: torch.Tensor, B: torch.Tensor, gA: torch.Tensor, gB: torch.Tensor,
                     scaling: float, score: str = "square") -> torch.Tensor:
-    """LoRA-guided importance ``I = (G ⊙ (W0 + s·B·A))²`` (or ``|·|`` with ``score='abs'``), element-wise."""
+    """LoRA-guided importance ``I = (G ⊙ (W0 + s·B·A))²`` (or ``|·|`` with ``score='abs'``), element-wise.
+
+    Two full-size temporaries (G and the merged weight), everything else in place: this runs every step.
+    """
     G = lora_weight_grad(A, B, gA, gB)
-    W = W0.float() + scaling * (B.float() @ A.float())
-    return _score(G * W, score)
+    W = torch.addmm(W0.float(), B.float(), A.float(), alpha=scaling)
+    G.mul_(W)
+    del W
+    return G.square_() if score == "square" else _abs_(G, score)
+
+
+def _abs_(x: torch.Tensor, score: str) -> torch.Tensor:
+    if score != "abs":
+        raise ValueError(f"unknown score '{score}' (use {', '.join(SCORES)})")
+    return x.abs_()
 
 
 def vanilla_importance(W: torch.Tensor, gW: torch.Tensor, score: str = "square") -> torch.Tensor:

@@ -17,7 +17,7 @@ from lpt.errors import LptError
 
 BUILTIN_PYDOC = "builtin:pydoc"
 PYDOC_PARTS = ("train", "test")
-PYDOC_TEST_PERCENT = 10  # topics whose name hashes into the lowest 10% of buckets form the held-out part
+PYDOC_TEST_SHARE = 0.15  # the held-out part: topics in hash order until they hold 15% of the characters
 TEXT_FIELDS = ("text", "content", "document")
 INSTRUCTION_FIELDS = ("instruction",)
 RESPONSE_FIELDS = ("response", "output")
@@ -49,10 +49,16 @@ def pydoc_topics(part: str | None = None) -> list[tuple[str, str]]:
     if part not in PYDOC_PARTS:
         raise LptError(f"unknown part '{part}' of {BUILTIN_PYDOC} (use {BUILTIN_PYDOC}:train or {BUILTIN_PYDOC}:test)")
 
-    def is_test(name: str) -> bool:
-        return int(hashlib.sha256(name.encode()).hexdigest(), 16) % 100 < PYDOC_TEST_PERCENT
-
-    return [(k, v) for k, v in items if is_test(k) == (part == "test")]
+    # Topics in a fixed pseudo-random order (hash of the name); the first ones, up to 15% of all characters, are the
+    # held-out part. Splitting by volume (not by count) leaves the test part long enough for 2048-token segments.
+    by_hash = sorted(items, key=lambda kv: hashlib.sha256(kv[0].encode()).hexdigest())
+    total, acc, test = sum(len(v) for _, v in items), 0, set()
+    for name, text in by_hash:
+        if acc >= PYDOC_TEST_SHARE * total:
+            break
+        test.add(name)
+        acc += len(text)
+    return [(k, v) for k, v in items if (k in test) == (part == "test")]
 
 
 def describe_source(source: str) -> str:
