@@ -7,6 +7,8 @@ Output directory:
   log.jsonl                                        one line per logged optimiser step
   lpt_config.json                                  the resolved configuration and library versions
 While running, checkpoints (``--save-every``) live in ``OUTPUT.partial/``; ``--resume`` continues from there.
+Under torchrun / accelerate launch the run is data parallel (``lpt.distributed``; equal to one process with the same
+global batch) and only rank 0 writes; ``--device-map`` spreads one model over several devices (docs/scaling.md).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from typing import Any, Iterable
 
 import torch
 
-from lpt import artifacts, criteria, groups, lora, schedule
+from lpt import artifacts, criteria, distributed, groups, lora, schedule
 from lpt.arch import ATTN_IN, MLP_IN, PROJECTIONS, Arch
 from lpt.config import PROJECTION_LIST, CalibrateConfig, PruneConfig
 from lpt.errors import LptError
@@ -127,8 +129,9 @@ class Pruner:
         self.total_steps = total_steps
         self.model_name = model_name or cfg.model
         self.criterion = cfg.criterion if cfg.ratio > 0 else "none"
+        quantize = cfg.load_8bit and not any(lora.is_int8(m) for m in model.modules())  # not quantized on load
         self.layers = lora.inject(model, arch, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
-                                  targets=targets(cfg), load_8bit=cfg.load_8bit)
+                                  targets=targets(cfg), load_8bit=quantize)
         if self.criterion == "vanilla":
             for layer in self.layers.values():
                 layer.base_layer.weight.requires_grad_(True)
@@ -151,7 +154,9 @@ class Pruner:
         self.ramp = schedule.ramp_bounds(total_steps, cfg.warmup, cfg.cooldown)
         self.target_sparsity = 0.0
         self.device = next(p for p in self.params).device
-        self.distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        self.distributed = distributed.is_initialized() and distributed.world_size() > 1
+        if self.distributed:  # every rank starts from rank 0's LoRA factors (as DDP does)
+            distributed.broadcast_([p.detach() for p in self.params])
 
     # ---------------------------------------------------------------- importance
     @torch.no_grad()
@@ -197,13 +202,14 @@ class Pruner:
             if self.cfg.normalize:
                 h, c = groups.normalise(h), groups.normalise(c)
             out[i] = (h.cpu(), c.cpu())
-        if self.distributed:  # every rank must take the same mask decisions
-            for i in self.prunable:
-                h, c = out[i]
-                flat = torch.cat([h, c]).to(self.device)
-                torch.distributed.all_reduce(flat)
-                flat = (flat / torch.distributed.get_world_size()).cpu()
-                out[i] = (flat[: h.numel()], flat[h.numel():])
+        if self.distributed:
+            # The scores come from the all-reduced gradients (reduce_gradients), so they are the global batch's on
+            # every rank; rank 0's copy is broadcast so float rounding can never split a mask decision.
+            flat = [torch.cat(out[i]).to(self.device) for i in self.prunable]
+            distributed.broadcast_(flat)
+            for i, f in zip(self.prunable, flat):
+                n = out[i][0].numel()
+                out[i] = (f[:n].cpu(), f[n:].cpu())
         return out
 
     def update_ema(self, scores) -> None:
@@ -271,29 +277,46 @@ class Pruner:
 
     # ---------------------------------------------------------------- training
     def forward_backward(self, batch: dict[str, torch.Tensor]) -> float:
-        """Accumulate gradients over the micro-batches of ``batch``; returns the mean loss."""
+        """Accumulate gradients over the micro-batches of ``batch``; returns the mean loss.
+
+        Under torch.distributed each rank runs only its contiguous share of the micro-batches
+        (``distributed.shard``), each scaled by 1 / (all micro-batches), so the gradients summed over the ranks
+        (``reduce_gradients``) are the single-process gradient of the same global batch, whatever the split.
+        """
         n = batch["input_ids"].shape[0]
         mbs = self.cfg.micro_batch_size
         chunks = max(1, math.ceil(n / mbs))
         total = 0.0
         self.model.train()
-        for k in range(chunks):
+        for k in (distributed.shard(chunks) if self.distributed else range(chunks)):
             sl = slice(k * mbs, (k + 1) * mbs)
             mb = {key: v[sl].to(self.device) for key, v in batch.items()}
             loss = self.model(**mb).loss
             (loss / chunks).backward()
             total += float(loss.detach())
+        if self.distributed:
+            t = torch.tensor([total], dtype=torch.float64, device=self.device)
+            distributed.all_reduce_sum_([t])
+            total = float(t)
         return total / chunks
+
+    def reduce_gradients(self) -> None:
+        """Sum the gradients the criterion and the optimiser use over all ranks (a no-op for one process)."""
+        if not self.distributed:
+            return
+        params = list(self.params)
+        if self.criterion == "vanilla":
+            params += [layer.base_layer.weight for layer in self.layers.values()]
+        for p in params:  # a rank that got no micro-batch contributes zeros
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        distributed.all_reduce_sum_([p.grad for p in params])
 
     def train_step(self, batch: dict[str, torch.Tensor]) -> dict[str, Any]:
         t0 = time.perf_counter()
         self.step += 1
         loss = self.forward_backward(batch)
-        if self.distributed:
-            for p in self.params:
-                if p.grad is not None:
-                    torch.distributed.all_reduce(p.grad)
-                    p.grad /= torch.distributed.get_world_size()
+        self.reduce_gradients()
         start, end = self.ramp
         pruning = not self.cfg.one_shot and self.criterion != "none"
         if pruning and self.criterion in ("lora", "vanilla") and self.step <= end:
@@ -327,6 +350,7 @@ class Pruner:
         if self.criterion in ("lora", "vanilla"):
             for batch in batches:
                 self.forward_backward(batch)
+            self.reduce_gradients()
             scores = self.group_importance()
             self.optimizer.zero_grad(set_to_none=True)
             for layer in self.layers.values():
@@ -418,11 +442,10 @@ def partial_dir(output: str | Path) -> Path:
 
 
 def run(cfg: PruneConfig) -> Path:
-    from lpt import models
-    from lpt.arch import describe
-    from lpt.progress import console, is_main_process
-
+    """Prune; under torchrun / accelerate launch every process runs this and only rank 0 writes the output."""
     validate(cfg)
+    distributed.check_launch(cfg.device, cfg.device_map)
+    device_map = distributed.parse_device_map(cfg.device_map)
     out = Path(cfg.output)
     work = partial_dir(out)
     ckpt = work / artifacts.CHECKPOINT_DIR
@@ -432,10 +455,26 @@ def run(cfg: PruneConfig) -> Path:
         raise LptError(f"--resume: no checkpoint in {ckpt} (run with --save-every N to make one)")
     elif out.exists() and not cfg.overwrite:
         raise LptError(f"output {out} already exists; pass --overwrite to replace it")
+    with distributed.process_group(cfg.device) as world:
+        return _run(cfg, world, device_map)
 
+
+def _run(cfg: PruneConfig, world: distributed.World, device_map: str | dict | None) -> Path:
+    from lpt import models
+    from lpt.arch import describe
+    from lpt.progress import console
+
+    out = Path(cfg.output)
+    work = partial_dir(out)
+    ckpt = work / artifacts.CHECKPOINT_DIR
     torch.manual_seed(cfg.seed)
-    model, tok = models.load_model(cfg.model, dtype=cfg.dtype, device=cfg.device, revision=cfg.revision,
-                                   trust_remote_code=cfg.trust_remote_code, device_map=cfg.device_map)
+    load = dict(dtype=cfg.dtype, device=world.device, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code,
+                device_map=device_map)
+    # --8bit: quantize while loading where possible, so the 16-bit weights never sit on a device
+    model, tok = (cfg.load_8bit and distributed.load_int8(cfg.model, **load)) or models.load_model(cfg.model, **load)
+    if device_map is not None:
+        distributed.check_placement(model)
+        console.print(f"model spread over {', '.join(distributed.devices_of(model))} (--device-map)")
     arch = describe(model.config)
     params_before = models.count_params(model)
     data = _calibration(cfg, tok)
@@ -451,11 +490,14 @@ def run(cfg: PruneConfig) -> Path:
             raise LptError(f"--resume: the checkpoint was made with different settings ({', '.join(diff)})")
         pruner.load_state_dict(torch.load(ckpt / artifacts.CHECKPOINT_STATE, weights_only=False))
         console.print(f"resuming from step {pruner.step} of {total}")
-    else:
-        if work.exists():
-            shutil.rmtree(work)
+    elif world.main and work.exists():
+        shutil.rmtree(work)
+    distributed.seed_rank(cfg.seed, pruner.step)  # own LoRA-dropout stream on ranks > 0
+    if world.distributed:
+        console.print(f"data parallel over {world.size} processes ({world.backend}): each computes its share of the "
+                      f"{math.ceil(cfg.batch_size / cfg.micro_batch_size)} micro-batches of every step")
 
-    main = is_main_process()
+    main = world.main
     if main:
         work.mkdir(parents=True, exist_ok=True)
     log_path = work / artifacts.TRAIN_LOG
@@ -468,6 +510,7 @@ def run(cfg: PruneConfig) -> Path:
         if main and not ckpt.exists():
             shutil.rmtree(work, ignore_errors=True)  # nothing to resume from: leave nothing behind
         raise
+    distributed.barrier()  # every rank is done before rank 0 writes the output
     if not main:
         return out
     masks = pruner.masks()
@@ -483,8 +526,9 @@ def run(cfg: PruneConfig) -> Path:
     masks.save(work / artifacts.MASKS)
     artifacts.save_tensors(pruner.importance_tensors() or {"empty": torch.zeros(0)}, work / artifacts.IMPORTANCE,
                            {"criterion": pruner.criterion, "ema": str(cfg.ema), "gqa": cfg.gqa})
-    artifacts.write_json(work / artifacts.RESOLVED_CONFIG, {"stage": "prune", "config": resolved,
-                                                             "versions": artifacts.versions()})
+    artifacts.write_json(work / artifacts.RESOLVED_CONFIG, {
+        "stage": "prune", "config": resolved, "versions": artifacts.versions(),
+        "launch": {"processes": world.size, "backend": world.backend, "devices": distributed.devices_of(model)}})
     shutil.rmtree(ckpt, ignore_errors=True)
     if out.exists():
         shutil.rmtree(out)
