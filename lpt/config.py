@@ -115,7 +115,7 @@ class PruneConfig(ModelOptions, DataOptions):
     max_steps: int = _f(0, "Optimiser steps (0: from --epochs).")
     max_grad_norm: float = _f(1.0, "Gradient clipping (0 disables).")
     load_8bit: bool = _f(False, "Freeze the base weights in bitsandbytes int8 (LLM.int8).")
-    device_map: str | None = _f(None, "Spread the model over devices with accelerate (auto, balanced, ...).")
+    device_map: str | None = _f(None, "Spread one model over several devices with accelerate: auto, balanced, sequential, a JSON object or a .json file.")
     # outputs
     output: str = _f("prune-out", "Output directory.")
     overwrite: bool = _f(False, "Replace an existing output directory.")

@@ -17,6 +17,10 @@ EPILOG = """[b]Examples[/b]
 
   lpt prune smollm2-135m --criterion vanilla --one-shot --ratio 0.5 -o smol-vanilla-oneshot/
 
+  torchrun --nproc_per_node 8 -m lpt prune meta-llama/Llama-2-13b-hf --recipe recipes/llama-7b-50.yaml -o l13b-50/
+
+  lpt prune meta-llama/Llama-2-70b-hf --device-map auto --8bit --ratio 0.2 -o l70b-20/
+
 [b]Writes[/b] OUTPUT/adapter_config.json + adapter_model.safetensors (PEFT LoRA adapter for the unpruned base),
 OUTPUT/masks.json (kept heads / channels per layer), OUTPUT/importance.safetensors, OUTPUT/log.jsonl,
 OUTPUT/lpt_config.json. Next: lpt slice MODEL --masks OUTPUT/masks.json --adapter OUTPUT -o SLICED/

@@ -153,6 +153,7 @@ class Pruner:
         self.step = 0
         self.ramp = schedule.ramp_bounds(total_steps, cfg.warmup, cfg.cooldown)
         self.target_sparsity = 0.0
+        self.sparsity = 0.0  # achieved share of block parameters masked
         self.device = next(p for p in self.params).device
         self.distributed = distributed.is_initialized() and distributed.world_size() > 1
         if self.distributed:  # every rank starts from rank 0's LoRA factors (as DDP does)
@@ -264,7 +265,13 @@ class Pruner:
             else:
                 self.heads_pruned[i] = groups.prune_query_heads(hs, self.heads_pruned[i], nh, a.num_kv_heads)
             self.channels_pruned[i] = groups.prune_lowest(cs, self.channels_pruned[i], nc)
-        groups.apply_masks(self.model, self.masks())
+        self._apply_masks()
+
+    def _apply_masks(self) -> None:
+        masks = self.masks()
+        groups.apply_masks(self.model, masks)
+        before, after = masks.block_params()
+        self.sparsity = 1.0 - after / before
 
     def _score(self, t: torch.Tensor | None) -> torch.Tensor:
         if t is None:
@@ -334,11 +341,10 @@ class Pruner:
                 self.update_ema(self.group_importance())
             self.target_sparsity = schedule.cubic_sparsity(self.step, self.cfg.ratio, start, end)
             self.prune_to(self.target_sparsity)
-        before, after = self.masks().block_params()
         return {
             "step": self.step,
             "loss": round(loss, 6),
-            "sparsity": round(1.0 - after / before, 6),
+            "sparsity": round(self.sparsity, 6),
             "target_sparsity": round(self.target_sparsity, 6),
             "lr": self.scheduler.get_last_lr()[0],
             "seconds": round(time.perf_counter() - t0, 4),
@@ -394,7 +400,7 @@ class Pruner:
         torch.set_rng_state(state["rng"])
         if state.get("cuda_rng") is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["cuda_rng"])
-        groups.apply_masks(self.model, self.masks())
+        self._apply_masks()
 
     def importance_tensors(self) -> dict[str, torch.Tensor]:
         out = {}
