@@ -132,6 +132,7 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=5e-4)
     ap.add_argument("--corpus", choices=["auto", "pydoc"], default="auto")
     ap.add_argument("--eval-seq-len", type=int, default=2048)
+    ap.add_argument("--eval-segments", type=int, default=16, help="segments of held-out text evaluated (0: all)")
     ap.add_argument("--no-sweep", action="store_true")
     ap.add_argument("--no-peer", action="store_true", help="skip the Torch-Pruning peer")
     a = ap.parse_args()
@@ -155,7 +156,8 @@ def main() -> None:
 
     common = ["--calib", calib, "--max-steps", steps, "--batch-size", bs, "--micro-batch-size", min(bs, 4),
               "--lr", a.lr, "--prune-freq", max(1, steps // 8), "--seed", "0"]
-    ev = ["--ppl", test_src, "--seq-len", a.eval_seq_len]
+    ev = ["--ppl", test_src, "--seq-len", a.eval_seq_len] + (["--max-segments", a.eval_segments] if a.eval_segments
+                                                              else [])
 
     def evaluate(name: str, model, extra: list) -> float:
         res = out / f"{name}.eval.json"
@@ -175,7 +177,12 @@ def main() -> None:
     results: dict = {"protocol": {
         "model": MODEL, "corpus": corpus_desc, "calibration_blocks": nsamples, "seq_len": seq, "steps": steps,
         "batch_size": bs, "lr": a.lr, "prune_freq": max(1, steps // 8), "eval": f"perplexity on {test_src}, "
-        f"non-overlapping {a.eval_seq_len}-token segments (lpt eval)", "quick": quick}, "rows": {}, "sweep": {}}
+        f"the first {a.eval_segments or 'all'} non-overlapping {a.eval_seq_len}-token segments (lpt eval)", "quick": quick}, "rows": {}, "sweep": {}}
+    def save() -> None:  # after every row, so an interrupted study keeps what it measured
+        results["wall_time_s"] = round(time.time() - t_start, 1)
+        (out / "results.json").write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
+        (out / "results.md").write_text(markdown(results))
+
     results["dense_ppl"] = evaluate("dense", MODEL, [])
     print(f"dense ppl {results['dense_ppl']:.3f}")
 
@@ -185,6 +192,8 @@ def main() -> None:
         for c in criteria_list:
             rows[c] = lpt_run(f"r{r}-{c}", ["--ratio", r, "--criterion", c])
             print(f"ratio {r} {c}: ppl {rows[c]['ppl']:.3f}")
+            results["rows"][str(r)] = rows
+            save()
         if not quick:
             rows["lora separate (one-shot + FT)"] = lpt_run(f"r{r}-separate", ["--ratio", r, "--one-shot"])
         if not a.no_peer and not quick:
@@ -198,9 +207,11 @@ def main() -> None:
             rows["Torch-Pruning L2 + LoRA"] = rec
             print(f"ratio {r} torch-pruning: ppl {rec['ppl']:.3f}")
         results["rows"][str(r)] = rows
+        save()
 
     if not quick:
         results["mask_agreement"] = agreement(calib, [0.1, 0.2, 0.5], batches=4, warm_steps=4)
+        save()
     if not quick and not a.no_sweep:
         base = ["--ratio", "0.5", "--criterion", "lora"]
         for name, extra in {
@@ -213,11 +224,11 @@ def main() -> None:
         }.items():
             results["sweep"][name] = lpt_run("sweep-" + name.replace(" ", "_").replace(",", ""), base + extra)
             print(f"sweep {name}: ppl {results['sweep'][name]['ppl']:.3f}")
-        results["sweep"]["defaults (lora, square, ema 0.9, kv-groups, uniform)"] = results["rows"]["0.5"]["lora"]
+            save()
+        if "0.5" in results["rows"]:
+            results["sweep"]["defaults (lora, square, ema 0.9, kv-groups, uniform)"] = results["rows"]["0.5"]["lora"]
 
-    results["wall_time_s"] = round(time.time() - t_start, 1)
-    (out / "results.json").write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
-    (out / "results.md").write_text(markdown(results))
+    save()
     print(markdown(results))
 
 
@@ -242,10 +253,10 @@ def markdown(res: dict) -> str:
         for r, v in res["mask_agreement"].items():
             lines.append(f"| {float(r):.0%} | {v['attention heads (kv groups)']} | {v['mlp channels']} |")
     if res.get("sweep"):
-        lines += ["", "Sweep at 50% (lora):", "", "| setting | ppl | achieved |", "|---|---|---|"]
+        lines += ["", "Sweep at 50% (lora; the defaults' row repeats the main table):", "", "| setting | ppl | achieved |", "|---|---|---|"]
         for n, row in res["sweep"].items():
             lines.append(f"| {n} | {row['ppl']:.2f} | {row['ratio_blocks']:.1%} |")
-    lines += ["", f"Wall time {res['wall_time_s'] / 60:.1f} min."]
+    lines += ["", f"Wall time {res.get('wall_time_s', 0) / 60:.1f} min."]
     return "\n".join(lines) + "\n"
 
 

@@ -39,7 +39,8 @@ class ModelOptions:
     dtype: str = _f("auto", "Weights dtype: auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16, float16.")
     device: str = _f("auto", "Device: auto (cuda when present, else cpu), cpu, cuda, cuda:N.")
     revision: str | None = _f(None, "Hub revision (branch, tag or commit) of the model.")
-    trust_remote_code: bool = _f(False, "Allow model code from the hub / directory (needed for per-layer sliced models).")
+    trust_remote_code: bool = _f(False, "Allow model code from the hub / directory (lpt's own per-layer sliced models do "
+                                        "not need it).")
 
 
 @dataclass

@@ -137,17 +137,26 @@ def load_model(
 
     The model is in eval mode with every parameter frozen; callers decide what trains.
     ``device_map`` ('auto', 'balanced', or a dict) spreads a model over several devices with accelerate.
+    A directory sliced with per-layer widths is built with ``lpt.modeling``'s classes (imported from this package:
+    the modeling file copied into the directory is never executed, so no ``trust_remote_code`` is needed).
     """
     from transformers import AutoModelForCausalLM
 
+    from lpt import modeling
+
     ref = model if isinstance(model, ModelRef) else resolve(model)
+    cls = AutoModelForCausalLM
+    if ref.local and not ref.gguf_file:
+        config = load_config(ref, trust_remote_code=trust_remote_code, revision=revision)
+        if modeling.is_per_layer(config):
+            cls = modeling.model_class(config)
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
     kwargs: dict[str, Any] = dict(dtype=torch_dtype, revision=revision, trust_remote_code=trust_remote_code)
     if device_map is not None:
         kwargs["device_map"] = device_map
     try:
-        m = AutoModelForCausalLM.from_pretrained(ref.path, **kwargs, **ref.kwargs())
+        m = cls.from_pretrained(ref.path, **kwargs, **ref.kwargs())
     except (OSError, ValueError, KeyError) as e:
         raise _hub_error(ref, "the model", e) from None
     if ref.gguf_file:

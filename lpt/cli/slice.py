@@ -1,16 +1,53 @@
-"""``lpt slice`` (placeholder until its issue lands)."""
+"""``lpt slice``."""
 
 from __future__ import annotations
 
 import typer
 
-from lpt.cli._common import not_implemented
+from lpt.cli._common import RECIPE_HELP, arg, make_config, opt, run_stage
+from lpt.stages.slice import SliceConfig as C
+
+EPILOG = """[b]Examples[/b]
+
+  lpt slice smollm2-135m --masks prune-out/masks.json -o sliced/
+
+  lpt slice smollm2-135m --masks prune-out/masks.json --adapter prune-out/ -o sliced/   (+ sliced/adapter/)
+
+  lpt slice smollm2-135m --masks prune-out/masks.json --adapter prune-out/ --merge --dtype bfloat16 -o sliced-merged/
+
+  lpt slice merged/ --masks prune-out/masks.json -o sliced/   (merge first, then slice: same weights)
+
+[b]Writes[/b] a smaller Hugging Face model directory and lpt_provenance.json (with --adapter: OUTPUT/adapter/, the
+adapter sliced for the new shapes, in PEFT format). Uniform widths give a standard config that transformers, vLLM
+and llama.cpp's converter read; per-layer widths add lpt_layer_* lists and modeling_lpt.py: load those with
+AutoModelForCausalLM.from_pretrained(OUTPUT, trust_remote_code=True).
+"""
+
+
+def slice_(
+    ctx: typer.Context,
+    model: str = arg(C, "model", show_default=True),
+    masks: str = opt(C, "masks"),
+    adapter: str = opt(C, "adapter"),
+    merge: bool = opt(C, "merge"),
+    output: str = opt(C, "output", "--output", "-o"),
+    overwrite: bool = opt(C, "overwrite"),
+    dtype: str = opt(C, "dtype"),
+    max_shard_size: str = opt(C, "max_shard_size"),
+    device: str = opt(C, "device"),
+    revision: str = opt(C, "revision"),
+    trust_remote_code: bool = opt(C, "trust_remote_code"),
+    recipe: str = typer.Option(None, "--recipe", help=RECIPE_HELP),
+) -> None:
+    """Remove the pruned heads and channels from the weights (and the adapter) -> a smaller dense model."""
+
+    def go():
+        from lpt.stages import slice as stage
+
+        return stage.run(make_config(ctx, C, "slice"))
+
+    run_stage(go)
 
 
 def register(app: typer.Typer) -> None:
-    @app.command("slice", epilog="[b]Example[/b]\n\n  lpt slice smollm2-135m --masks out/masks.json --adapter out/ -o sliced/")
-    def slice_(model: str = typer.Argument(..., help="Base (or merged) model."),
-               masks: str = typer.Option(..., help="masks.json written by lpt prune."),
-               output: str = typer.Option(..., "--output", "-o", help="Output model directory.")) -> None:
-        """Physically remove the pruned heads and channels -> a smaller dense model."""
-        not_implemented("slice", "merge/slice")
+    app.command("slice", epilog=EPILOG)(slice_)

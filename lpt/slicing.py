@@ -1,0 +1,217 @@
+"""Slicing: physically remove the pruned heads and channels of a model (and of its LoRA adapter).
+
+Everything here works in memory on tensors and modules; the ``lpt slice`` stage only loads, calls and writes.
+
+Which dimension is cut (torch layout ``[out, in]``):
+- fan-out projections (q, k, v, gate, up): output rows (and bias entries); LoRA ``B`` rows;
+- fan-in projections (o, down): input columns; LoRA ``A`` columns.
+Query heads are kept in ``masks.json`` order (sorted), so the j-th kept query head of a key/value group still reads
+that group's key/value head after slicing: a valid grouped-query attention model.
+
+The sliced config:
+- every layer keeps the same widths (``Masks.is_uniform()``): ``num_attention_heads``, ``num_key_value_heads``,
+  ``intermediate_size`` are rewritten and ``head_dim`` is written explicitly — a standard config any runtime reads;
+- per-layer widths: the lists ``lpt_layer_num_attention_heads``, ``lpt_layer_num_key_value_heads``,
+  ``lpt_layer_intermediate_size`` hold the actual widths (``lpt.arch.describe`` reads them) and the scalar fields
+  keep the unsliced (parent) values; ``lpt.modeling`` builds such a model.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+
+from lpt.arch import ATTN_IN, ATTN_OUT, MLP_IN, MLP_OUT, PROJECTIONS, Arch, describe, get_module, set_module
+from lpt.errors import LptError, MismatchError
+from lpt.groups import Masks
+
+FAN_OUT = ATTN_OUT + MLP_OUT  # rows are cut
+FAN_IN = ATTN_IN + MLP_IN  # columns are cut
+LAYER_FIELDS = ("lpt_layer_num_attention_heads", "lpt_layer_num_key_value_heads", "lpt_layer_intermediate_size")
+
+
+# ------------------------------------------------------------------------------------------------ indices
+def kept_indices(masks: Masks, layer: int, device=None) -> dict[str, torch.Tensor]:
+    """Per projection, the kept output rows (fan-out) or input columns (fan-in) as sorted int64 indices."""
+    return {p: torch.nonzero(v, as_tuple=True)[0].to(device) for p, v in masks.row_masks(layer).items()}
+
+
+def layer_widths(masks: Masks) -> tuple[list[int], list[int], list[int]]:
+    """(query heads, key/value heads, MLP channels) kept per layer."""
+    return ([len(m.heads) for m in masks.layers], [len(m.kv_heads) for m in masks.layers],
+            [len(m.channels) for m in masks.layers])
+
+
+def check_sliceable(arch: Arch) -> None:
+    if arch.layer_heads or arch.layer_kv_heads or arch.layer_intermediate:
+        raise LptError("this model was already sliced with per-layer widths; slice the original (unsliced) model "
+                       "with the masks instead")
+
+
+# ------------------------------------------------------------------------------------------------ tensors
+def slice_weight(w: torch.Tensor, index: torch.Tensor, dim: int) -> torch.Tensor:
+    return torch.index_select(w, dim, index.to(w.device)).contiguous()
+
+
+def slice_linear(layer: nn.Module, index: torch.Tensor, dim: int) -> nn.Module:
+    """A new linear layer keeping rows (``dim=0``, bias too) or columns (``dim=1``) ``index`` of ``layer``.
+
+    bitsandbytes int8 layers are de-quantized, sliced and quantized again.
+    """
+    from lpt import lora
+
+    int8 = lora.is_int8(layer)
+    w = lora.dense_weight(layer, torch.float32) if int8 else layer.weight.detach()
+    w = slice_weight(w, index, dim)
+    bias = layer.bias.detach() if layer.bias is not None else None
+    if bias is not None and dim == 0:
+        bias = slice_weight(bias, index, 0)
+    out = nn.Linear(w.shape[1], w.shape[0], bias=bias is not None, device=w.device,
+                    dtype=torch.float16 if int8 else w.dtype)
+    with torch.no_grad():
+        out.weight.copy_(w)
+        if bias is not None:
+            out.bias.copy_(bias)
+    out.requires_grad_(False)
+    return lora.quantize_8bit(out) if int8 else out
+
+
+def _slice_param(linear: nn.Linear, index: torch.Tensor, dim: int) -> None:
+    """Cut a LoRA factor (a bias-free ``nn.Linear``) in place, keeping its ``requires_grad``."""
+    grad = linear.weight.requires_grad
+    w = slice_weight(linear.weight.detach(), index, dim)
+    linear.weight = nn.Parameter(w, requires_grad=grad)
+    linear.out_features, linear.in_features = w.shape
+
+
+def slice_lora(layer, index: torch.Tensor, dim: int):
+    """Cut a ``LoraLinear`` in place: base rows / columns, ``B`` rows (fan-out) or ``A`` columns (fan-in), masks."""
+    layer.base_layer = slice_linear(layer.base_layer, index, dim)
+    if dim == 0:
+        if layer.r:
+            _slice_param(layer.lora_B, index, 0)
+        layer.out_mask = slice_weight(layer.out_mask, index, 0)
+        layer.out_features = layer.base_layer.out_features
+        layer.set_masks(out_mask=layer.out_mask)
+    else:
+        if layer.r:
+            _slice_param(layer.lora_A, index, 1)
+        layer.in_mask = slice_weight(layer.in_mask, index, 0)
+        layer.in_features = layer.base_layer.in_features
+        layer.set_masks(in_mask=layer.in_mask)
+    return layer
+
+
+# ------------------------------------------------------------------------------------------------ config
+def sliced_config_values(masks: Masks) -> dict[str, Any]:
+    """Config fields of the sliced model (``None`` values mean: remove the field)."""
+    a = masks.arch
+    heads, kv, inter = layer_widths(masks)
+    values: dict[str, Any] = {"head_dim": a.head_dim}
+    if masks.is_uniform():
+        values.update(num_attention_heads=heads[0], num_key_value_heads=kv[0], intermediate_size=inter[0])
+        values.update({f: None for f in LAYER_FIELDS})
+    else:
+        values.update(num_attention_heads=a.num_heads, num_key_value_heads=a.num_kv_heads,
+                      intermediate_size=a.intermediate_size)
+        values.update(dict(zip(LAYER_FIELDS, (heads, kv, inter))))
+    return values
+
+
+def apply_config_values(config: Any, values: Mapping[str, Any]) -> None:
+    for k, v in values.items():
+        if v is None:
+            if hasattr(config, k):
+                delattr(config, k)
+        else:
+            setattr(config, k, v)
+
+
+# ------------------------------------------------------------------------------------------------ model
+def slice_model(model: nn.Module, masks: Masks, arch: Arch | None = None) -> nn.Module:
+    """Remove the pruned heads and channels from ``model`` in place (and return it).
+
+    Works on a plain model and on one carrying ``LoraLinear`` layers (base weights, LoRA ``B`` rows of fan-out and
+    ``A`` columns of fan-in layers, and the mask buffers are cut). The model config is rewritten, so
+    ``save_pretrained`` writes the smaller architecture. ``masks`` must describe this model (``Masks.load(path,
+    arch)`` checks that).
+    """
+    from lpt.lora import LoraLinear
+
+    arch = arch or describe(model.config)
+    check_sliceable(arch)
+    if arch.to_dict() != masks.arch.to_dict():
+        want, got = arch.to_dict(), masks.arch.to_dict()
+        key = next(k for k in want if want[k] != got[k])
+        raise MismatchError(f"masks were made for {key}={got[key]} but the model has {key}={want[key]}")
+    masks.validate()
+    for i, m in enumerate(masks.layers):
+        idx = kept_indices(masks, i)
+        for proj in PROJECTIONS:
+            path = arch.module_path(i, proj)
+            mod = get_module(model, path)
+            dim = 0 if proj in FAN_OUT else 1
+            if isinstance(mod, LoraLinear):
+                slice_lora(mod, idx[proj], dim)
+            else:
+                set_module(model, path, slice_linear(mod, idx[proj], dim))
+        attn = get_module(model, f"{arch.family.layers}.{i}.{arch.family.attn}")
+        if hasattr(attn, "num_key_value_groups"):
+            attn.num_key_value_groups = len(m.heads) // len(m.kv_heads)
+        for name, value in (("num_heads", len(m.heads)), ("num_key_value_heads", len(m.kv_heads))):
+            if hasattr(attn, name):
+                setattr(attn, name, value)
+        mlp = get_module(model, f"{arch.family.layers}.{i}.{arch.family.mlp}")
+        if hasattr(mlp, "intermediate_size"):
+            mlp.intermediate_size = len(m.channels)
+    apply_config_values(model.config, sliced_config_values(masks))
+    return model
+
+
+def linear_block_params(model: nn.Module, arch: Arch) -> int:
+    """Parameters of the seven projections of every block, counted on the modules (LoRA factors excluded)."""
+    from lpt.lora import LoraLinear
+
+    total = 0
+    for i in range(arch.num_layers):
+        for proj in PROJECTIONS:
+            mod = get_module(model, arch.module_path(i, proj))
+            base = mod.base_layer if isinstance(mod, LoraLinear) else mod
+            total += base.in_features * base.out_features + (base.bias.numel() if base.bias is not None else 0)
+    return total
+
+
+# ------------------------------------------------------------------------------------------------ adapter
+def slice_adapter(state_dict: Mapping[str, torch.Tensor], masks: Masks) -> dict[str, torch.Tensor]:
+    """Cut a PEFT LoRA state dict (``base_model.model.<path>.lora_A.weight`` keys) to the sliced model.
+
+    ``B`` loses the pruned rows of fan-out layers, ``A`` the pruned columns of fan-in layers; the other factor of
+    each layer is unchanged. Keys of modules that are not block projections are refused.
+    """
+    from lpt.lora import PEFT_PREFIX
+
+    arch = masks.arch
+    where: dict[str, tuple[int, str]] = {arch.module_path(i, p): (i, p) for i in range(arch.num_layers)
+                                          for p in PROJECTIONS}
+    cache: dict[int, dict[str, torch.Tensor]] = {}
+    out = {}
+    for key, t in state_dict.items():
+        path, _, factor = key[len(PEFT_PREFIX):].rpartition(".lora_") if key.startswith(PEFT_PREFIX) else ("", "", "")
+        if path not in where or factor not in ("A.weight", "B.weight"):
+            raise MismatchError(f"adapter tensor {key} is not a LoRA factor of a block projection of this model")
+        i, proj = where[path]
+        idx = cache.setdefault(i, kept_indices(masks, i))[proj]
+        full = arch.intermediate_size if proj in MLP_OUT + MLP_IN else (
+            arch.num_heads * arch.head_dim if proj in ("q_proj", "o_proj") else arch.num_kv_heads * arch.head_dim)
+        if proj in FAN_OUT and factor == "B.weight":
+            if t.shape[0] != full:
+                raise MismatchError(f"adapter {path} has B with {t.shape[0]} rows but the model has {full}")
+            t = slice_weight(t, idx, 0)
+        elif proj in FAN_IN and factor == "A.weight":
+            if t.shape[1] != full:
+                raise MismatchError(f"adapter {path} has A with {t.shape[1]} columns but the model has {full}")
+            t = slice_weight(t, idx, 1)
+        out[key] = t.contiguous()
+    return out
