@@ -135,6 +135,7 @@ def main() -> None:
     ap.add_argument("--eval-segments", type=int, default=16, help="segments of held-out text evaluated (0: all)")
     ap.add_argument("--no-sweep", action="store_true")
     ap.add_argument("--no-peer", action="store_true", help="skip the Torch-Pruning peer")
+    ap.add_argument("--peer-importance", default="l2,taylor", help="Torch-Pruning importances to run (l2, taylor)")
     a = ap.parse_args()
 
     quick = a.quick
@@ -197,15 +198,19 @@ def main() -> None:
         if not quick:
             rows["lora separate (one-shot + FT)"] = lpt_run(f"r{r}-separate", ["--ratio", r, "--one-shot"])
         if not a.no_peer and not quick:
-            pruned = out / f"r{r}-tp-pruned"
-            if not pruned.exists():
-                sh([sys.executable, str(ROOT / "benchmarks" / "tp_peer.py"), MODEL, "--ratio", str(r), "--calib",
-                    str(calib), "-o", str(pruned)], log)
-            peer = json.loads((pruned / "tp_peer.json").read_text())
-            rec = lpt_run(f"r{r}-tp", ["--ratio", "0"], model=pruned)
-            rec["ratio_blocks"] = peer.get("ratio_blocks", peer.get("achieved_ratio"))
-            rows["Torch-Pruning L2 + LoRA"] = rec
-            print(f"ratio {r} torch-pruning: ppl {rec['ppl']:.3f}")
+            for imp in a.peer_importance.split(","):
+                tag = "" if imp == "l2" else f"-{imp}"
+                pruned = out / f"r{r}-tp{tag}-pruned"
+                if not pruned.exists():
+                    sh([sys.executable, str(ROOT / "benchmarks" / "tp_peer.py"), MODEL, "--ratio", str(r), "--calib",
+                        str(calib), "--importance", imp, "-o", str(pruned)], log)
+                peer = json.loads((pruned / "tp_peer.json").read_text())
+                rec = lpt_run(f"r{r}-tp{tag}", ["--ratio", "0"], model=pruned)
+                rec["ratio_blocks"] = peer["ratio_blocks"]
+                rows[f"Torch-Pruning {imp} + LoRA"] = rec
+                print(f"ratio {r} torch-pruning {imp}: ppl {rec['ppl']:.3f}")
+                results["rows"][str(r)] = rows
+                save()
         results["rows"][str(r)] = rows
         save()
 
@@ -216,13 +221,12 @@ def main() -> None:
         base = ["--ratio", "0.5", "--criterion", "lora"]
         for name, extra in {
             "score abs": ["--score", "abs"],
+            "warmup 0.5 (LoRA trains before pruning starts)": ["--warmup", "0.5", "--cooldown", "0.2"],
             "ema 0": ["--ema", "0"],
-            "prune-freq 1": ["--prune-freq", "1"],
             "gqa query-heads": ["--gqa", "query-heads"],
             "layout per-layer": ["--layout", "per-layer"],
-            "layout per-layer, no normalize": ["--layout", "per-layer", "--no-normalize"],
         }.items():
-            results["sweep"][name] = lpt_run("sweep-" + name.replace(" ", "_").replace(",", ""), base + extra)
+            results["sweep"][name] = lpt_run("sweep-" + name.split(" (")[0].replace(" ", "_"), base + extra)
             print(f"sweep {name}: ppl {results['sweep'][name]['ppl']:.3f}")
             save()
         if "0.5" in results["rows"]:

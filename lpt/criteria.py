@@ -49,6 +49,38 @@ def _abs_(x: torch.Tensor, score: str) -> torch.Tensor:
     return x.abs_()
 
 
+def lora_group_sums(W0: torch.Tensor, A: torch.Tensor, B: torch.Tensor, gA: torch.Tensor, gB: torch.Tensor,
+                    scaling: float, score: str = "square", fan_in: bool = False,
+                    row_scale: torch.Tensor | None = None, chunk_elems: int = 1 << 18) -> torch.Tensor:
+    """``reduce(lora_importance(...), fan_in)`` without ever forming a full-size matrix.
+
+    Rows are processed in chunks of about ``chunk_elems`` elements (cache-sized), so the per-step cost is one read of
+    ``W0`` plus two thin matmuls. ``W0`` may be int8 codes with a per-row ``row_scale`` (bitsandbytes' CB and
+    SCB / 127): each chunk is de-quantized on the fly.
+    """
+    if score not in SCORES:
+        raise ValueError(f"unknown score '{score}' (use {', '.join(SCORES)})")
+    A, B, gA, gB = (t.float() for t in (A, B, gA, gB))
+    left = torch.cat([gB, B - gB], dim=1)  # [out, 2r]
+    right = torch.cat([A, gA], dim=0)  # [2r, in]
+    out_f, in_f = W0.shape
+    rows = max(1, chunk_elems // max(1, in_f))
+    acc = torch.zeros(in_f if fan_in else out_f, device=W0.device, dtype=torch.float32)
+    for i in range(0, out_f, rows):
+        w = W0[i:i + rows].float()
+        if row_scale is not None:
+            w.mul_(row_scale[i:i + rows].float().unsqueeze(1))
+        w = torch.addmm(w, B[i:i + rows], A, alpha=scaling)  # W0 + s·B·A for these rows
+        g = left[i:i + rows] @ right  # G for these rows
+        g.mul_(w)
+        g = g.square_() if score == "square" else g.abs_()
+        if fan_in:
+            acc += g.sum(0)
+        else:
+            acc[i:i + rows] = g.sum(1)
+    return acc
+
+
 def vanilla_importance(W: torch.Tensor, gW: torch.Tensor, score: str = "square") -> torch.Tensor:
     """First-order Taylor importance ``I = (∂L/∂W ⊙ W)²`` (Eq. 3), needing the full weight's gradient."""
     return _score(gW.float() * W.float(), score)

@@ -31,14 +31,23 @@ def is_int8(layer: nn.Module) -> bool:
 
 def dense_weight(base: nn.Module, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """The base weight as a dense tensor ``[out, in]`` (int8 weights de-quantized on the fly)."""
+    w, scale = weight_parts(base)
+    if scale is not None:
+        return (w.to(torch.float32) * scale.unsqueeze(1)).to(dtype)
+    return w.to(dtype)
+
+
+def weight_parts(base: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(W, row_scale)``: the stored weight and, for int8 bases, the per-row scale that de-quantizes it
+    (``W.float() * row_scale[:, None]``); ``row_scale`` is None for full-precision bases."""
     w = base.weight
     if is_int8(base):
         cb = getattr(w, "CB", None)
         scb = getattr(w, "SCB", None)
         if cb is None or scb is None:
             cb, scb = w.data, base.state.SCB
-        return (cb.to(torch.float32) * (scb.to(torch.float32).unsqueeze(1) / 127.0)).to(dtype)
-    return w.detach().to(dtype)
+        return cb, scb.float() / 127.0
+    return w.detach(), None
 
 
 def quantize_8bit(linear: nn.Linear) -> nn.Module:

@@ -34,6 +34,24 @@ def test_lora_gradient_estimate_matches_autograd():
                        (G * (W0 + s * Bd @ Ad)).abs())
 
 
+@pytest.mark.parametrize("score", ["square", "abs"])
+@pytest.mark.parametrize("fan_in", [False, True])
+def test_chunked_group_sums_equal_full_matrix(score, fan_in):
+    W0, A, B, x, t, s = _setup(out=37, inp=23)
+    gA, gB = torch.randn_like(A), torch.randn_like(B)
+    A, B = A.detach(), B.detach()
+    full = criteria.reduce(criteria.lora_importance(W0, A, B, gA, gB, s, score), fan_in)
+    got = criteria.lora_group_sums(W0, A, B, gA, gB, s, score, fan_in=fan_in, chunk_elems=50)  # 2 rows a chunk
+    torch.testing.assert_close(got, full, rtol=1e-5, atol=1e-6)
+    # int8 codes + per-row scale give the same as the de-quantised weight
+    scale = W0.abs().amax(1) / 127
+    codes = torch.round(W0 / scale.unsqueeze(1)).to(torch.int8)
+    deq = codes.float() * scale.unsqueeze(1)
+    want = criteria.reduce(criteria.lora_importance(deq, A, B, gA, gB, s, score), fan_in)
+    got8 = criteria.lora_group_sums(codes, A, B, gA, gB, s, score, fan_in=fan_in, row_scale=scale, chunk_elems=50)
+    torch.testing.assert_close(got8, want, rtol=1e-5, atol=1e-6)
+
+
 def test_vanilla_and_magnitude():
     W = torch.tensor([[1.0, -2.0], [3.0, 0.5]])
     gW = torch.tensor([[0.5, 1.0], [-1.0, 2.0]])

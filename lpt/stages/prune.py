@@ -170,11 +170,12 @@ class Pruner:
             if criterion == "lora":
                 if not layer.r or layer.lora_A.weight.grad is None:
                     continue
-                w0 = lora.dense_weight(layer.base_layer)
-                imp = criteria.lora_importance(w0, layer.lora_A.weight, layer.lora_B.weight,
-                                               layer.lora_A.weight.grad, layer.lora_B.weight.grad, layer.scaling,
-                                               self.cfg.score)
-            elif criterion == "vanilla":
+                w0, scale = lora.weight_parts(layer.base_layer)
+                out[proj] = criteria.lora_group_sums(
+                    w0, layer.lora_A.weight, layer.lora_B.weight, layer.lora_A.weight.grad, layer.lora_B.weight.grad,
+                    layer.scaling, self.cfg.score, fan_in=fan_in, row_scale=scale).to(self.device)
+                continue
+            if criterion == "vanilla":
                 g = layer.base_layer.weight.grad
                 if g is None:
                     continue
@@ -341,6 +342,8 @@ class Pruner:
                 self.update_ema(self.group_importance())
             self.target_sparsity = schedule.cubic_sparsity(self.step, self.cfg.ratio, start, end)
             self.prune_to(self.target_sparsity)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)  # honest per-step seconds on a GPU
         return {
             "step": self.step,
             "loss": round(loss, 6),
