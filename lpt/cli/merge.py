@@ -31,7 +31,7 @@ def merge(
     output: str = opt(C, "output", "--output", "-o"),
     overwrite: bool = opt(C, "overwrite"),
     dtype: str = opt(C, "dtype"),
-    load_8bit: bool = opt(C, "load_8bit", "--load-8bit/--no-load-8bit", show_default=False),
+    load_8bit: bool = opt(C, "load_8bit", "--8bit/--no-8bit", "--load-8bit/--no-load-8bit", show_default=False),
     max_shard_size: str = opt(C, "max_shard_size"),
     device: str = opt(C, "device"),
     revision: str = opt(C, "revision"),
