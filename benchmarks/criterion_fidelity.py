@@ -70,6 +70,7 @@ def main() -> None:
             for layer in p.layers.values():
                 layer.base_layer.weight.grad = None
             p.optimizer.step()
+            p.scheduler.step()  # the cosine schedule sets the learning rate
             p.optimizer.zero_grad(set_to_none=True)
             done += 1
         for k in range(a.batches):

@@ -97,6 +97,7 @@ def agreement(calib: Path, ratios: list[float], batches: int, warm_steps: int) -
         for layer in p.layers.values():
             layer.base_layer.weight.grad = None
         p.optimizer.step()
+        p.scheduler.step()  # the cosine schedule sets the learning rate
         p.optimizer.zero_grad(set_to_none=True)
     for s in range(batches):
         b = {k: v[s * 4:(s + 1) * 4] for k, v in data.tensors.items()}
