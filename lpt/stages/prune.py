@@ -19,7 +19,7 @@ import os
 import resource
 import shutil
 import time
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -437,10 +437,9 @@ def _calibration(cfg: PruneConfig, tokenizer):
 
     if cfg.calib:
         return calibrate.load(cfg.calib, tokenizer)
-    ccfg = CalibrateConfig(model=cfg.model, data=default_data(cfg), subset=cfg.subset, split=cfg.split,
-                           data_files=cfg.data_files, text_field=cfg.text_field, format=cfg.format,
-                           template=cfg.template, train_on_inputs=cfg.train_on_inputs, nsamples=cfg.nsamples,
-                           seq_len=cfg.seq_len, seed=cfg.seed, val_fraction=0.0)
+    # PruneConfig carries every model and data option of CalibrateConfig: copy them all, so none can drift apart
+    shared = {f.name: getattr(cfg, f.name) for f in fields(CalibrateConfig) if f.name not in ("output", "overwrite")}
+    ccfg = CalibrateConfig(**{**shared, "data": default_data(cfg), "val_fraction": 0.0})
     train, _, meta = calibrate.make_blocks(ccfg, tokenizer)
     return calibrate.CalibData(train, None, meta)
 
