@@ -85,10 +85,14 @@ class PruneConfig(ModelOptions, DataOptions):
     seq_len: int = _f(256, "Tokens per block when calibrating inline from --data.")
     # what to prune
     ratio: float = _f(0.5, "Fraction of the transformer blocks' linear-layer parameters to remove.")
-    criterion: str = _f("lora", "Importance: lora (LoRA-guided, Eq. 10), vanilla (full-gradient Taylor, Eq. 3), "
-                                "magnitude, random.")
+    criterion: str = _f("lora", "Importance: lora (the paper's LoRA-guided estimate, Eq. 10), fisher (mask Fisher "
+                                "information from activation gradients; beyond the paper), vanilla (full-gradient "
+                                "Taylor, Eq. 3: the memory-hungry baseline), magnitude, random.")
     score: str = _f("square", "Element score: square (paper) or abs (authors' released code).")
     normalize: bool = _f(True, "Normalise each layer's group scores by their L2 norm (matters for --layout per-layer).")
+    normalize_by: str = _f("group", "What --normalize divides by its L2 norm: group (lpt: each layer's summed group "
+                                    "scores) or projection (the authors' code: each projection's row/column scores "
+                                    "before they are summed into groups).")
     gqa: str = _f("kv-groups", "Grouped-query attention: kv-groups (prune whole key/value groups) or query-heads "
                                "(prune the same number of query heads inside every group).")
     layout: str = _f("uniform", "uniform (every layer keeps the same widths: a standard config) or per-layer.")
@@ -115,6 +119,14 @@ class PruneConfig(ModelOptions, DataOptions):
     epochs: float = _f(2.0, "Passes over the calibration blocks (ignored with --max-steps).")
     max_steps: int = _f(0, "Optimiser steps (0: from --epochs).")
     max_grad_norm: float = _f(1.0, "Gradient clipping (0 disables).")
+    distill: bool = _f(False, "Self-distillation: train LoRA against the dense model's next-token distribution (the "
+                              "same frozen base with LoRA and masks switched off; no second copy of the weights).")
+    distill_temperature: float = _f(1.0, "Softmax temperature of the distillation KL (scaled by T² as usual).")
+    distill_weight: float = _f(0.5, "Share of the KL in the loss with --distill: (1 - w)·LM + w·KL. Below 1 while a "
+                                    "gradient criterion scores: the KL's gradient is zero while the student equals the "
+                                    "teacher.")
+    gradient_checkpointing: bool = _f(False, "Recompute each block's activations in the backward pass (less memory, "
+                                             "about a third more compute).")
     load_8bit: bool = _f(False, "Freeze the base weights in bitsandbytes int8 (LLM.int8).")
     device_map: str | None = _f(None, "Spread one model over several devices with accelerate: auto, balanced, sequential, a JSON object or a .json file.")
     # outputs

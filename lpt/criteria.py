@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-CRITERIA = ("lora", "vanilla", "magnitude", "random")
+CRITERIA = ("lora", "vanilla", "fisher", "magnitude", "random")
 SCORES = ("square", "abs")
 
 
@@ -93,6 +93,25 @@ def magnitude_importance(W: torch.Tensor, score: str = "square") -> torch.Tensor
 
 def random_scores(n: int, generator: torch.Generator) -> torch.Tensor:
     return torch.rand(n, generator=generator)
+
+
+def fisher_group_grads(grad: torch.Tensor, width: int) -> torch.Tensor:
+    """Per-sequence mask gradients ``d(g, n)`` of groups that are ``width`` consecutive input dimensions.
+
+    ``grad`` is ``[batch, in]``: for every sequence, ``Σ_tokens x · ∂L/∂x`` per input dimension (the gradient of a
+    mask of ones on the input); returns ``[batch, in / width]`` (one column per head of size ``width``).
+    """
+    n, d = grad.shape
+    return grad.reshape(n, d // width, width).sum(-1)
+
+
+def fisher_scores(d: torch.Tensor) -> torch.Tensor:
+    """Empirical Fisher of group masks ``I(g) = Σ_n d(g, n)²`` from per-sequence mask gradients ``d`` ``[batch, groups]``.
+
+    Squared per sequence, then summed: squaring the gradient summed over all tokens of all sequences (the plain
+    first-order Taylor term) lets positive and negative contributions cancel and ranks groups far worse.
+    """
+    return d.float().square().sum(0)
 
 
 def reduce(I: torch.Tensor, fan_in: bool) -> torch.Tensor:

@@ -58,7 +58,12 @@ def group_scores(arch: Arch, proj: Mapping[str, torch.Tensor], gqa: str) -> tupl
 
 
 def normalise(scores: torch.Tensor) -> torch.Tensor:
-    """Per-layer L2 normalisation (as in the authors' code): makes layers comparable in a global ranking."""
+    """Divide a score vector by its L2 norm (zero vectors unchanged).
+
+    Applied to each layer's group vector this is lpt's ``--normalize-by group``; applied to each projection's
+    row/column vector before the group sum it is the authors' released code (``--normalize-by projection``).
+    Either makes layers comparable in a global ranking (``--layout per-layer``).
+    """
     n = scores.float().norm()
     return scores / n if n > 0 else scores
 
@@ -133,6 +138,95 @@ def global_counts(unit_scores: Sequence[torch.Tensor], total: int) -> list[int]:
     for _, layer, _ in flat[:total]:
         counts[layer] += 1
     return counts
+
+
+# ------------------------------------------------------------------------------------------------ policy
+def parse_layers(spec: str, num_layers: int) -> list[int]:
+    """'0-2,31' -> [0, 1, 2, 31]; 'paper' -> first 10% and the last layer (the authors' choice); '' -> []."""
+    spec = (spec or "").strip()
+    if not spec:
+        return []
+    if spec == "paper":
+        return sorted(set(range(max(1, int(round(0.1 * num_layers))))) | {num_layers - 1})
+    out: set[int] = set()
+    for part in spec.split(","):
+        part = part.strip()
+        try:
+            if "-" in part:
+                lo, hi = (int(x) for x in part.split("-", 1))
+                out.update(range(lo, hi + 1))
+            else:
+                out.add(int(part))
+        except ValueError:
+            raise LptError(f"--skip-layers: cannot parse '{part}' (use e.g. 0-2,31 or paper)") from None
+    bad = sorted(i for i in out if not 0 <= i < num_layers)
+    if bad:
+        raise LptError(f"--skip-layers: layer {bad[0]} does not exist (the model has {num_layers} layers)")
+    if len(out) >= num_layers:
+        raise LptError("--skip-layers leaves no layer to prune")
+    return sorted(out)
+
+
+def layer_ratio(arch: Arch, ratio: float, prunable: Sequence[int]) -> float:
+    """Ratio to apply to each prunable layer so that all blocks together lose ``ratio`` of their parameters."""
+    total = sum(arch.block_linear_params(i) for i in range(arch.num_layers))
+    part = sum(arch.block_linear_params(i) for i in prunable)
+    r = ratio * total / part
+    if r >= 1.0:
+        skipped = [i for i in range(arch.num_layers) if i not in set(prunable)]
+        raise LptError(f"--ratio {ratio} cannot be reached with layers {skipped} left unpruned")
+    return r
+
+
+def step_counts(frac: float, final: tuple[int, int], layout: str, prunable: Sequence[int], num_layers: int,
+                head_scores: Sequence[torch.Tensor | None], channel_scores: Sequence[torch.Tensor | None],
+                heads_pruned: Sequence[torch.Tensor], channels_pruned: Sequence[torch.Tensor],
+                kv: int | None) -> list[tuple[int, int]]:
+    """Attention units and MLP channels to have pruned in every layer at ``frac`` of the way to the target.
+
+    ``final`` is the per-layer count at the target (``uniform_counts``). Counts grow in proportion to ``frac`` so the
+    masks only ever grow and end exactly at the target. ``uniform``: every prunable layer gets the same counts;
+    ``per-layer``: the same totals, split over layers by a global ranking of the scores (already pruned units count
+    first; every layer keeps at least one unit). ``kv``: key/value heads under ``--gqa query-heads`` (a unit is then
+    one query head in every group), else None. Skipped layers get ``(0, 0)``.
+    """
+    nh_f, nc_f = final
+    counts = [(0, 0)] * num_layers
+    if layout == "uniform":
+        for i in prunable:
+            counts[i] = (int(math.floor(frac * nh_f + 0.5)), int(math.floor(frac * nc_f + 0.5)))
+        return counts
+    if layout != "per-layer":
+        raise LptError(f"unknown --layout '{layout}' (use {', '.join(LAYOUTS)})")
+    total_h = int(math.floor(frac * nh_f * len(prunable) + 0.5))
+    total_c = int(math.floor(frac * nc_f * len(prunable) + 0.5))
+    hc = global_counts([sorted_unit_scores(_need(head_scores[i]), heads_pruned[i], kv) for i in prunable], total_h)
+    cc = global_counts([sorted_unit_scores(_need(channel_scores[i]), channels_pruned[i], None) for i in prunable],
+                       total_c)
+    for j, i in enumerate(prunable):
+        counts[i] = (hc[j], cc[j])
+    return counts
+
+
+def grow_masks(counts: Sequence[tuple[int, int]], prunable: Sequence[int],
+               head_scores: Sequence[torch.Tensor | None], channel_scores: Sequence[torch.Tensor | None],
+               heads_pruned: Sequence[torch.Tensor], channels_pruned: Sequence[torch.Tensor], gqa: str, kv: int
+               ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """New boolean pruned-masks per layer with ``counts`` units pruned: what is pruned stays pruned (never grows
+    back), the lowest-scoring of the rest are added. ``kv``: the model's key/value heads."""
+    hp, cp = list(heads_pruned), list(channels_pruned)
+    for i in prunable:
+        nh, nc = counts[i]
+        hs, cs = _need(head_scores[i]), _need(channel_scores[i])
+        hp[i] = prune_lowest(hs, hp[i], nh) if gqa == "kv-groups" else prune_query_heads(hs, hp[i], nh, kv)
+        cp[i] = prune_lowest(cs, cp[i], nc)
+    return hp, cp
+
+
+def _need(t: torch.Tensor | None) -> torch.Tensor:
+    if t is None:
+        raise LptError("no importance gathered before the first mask update; lower --warmup")
+    return t
 
 
 # ------------------------------------------------------------------------------------------------ masks

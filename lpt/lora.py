@@ -12,8 +12,9 @@ Adapters are saved in PEFT's format (``adapter_config.json`` + ``adapter_model.s
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import torch
 from torch import nn
@@ -89,6 +90,7 @@ class LoraLinear(nn.Module):
         self.register_buffer("in_mask", torch.ones(self.in_features, device=dev), persistent=False)
         self._mask_out = False
         self._mask_in = False
+        self.bypass = False
 
     # ------------------------------------------------------------------ masks
     def set_masks(self, out_mask: torch.Tensor | None = None, in_mask: torch.Tensor | None = None) -> None:
@@ -107,6 +109,8 @@ class LoraLinear(nn.Module):
         return self.scaling * (self.lora_B.weight.float() @ self.lora_A.weight.float())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.bypass:  # the frozen base alone: no LoRA, no masks (the dense teacher)
+            return self.base_layer(x)
         if self._mask_in:
             x = x * self.in_mask.to(x.dtype)
         y = self.base_layer(x)
@@ -176,6 +180,19 @@ def inject(model: nn.Module, arch: Arch, *, r: int, alpha: float, dropout: float
             layer.lora_A.weight.requires_grad_(True)
             layer.lora_B.weight.requires_grad_(True)
     return out
+
+
+@contextmanager
+def disabled(model: nn.Module) -> Iterator[nn.Module]:
+    """Run ``model`` as its frozen base inside the block: every LoRA layer skips LoRA and masks (no weight copy)."""
+    layers = list(lora_layers(model).values())
+    for layer in layers:
+        layer.bypass = True
+    try:
+        yield model
+    finally:
+        for layer in layers:
+            layer.bypass = False
 
 
 def merge_lora(model: nn.Module, dtype: torch.dtype | None = None, apply_masks: bool = True) -> nn.Module:

@@ -50,3 +50,16 @@ def num_steps(nsamples: int, batch_size: int, epochs: float, max_steps: int | No
     if max_steps:
         return int(max_steps)
     return max(1, int(math.ceil(epochs * nsamples / batch_size)))
+
+
+def batch_indices(step: int, batch_size: int, n: int, seed: int) -> torch.Tensor:
+    """Sample indices of optimiser step ``step`` (1-based): epochs are seeded permutations, concatenated."""
+    lo, hi = (step - 1) * batch_size, step * batch_size
+    idx = []
+    epoch = lo // n
+    while len(idx) < hi - lo:
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 7919 + epoch))
+        start = max(lo - epoch * n, 0)
+        idx.extend(perm[start:min(n, hi - epoch * n)].tolist())
+        epoch += 1
+    return torch.tensor(idx[: hi - lo], dtype=torch.long)

@@ -31,6 +31,16 @@ def rss_bytes() -> int:
     return kb * 1024 if kb is not None else 0
 
 
+def peak_memory_bytes(device) -> int:
+    """Peak allocated accelerator memory, or the process's peak resident set size on CPU (since start or reset)."""
+    import torch
+
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(dev))
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
 def _malloc_trim() -> None:
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)

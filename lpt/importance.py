@@ -1,0 +1,353 @@
+"""Importance estimators: one small interface for every criterion, and ``score(...)`` to use one without training.
+
+An estimator is attached to a model that carries LoRA layers (``lora.inject``), observes what it needs while the
+model runs forward and backward (LoRA gradients, base-weight gradients, or activation gradients through hooks),
+and returns group scores per decoder block on request: ``(heads, channels)``, with ``heads`` one score per
+attention unit of the ``gqa`` mode (key/value groups or query heads) and ``channels`` one per MLP channel. The
+pruning loop (``lpt.stages.prune``) never knows how a score was made; the pure tensor math lives in
+``lpt.criteria`` and the group sums in ``lpt.groups``.
+
+    est = importance.make("fisher").attach(model, arch, gqa="kv-groups")
+    loss.backward()                       # as often as you like: what is observed accumulates
+    heads, channels = est.scores()[i]     # layer i
+    est.clear()                           # start the next observation window
+
+Criteria (``CRITERIA``):
+- ``lora`` — the paper's LoRA-guided estimate (Eq. 10), from LoRA's A, B and their gradients;
+- ``vanilla`` — first-order Taylor of the full weight (Eq. 3), needs every base weight's gradient (the paper's
+  memory-hungry baseline);
+- ``fisher`` — beyond the paper: the empirical Fisher information of each group's mask (Molchanov et al. 2019;
+  Kwon et al. 2022), from activation gradients only, squared per sequence;
+- ``magnitude`` — squared L2 norm of the group's merged weights; ``random`` — seeded uniform scores.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Mapping
+
+import torch
+
+from lpt import criteria, groups, lora
+from lpt.arch import ATTN_IN, MLP_IN, PROJECTIONS, Arch
+from lpt.errors import LptError
+
+CRITERIA = criteria.CRITERIA
+NORMALIZE = ("group", "projection")
+FAN_IN = frozenset(ATTN_IN + MLP_IN)
+
+Scores = list  # list[tuple[torch.Tensor, torch.Tensor] | None], one entry per decoder block
+
+
+class Importance:
+    """Base estimator. Subclasses implement ``layer_scores`` (and hooks, where they observe activations).
+
+    ``score``: element score of the weight-based criteria (``square`` as in the paper, or ``abs``).
+    ``normalize``: ``None``; ``"group"`` — lpt's: each layer's summed group vector divided by its L2 norm;
+    ``"projection"`` — the authors' released code: each projection's row/column vector divided by its L2 norm
+    before the projections are summed into groups (for ``fisher``, which has one vector per group kind, the two
+    are the same).
+    """
+
+    name = "base"
+    needs_backward = True  # scores come from gradients of a loss
+    needs_base_grad = False  # ... of the frozen base weights (only vanilla)
+
+    def __init__(self, *, score: str = "square", normalize: str | None = None, seed: int = 0):
+        if score not in criteria.SCORES:
+            raise LptError(f"unknown --score '{score}' (use {', '.join(criteria.SCORES)})")
+        if normalize is not None and normalize not in NORMALIZE:
+            raise LptError(f"unknown normalisation '{normalize}' (use {', '.join(NORMALIZE)})")
+        self.score_kind, self.normalize, self.seed = score, normalize, seed
+        self.model = self.arch = None
+        self.layers: dict[str, lora.LoraLinear] = {}
+        self.gqa = "kv-groups"
+        self.prunable: list[int] = []
+
+    # ------------------------------------------------------------------ lifecycle
+    def attach(self, model, arch: Arch, gqa: str = "kv-groups", layers: Iterable[int] | None = None
+               ) -> "Importance":
+        """Observe ``model`` (which must carry LoRA layers on all seven projections) for blocks ``layers``."""
+        if gqa not in groups.GQA_MODES:
+            raise LptError(f"unknown --gqa '{gqa}' (use {', '.join(groups.GQA_MODES)})")
+        self.model, self.arch, self.gqa = model, arch, gqa
+        self.layers = lora.lora_layers(model)
+        self.prunable = list(range(arch.num_layers)) if layers is None else list(layers)
+        missing = [p for i in self.prunable for p in (arch.module_path(i, q) for q in PROJECTIONS)
+                   if p not in self.layers]
+        if missing:
+            raise LptError(f"{missing[0]} carries no LoRA layer; inject LoRA (lpt.lora.inject) before scoring")
+        self._attach()
+        return self
+
+    def _attach(self) -> None:
+        pass
+
+    def detach(self) -> None:
+        """Remove hooks and anything the estimator switched on; the model is as before ``attach``."""
+        self.clear()
+
+    def reducible(self) -> list[torch.Tensor]:
+        """Tensors that data-parallel ranks must sum before ``scores`` (beyond the LoRA gradients the loop reduces)."""
+        return []
+
+    def clear(self) -> None:
+        """Forget what was observed since the last ``clear`` (called after every optimiser step)."""
+
+    # ------------------------------------------------------------------ scores
+    def layer_scores(self, i: int, step: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``(heads, channels)`` of block ``i`` before normalisation; None when nothing was observed."""
+        proj = self.projection_scores(i)
+        if not proj:
+            return None
+        if self.normalize == "projection":
+            proj = {k: groups.normalise(v) for k, v in proj.items()}
+        return groups.group_scores(self.arch, proj, self.gqa)
+
+    def projection_scores(self, i: int) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def scores(self, step: int = 0) -> Scores:
+        """Group scores of every observed block (None for blocks not in ``layers``), on the CPU, float32."""
+        out: Scores = [None] * self.arch.num_layers
+        for i in self.prunable:
+            s = self.layer_scores(i, step)
+            if s is None:
+                continue
+            h, c = (t.float().cpu() for t in s)
+            if self.normalize == "group":
+                h, c = groups.normalise(h), groups.normalise(c)
+            out[i] = (h, c)
+        return out
+
+    def _layer(self, i: int, proj: str) -> lora.LoraLinear:
+        return self.layers[self.arch.module_path(i, proj)]
+
+
+class LoraImportance(Importance):
+    """The paper's criterion (Eq. 10): ``I = [(gB·A + B·gA − gB·gA) ⊙ (W0 + s·B·A)]²`` from LoRA alone.
+
+    Needs the gradients of LoRA's A and B only; ``W0`` is read one chunk at a time (int8 de-quantised per chunk),
+    so no full-size gradient or merged weight is ever held.
+    """
+
+    name = "lora"
+
+    @torch.no_grad()
+    def projection_scores(self, i: int) -> dict[str, torch.Tensor]:
+        out = {}
+        for proj in PROJECTIONS:
+            layer = self._layer(i, proj)
+            if not layer.r or layer.lora_A.weight.grad is None:
+                continue
+            w0, scale = lora.weight_parts(layer.base_layer)
+            out[proj] = criteria.lora_group_sums(
+                w0, layer.lora_A.weight, layer.lora_B.weight, layer.lora_A.weight.grad, layer.lora_B.weight.grad,
+                layer.scaling, self.score_kind, fan_in=proj in FAN_IN, row_scale=scale)
+        return out
+
+
+class VanillaImportance(Importance):
+    """First-order Taylor of the merged weight (Eq. 3): ``I = (∂L/∂W ⊙ (W0 + s·B·A))²``; needs every base gradient."""
+
+    name = "vanilla"
+    needs_base_grad = True
+
+    def _attach(self) -> None:
+        for layer in self.layers.values():
+            if lora.is_int8(layer.base_layer):
+                raise LptError("--criterion vanilla needs the gradients of the base weights, which int8 weights do "
+                               "not have; drop --8bit or use --criterion lora or fisher")
+            layer.base_layer.weight.requires_grad_(True)
+
+    def detach(self) -> None:
+        self.clear()
+        for layer in self.layers.values():
+            layer.base_layer.weight.requires_grad_(False)
+
+    def reducible(self) -> list[torch.Tensor]:
+        out = []
+        for layer in self.layers.values():  # a rank that saw no micro-batch contributes zeros
+            w = layer.base_layer.weight
+            if w.grad is None:
+                w.grad = torch.zeros_like(w)
+            out.append(w.grad)
+        return out
+
+    def clear(self) -> None:
+        for layer in self.layers.values():
+            layer.base_layer.weight.grad = None
+
+    @torch.no_grad()
+    def projection_scores(self, i: int) -> dict[str, torch.Tensor]:
+        out = {}
+        for proj in PROJECTIONS:
+            layer = self._layer(i, proj)
+            g = layer.base_layer.weight.grad
+            if g is None:
+                continue
+            w = lora.dense_weight(layer.base_layer) + layer.delta().to(g.device)
+            out[proj] = criteria.reduce(criteria.vanilla_importance(w, g, self.score_kind), proj in FAN_IN)
+        return out
+
+
+class MagnitudeImportance(Importance):
+    """Norm of the group's merged weights ``W0 + s·B·A`` (squared L2 with ``score='square'``)."""
+
+    name = "magnitude"
+    needs_backward = False
+
+    @torch.no_grad()
+    def projection_scores(self, i: int) -> dict[str, torch.Tensor]:
+        out = {}
+        for proj in PROJECTIONS:
+            layer = self._layer(i, proj)
+            w = lora.dense_weight(layer.base_layer) + layer.delta().to(layer.base_layer.weight.device)
+            out[proj] = criteria.reduce(criteria.magnitude_importance(w, self.score_kind), proj in FAN_IN)
+        return out
+
+
+class RandomImportance(Importance):
+    """Uniform random scores, seeded by (seed, step, layer): the floor every criterion must beat."""
+
+    name = "random"
+    needs_backward = False
+
+    def __init__(self, **kw):
+        super().__init__(**{**kw, "normalize": None})  # normalising random numbers changes nothing worth having
+
+    def layer_scores(self, i: int, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + step * 1009 + i)
+        units = groups.head_units(self.arch, self.gqa) if self.gqa == "kv-groups" else self.arch.num_heads
+        return criteria.random_scores(units, g), criteria.random_scores(self.arch.intermediate_size, g)
+
+
+class FisherImportance(Importance):
+    """Empirical Fisher information of each group's mask (beyond the paper).
+
+    A probe ``m = 1`` of shape ``[batch, 1, in]`` multiplies the input of every ``o_proj`` and ``down_proj``; its
+    gradient is ``Σ_tokens x · ∂L/∂x`` per sequence and input dimension, so the sum over a group's dimensions is
+    ``d(g, n) = ∂L_n/∂m_g`` exactly (a head's slice of the ``o_proj`` input, a channel of the ``down_proj`` input;
+    a key/value group sums its query heads). ``I(g) = Σ_n d(g, n)²`` accumulates over every backward pass until
+    ``clear``. No weight gradient is needed, memory is O(groups) beyond one ``[batch, in]`` gradient per layer, and
+    the probe multiplies by one, so the forward pass is unchanged. Works under gradient checkpointing (the probe of
+    a forward is reused by its recomputation) and with int8 bases.
+    """
+
+    name = "fisher"
+
+    def _attach(self) -> None:
+        self._handles = []
+        self._probes: dict[tuple[int, str], torch.Tensor] = {}
+        self._acc: dict[tuple[int, str], torch.Tensor] = {}
+        self.enabled = True
+        for i in self.prunable:
+            for proj in ("o_proj", "down_proj"):
+                self._handles.append(self._layer(i, proj).register_forward_pre_hook(self._probe_hook(i, proj)))
+        # a new observation window per forward pass: harvest the previous one's gradients first
+        self._handles.append(self.model.register_forward_pre_hook(lambda *_: self._harvest()))
+        if hasattr(self.model, "enable_input_require_grads"):  # gradients reach every activation, LoRA or not
+            self._handles.append(self.model.get_input_embeddings().register_forward_hook(_require_grad))
+
+    def _probe_hook(self, i: int, proj: str):
+        def hook(module, args):
+            if not self.enabled or not torch.is_grad_enabled():
+                return None
+            x = args[0]
+            probe = self._probes.get((i, proj))
+            if probe is None or probe.shape[0] != x.shape[0]:
+                probe = torch.ones(x.shape[0], *([1] * (x.dim() - 2)), x.shape[-1], dtype=x.dtype, device=x.device,
+                                   requires_grad=True)
+                self._probes[(i, proj)] = probe
+            return (x * probe, *args[1:])
+
+        return hook
+
+    @torch.no_grad()
+    def _harvest(self) -> None:
+        for (i, proj), probe in self._probes.items():
+            if probe.grad is None:
+                continue
+            g = probe.grad.float().reshape(probe.shape[0], -1)  # [batch, in]
+            a = self.arch
+            if proj == "o_proj":
+                d = criteria.fisher_group_grads(g, a.head_dim)  # [batch, heads]
+                if self.gqa == "kv-groups":
+                    d = d.view(d.shape[0], a.num_kv_heads, a.group_size).sum(-1)
+            else:
+                d = g
+            s = criteria.fisher_scores(d)
+            key = (i, proj)
+            self._acc[key] = s if key not in self._acc else self._acc[key] + s
+        self._probes = {}
+
+    def reducible(self) -> list[torch.Tensor]:
+        self._harvest()
+        a = self.arch
+        units = groups.head_units(a, self.gqa) if self.gqa == "kv-groups" else a.num_heads
+        for i in self.prunable:  # a rank that saw no micro-batch contributes zeros
+            dev = self._layer(i, "o_proj").in_mask.device
+            self._acc.setdefault((i, "o_proj"), torch.zeros(units, device=dev))
+            self._acc.setdefault((i, "down_proj"), torch.zeros(a.intermediate_size, device=dev))
+        return [self._acc[(i, p)] for i in self.prunable for p in ("o_proj", "down_proj")]
+
+    def clear(self) -> None:
+        self._probes, self._acc = {}, {}
+
+    def detach(self) -> None:
+        for h in getattr(self, "_handles", []):
+            h.remove()
+        self._handles = []
+        self.clear()
+
+    def layer_scores(self, i: int, step: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        self._harvest()
+        h, c = self._acc.get((i, "o_proj")), self._acc.get((i, "down_proj"))
+        if h is None or c is None:
+            return None
+        return h, c
+
+
+def _require_grad(module, args, output):
+    if torch.is_grad_enabled() and not output.requires_grad:
+        output.requires_grad_(True)
+    return output
+
+
+ESTIMATORS: Mapping[str, type[Importance]] = {
+    "lora": LoraImportance, "vanilla": VanillaImportance, "fisher": FisherImportance,
+    "magnitude": MagnitudeImportance, "random": RandomImportance,
+}
+
+
+def make(criterion: str, *, score: str = "square", normalize: str | None = None, seed: int = 0) -> Importance:
+    """The estimator for ``criterion`` (one of ``CRITERIA``)."""
+    if criterion not in ESTIMATORS:
+        raise LptError(f"unknown --criterion '{criterion}' (use {', '.join(CRITERIA)})")
+    return ESTIMATORS[criterion](score=score, normalize=normalize, seed=seed)
+
+
+def score(model, batches: Iterable[Mapping[str, torch.Tensor]], criterion: str | Importance, *,
+          arch: Arch | None = None, gqa: str = "kv-groups", layers: Iterable[int] | None = None,
+          **kw) -> Scores:
+    """Score ``model`` over ``batches`` without training: forward/backward each batch (gradients accumulate), then
+    return the estimator's group scores per block. The model must carry LoRA layers (``lora.inject``; rank 0 is
+    enough for every criterion but ``lora``). LoRA gradients are cleared afterwards; nothing else changes.
+    """
+    from lpt.arch import describe
+
+    arch = arch or describe(model.config)
+    est = criterion if isinstance(criterion, Importance) else make(criterion, **kw)
+    est.attach(model, arch, gqa=gqa, layers=layers)
+    params = [p for layer in est.layers.values() if layer.r for p in (layer.lora_A.weight, layer.lora_B.weight)]
+    try:
+        if est.needs_backward:
+            dev = next(iter(params or model.parameters())).device
+            for batch in batches:
+                out = model(**{k: v.to(dev) for k, v in batch.items()})
+                out.loss.backward()
+        return est.scores()
+    finally:
+        est.detach()
+        for p in params:
+            p.grad = None
