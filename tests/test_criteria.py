@@ -78,8 +78,10 @@ def test_cubic_schedule_and_prune_steps():
 
 
 def test_moving_average():
+    # Algorithm 1 starts the average at zero: the first observation gets weight 1 - λ, not 1
     a = schedule.ema(None, torch.tensor([1.0, 2.0]), 0.9)
+    torch.testing.assert_close(a, torch.tensor([0.1, 0.2]))
     b = schedule.ema(a, torch.tensor([3.0, 0.0]), 0.9)
-    torch.testing.assert_close(b, torch.tensor([1.2, 1.8]))
+    torch.testing.assert_close(b, torch.tensor([0.39, 0.18]))
     with pytest.raises(ValueError):
         schedule.ema(a, a, 1.0)

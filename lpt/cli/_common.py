@@ -23,10 +23,30 @@ class _State:
 STATE = _State()
 
 
+# --help panels: every command that repeats an option shows it under the same heading
+MODEL, DATA, PRUNE, SCHEDULE, LORA, TRAIN, OUTPUT = (
+    "Model", "Data", "What to prune", "Schedule", "LoRA", "Training", "Output")
+PANELS = {
+    **dict.fromkeys(("dtype", "device", "device_map", "revision", "trust_remote_code", "load_8bit", "int8_threshold"),
+                    MODEL),
+    **dict.fromkeys(("calib", "data", "subset", "split", "data_files", "text_field", "format", "template",
+                     "train_on_inputs", "nsamples", "seq_len", "seed", "val_fraction"), DATA),
+    **dict.fromkeys(("ratio", "criterion", "score", "normalize", "normalize_by", "gqa", "layout", "skip_layers",
+                     "round_to", "targets"), PRUNE),
+    **dict.fromkeys(("ema", "prune_freq", "warmup", "cooldown", "one_shot"), SCHEDULE),
+    **dict.fromkeys(("lora_r", "lora_alpha", "lora_dropout"), LORA),
+    **dict.fromkeys(("lr", "lr_warmup", "weight_decay", "batch_size", "micro_batch_size", "epochs", "max_steps",
+                     "max_grad_norm", "distill", "distill_temperature", "distill_weight", "gradient_checkpointing"),
+                    TRAIN),
+    **dict.fromkeys(("output", "overwrite", "save_every", "resume", "log_every"), OUTPUT),
+}
+
+
 def opt(cls: type, name: str, *flags: str, **kw: Any):
-    """A typer.Option whose default and help come from the config dataclass field ``name``."""
+    """A typer.Option whose default and help come from the config dataclass field ``name``, under its help panel."""
     if not flags:
         flags = ("--" + name.replace("_", "-"),)
+    kw.setdefault("rich_help_panel", PANELS.get(name))
     return typer.Option(kw.pop("default", default_of(cls, name)), *flags, help=kw.pop("help", help_of(cls, name)), **kw)
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from lpt.cli._common import RECIPE_HELP, arg, make_config, opt, run_stage
+from lpt.cli._common import OUTPUT, RECIPE_HELP, arg, make_config, opt, run_stage
 from lpt.config import PruneConfig as C
 
 EPILOG = """[b]Examples[/b]
@@ -16,6 +16,8 @@ EPILOG = """[b]Examples[/b]
   lpt calibrate smollm2-135m -n 256 -o calib/ && lpt prune smollm2-135m --calib calib/ --ratio 0.2 --max-steps 40 -o smol-20/
 
   lpt prune smollm2-135m --criterion vanilla --one-shot --ratio 0.5 -o smol-vanilla-oneshot/
+
+  lpt prune smollm2-135m --criterion fisher --distill --ratio 0.2 -o smol-fisher-20/
 
   torchrun --nproc_per_node 8 -m lpt prune meta-llama/Llama-2-13b-hf --recipe recipes/llama-7b-50.yaml -o l13b-50/
 
@@ -46,6 +48,7 @@ def prune(
     seed: int = opt(C, "seed"),
     score: str = opt(C, "score"),
     normalize: bool = opt(C, "normalize"),
+    normalize_by: str = opt(C, "normalize_by"),
     gqa: str = opt(C, "gqa"),
     layout: str = opt(C, "layout"),
     skip_layers: str = opt(C, "skip_layers"),
@@ -66,6 +69,10 @@ def prune(
     epochs: float = opt(C, "epochs"),
     max_steps: int = opt(C, "max_steps"),
     max_grad_norm: float = opt(C, "max_grad_norm"),
+    distill: bool = opt(C, "distill"),
+    distill_temperature: float = opt(C, "distill_temperature"),
+    distill_weight: float = opt(C, "distill_weight"),
+    gradient_checkpointing: bool = opt(C, "gradient_checkpointing"),
     load_8bit: bool = opt(C, "load_8bit", "--8bit"),
     dtype: str = opt(C, "dtype"),
     device: str = opt(C, "device"),
@@ -77,11 +84,12 @@ def prune(
     save_every: int = opt(C, "save_every"),
     resume: bool = opt(C, "resume"),
     log_every: int = opt(C, "log_every"),
-    recipe: str = typer.Option(None, "--recipe", help=RECIPE_HELP),
+    recipe: str = typer.Option(None, "--recipe", help=RECIPE_HELP, rich_help_panel=OUTPUT),
 ) -> None:
     """Iterative LoRA-guided structured pruning with joint LoRA fine-tuning (Algorithm 1 of LoRAPrune).
 
-    Only LoRA's A and B train; head and channel importance comes from LoRA's gradients (Eq. 10), is summed over
+    Only LoRA's A and B train; head and channel importance comes from LoRA's gradients (Eq. 10; --criterion lora,
+    the paper's) or from the mask Fisher information (--criterion fisher, beyond the paper), is summed over
     dependency groups, smoothed by a moving average, and the weakest groups are masked along a cubic schedule.
     """
 

@@ -434,6 +434,7 @@ def measure_prune_step(entry: dict[str, Any], proto: dict[str, Any], run: dict[s
     from lpt.benchmarking.memory import MemoryMeter
     from lpt.config import PruneConfig
     from lpt.progress import progress_bar
+    from lpt.pruner import Pruner
     from lpt.stages import prune
 
     _set_threads(proto["threads"])
@@ -450,7 +451,7 @@ def measure_prune_step(entry: dict[str, Any], proto: dict[str, Any], run: dict[s
                      batch_size=proto["batch_size"], micro_batch_size=proto["micro_batch_size"],
                      load_8bit=run["load_8bit"], warmup=0.0, cooldown=0.0, max_steps=total, seed=proto["seed"])
     prune.validate(pc)
-    pruner = prune.Pruner(model, arch, pc, total_steps=total, model_name=info["label"])
+    pruner = Pruner(model, arch, pc, total_steps=total, model_name=info["label"])
     gen = torch.Generator().manual_seed(proto["seed"])
     ids = torch.randint(0, _vocab(model), (proto["batch_size"], proto["seq_len"]), generator=gen)
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
@@ -695,7 +696,7 @@ def run_prune_step(cfg: BenchPruneStepConfig) -> Path:
     doc.update({
         "random_weights": info["random_weights"],
         "protocol": {
-            "description": ("one lpt prune optimiser step (lpt.stages.prune.Pruner.train_step: forward/backward over "
+            "description": ("one lpt prune optimiser step (lpt.pruner.Pruner.train_step: forward/backward over "
                             "micro-batches, the criterion's importance and moving average, AdamW, mask updates every "
                             "10 steps on the cubic schedule) on a fixed batch of uniformly random token ids; warm-up "
                             "steps untimed, then timed steps. Plain LoRA = the same step with ratio 0 (no importance, "

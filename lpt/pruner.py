@@ -1,0 +1,228 @@
+"""The pruning loop of ``lpt prune`` (Algorithm 1): LoRA training, when to score, when to grow the masks, state.
+
+How a group is scored lives in ``lpt.importance`` (estimators) and ``lpt.criteria`` (math); which groups are cut in
+``lpt.groups``; the sparsity schedule and moving average in ``lpt.schedule``; the losses in ``lpt.losses``. The
+stage around it (loading, calibration, outputs) is ``lpt.stages.prune``.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any, Iterable
+
+import torch
+
+from lpt import checkpoint, distributed, groups, importance, lora, losses, schedule
+from lpt.arch import Arch
+from lpt.benchmarking.memory import peak_memory_bytes
+from lpt.config import PruneConfig
+
+
+def targets(cfg: PruneConfig) -> list[str]:
+    return [t.strip() for t in cfg.targets.split(",") if t.strip()]
+
+
+class Pruner:
+    """Algorithm 1 around a loaded model: LoRA training, scoring, moving average, schedule and masks.
+
+    ``train_step(batch)`` runs one optimiser step (accumulating micro-batches) and grows the masks when the
+    schedule says so. ``ratio=0`` is plain LoRA fine-tuning (criterion ``none``), for cost comparisons.
+    """
+
+    def __init__(self, model, arch: Arch, cfg: PruneConfig, total_steps: int, model_name: str | None = None):
+        self.model, self.arch, self.cfg, self.total_steps = model, arch, cfg, total_steps
+        self.model_name = model_name or cfg.model
+        self.criterion = cfg.criterion if cfg.ratio > 0 else "none"
+        quantize = cfg.load_8bit and not any(lora.is_int8(m) for m in model.modules())  # not quantized on load
+        self.layers = lora.inject(model, arch, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
+                                  targets=targets(cfg), load_8bit=quantize)
+        if cfg.gradient_checkpointing:  # non-reentrant: frozen inputs are fine, hooks see the recomputation
+            if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x
+                model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.params = [p for layer in self.layers.values() if layer.r for p in (layer.lora_A.weight, layer.lora_B.weight)]
+        self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        from transformers import get_cosine_schedule_with_warmup
+
+        self.scheduler = get_cosine_schedule_with_warmup(
+            self.optimizer, int(round(cfg.lr_warmup * total_steps)), total_steps)
+        self.skip = groups.parse_layers(cfg.skip_layers, arch.num_layers)
+        self.layout = "per-layer" if self.skip else cfg.layout
+        self.prunable = [i for i in range(arch.num_layers) if i not in self.skip]
+        self.estimator = None
+        if self.criterion != "none":
+            self.estimator = importance.make(self.criterion, score=cfg.score, seed=cfg.seed,
+                                             normalize=cfg.normalize_by if cfg.normalize else None)
+            self.estimator.attach(model, arch, gqa=cfg.gqa, layers=self.prunable)
+        n_units = groups.head_units(arch, cfg.gqa) if cfg.gqa == "kv-groups" else arch.num_heads
+        self.heads_pruned = [torch.zeros(n_units, dtype=torch.bool) for _ in range(arch.num_layers)]
+        self.channels_pruned = [torch.zeros(arch.intermediate_size, dtype=torch.bool) for _ in range(arch.num_layers)]
+        self.ema_heads: list[torch.Tensor | None] = [None] * arch.num_layers
+        self.ema_channels: list[torch.Tensor | None] = [None] * arch.num_layers
+        self.step, self.target_sparsity, self.sparsity = 0, 0.0, 0.0
+        self.ramp = schedule.ramp_bounds(total_steps, cfg.warmup, cfg.cooldown)
+        self.final = groups.uniform_counts(arch, groups.layer_ratio(arch, cfg.ratio, self.prunable), cfg.gqa)
+        self.device = self.params[0].device
+        self.distributed = distributed.is_initialized() and distributed.world_size() > 1
+        if self.distributed:  # every rank starts from rank 0's LoRA factors (as DDP does)
+            distributed.broadcast_([p.detach() for p in self.params])
+
+    # ---------------------------------------------------------------- scores and masks
+    def group_importance(self) -> list[tuple[torch.Tensor, torch.Tensor] | None]:
+        """The estimator's (heads, channels) scores of every prunable layer, identical on every rank."""
+        out = self.estimator.scores(self.step)
+        if self.distributed:  # rank 0's copy, so float rounding can never split a mask decision
+            flat = [torch.cat(out[i]).to(self.device) for i in self.prunable]
+            distributed.broadcast_(flat)
+            for i, f in zip(self.prunable, flat):
+                out[i] = (f[:out[i][0].numel()].cpu(), f[out[i][0].numel():].cpu())
+        return out
+
+    def update_ema(self, scores) -> None:
+        for i in self.prunable:
+            self.ema_heads[i] = schedule.ema(self.ema_heads[i], scores[i][0], self.cfg.ema)
+            self.ema_channels[i] = schedule.ema(self.ema_channels[i], scores[i][1], self.cfg.ema)
+
+    def prune_to(self, sparsity: float) -> None:
+        """Grow the pruned sets (never shrink them) towards ``sparsity`` of the block parameters."""
+        frac = min(1.0, sparsity / self.cfg.ratio) if self.cfg.ratio > 0 else 0.0
+        kv = self.arch.num_kv_heads
+        counts = groups.step_counts(frac, self.final, self.layout, self.prunable, self.arch.num_layers,
+                                    self.ema_heads, self.ema_channels, self.heads_pruned, self.channels_pruned,
+                                    kv if self.cfg.gqa == "query-heads" else None)
+        self.heads_pruned, self.channels_pruned = groups.grow_masks(
+            counts, self.prunable, self.ema_heads, self.ema_channels, self.heads_pruned, self.channels_pruned,
+            self.cfg.gqa, kv)
+        self._apply_masks()
+
+    def _apply_masks(self) -> None:
+        masks = self.masks()
+        groups.apply_masks(self.model, masks)
+        before, after = masks.block_params()
+        self.sparsity = 1.0 - after / before
+
+    def masks(self) -> groups.Masks:
+        return groups.Masks.from_pruned(self.arch, self.heads_pruned, self.channels_pruned, self.cfg.gqa,
+                                        layout=self.layout, model=self.model_name)
+
+    # ---------------------------------------------------------------- training
+    def loss(self, mb: dict[str, torch.Tensor], distill: bool) -> torch.Tensor:
+        """LM loss of a micro-batch, mixed with the KL to the unpruned base with ``distill``."""
+        if not distill:
+            return self.model(**mb).loss
+        with torch.no_grad(), lora.disabled(self.model):
+            teacher = self.model(**{k: v for k, v in mb.items() if k != "labels"}).logits
+        out = self.model(**mb)
+        kl = losses.kl_distill(out.logits, teacher, mb["labels"], self.cfg.distill_temperature)
+        return losses.mixed(out.loss, kl, self.cfg.distill_weight)
+
+    def forward_backward(self, batch: dict[str, torch.Tensor], distill: bool | None = None) -> float:
+        """Accumulate gradients over the micro-batches of ``batch``; returns the mean loss.
+
+        Under torch.distributed each rank runs only its contiguous share of the micro-batches, each scaled by
+        1 / (all micro-batches), so the gradients summed over the ranks are those of the same global batch.
+        """
+        distill = self.cfg.distill if distill is None else distill
+        mbs = self.cfg.micro_batch_size
+        chunks = max(1, math.ceil(batch["input_ids"].shape[0] / mbs))
+        total = 0.0
+        self.model.train()
+        for k in (distributed.shard(chunks) if self.distributed else range(chunks)):
+            mb = {key: v[k * mbs:(k + 1) * mbs].to(self.device) for key, v in batch.items()}
+            loss = self.loss(mb, distill)
+            (loss / chunks).backward()
+            total += float(loss.detach())
+        if self.distributed:
+            t = torch.tensor([total], dtype=torch.float64, device=self.device)
+            distributed.all_reduce_sum_([t])
+            total = float(t)
+        return total / chunks
+
+    def reduce_gradients(self) -> None:
+        """Sum LoRA gradients and what the estimator observed over all ranks (a no-op for one process)."""
+        if not self.distributed:
+            return
+        for p in self.params:  # a rank that got no micro-batch contributes zeros
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        distributed.all_reduce_sum_([p.grad for p in self.params] +
+                                    (self.estimator.reducible() if self.estimator else []))
+
+    def train_step(self, batch: dict[str, torch.Tensor]) -> dict[str, Any]:
+        t0 = time.perf_counter()
+        self.step += 1
+        loss = self.forward_backward(batch)
+        self.reduce_gradients()
+        start, end = self.ramp
+        pruning = not self.cfg.one_shot and self.estimator is not None
+        if pruning and self.estimator.needs_backward and self.step <= end:
+            self.update_ema(self.group_importance())
+        if self.estimator is not None:
+            self.estimator.clear()
+        if self.cfg.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if pruning and schedule.is_prune_step(self.step, self.cfg.prune_freq, start, end):
+            if not self.estimator.needs_backward:  # weights-only scores: read them when the masks grow
+                self.update_ema(self.group_importance())
+            self.target_sparsity = schedule.cubic_sparsity(self.step, self.cfg.ratio, start, end)
+            self.prune_to(self.target_sparsity)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)  # honest per-step seconds on a GPU
+        return {"step": self.step, "loss": round(loss, 6), "sparsity": round(self.sparsity, 6),
+                "target_sparsity": round(self.target_sparsity, 6), "lr": self.scheduler.get_last_lr()[0],
+                "seconds": round(time.perf_counter() - t0, 4), "peak_memory_bytes": peak_memory_bytes(self.device)}
+
+    def one_shot(self, batches: Iterable[dict[str, torch.Tensor]]) -> None:
+        """Score once over ``batches`` (LM loss, gradients summed, no update) and prune to the target at once."""
+        if self.estimator.needs_backward:
+            for batch in batches:
+                self.forward_backward(batch, distill=False)
+            self.reduce_gradients()
+        scores = self.group_importance()
+        self.estimator.clear()
+        self.optimizer.zero_grad(set_to_none=True)
+        for i in self.prunable:
+            self.ema_heads[i], self.ema_channels[i] = scores[i]
+        self.target_sparsity = self.cfg.ratio
+        self.prune_to(self.cfg.ratio)
+
+    # ---------------------------------------------------------------- state
+    def state_tensors(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """Everything needed to resume, as (tensors, JSON-able values): no pickle."""
+        opt_t, opt_plain = checkpoint.flatten_optimizer(self.optimizer.state_dict())
+        t = {**lora.adapter_state_dict(self.model), **opt_t, "rng.cpu": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            t.update({f"rng.cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+        for name, seq in (("heads_pruned", self.heads_pruned), ("channels_pruned", self.channels_pruned),
+                          ("ema_heads", self.ema_heads), ("ema_channels", self.ema_channels)):
+            t.update({f"{name}.{i}": v for i, v in enumerate(seq) if v is not None})
+        return t, {"step": self.step, "target_sparsity": self.target_sparsity, "optimizer": opt_plain,
+                   "scheduler": self.scheduler.state_dict()}
+
+    def load_state(self, t: dict[str, torch.Tensor], plain: dict[str, Any]) -> None:
+        with torch.no_grad():
+            for path, layer in self.layers.items():
+                if layer.r:
+                    layer.lora_A.weight.copy_(t[f"{lora.PEFT_PREFIX}{path}.lora_A.weight"])
+                    layer.lora_B.weight.copy_(t[f"{lora.PEFT_PREFIX}{path}.lora_B.weight"])
+        self.optimizer.load_state_dict(checkpoint.unflatten_optimizer(t, plain["optimizer"]))
+        self.scheduler.load_state_dict(plain["scheduler"])
+        self.step, self.target_sparsity = int(plain["step"]), float(plain["target_sparsity"])
+        n = self.arch.num_layers
+        self.heads_pruned = [t[f"heads_pruned.{i}"] for i in range(n)]
+        self.channels_pruned = [t[f"channels_pruned.{i}"] for i in range(n)]
+        self.ema_heads = [t.get(f"ema_heads.{i}") for i in range(n)]
+        self.ema_channels = [t.get(f"ema_channels.{i}") for i in range(n)]
+        torch.set_rng_state(t["rng.cpu"])
+        if torch.cuda.is_available() and "rng.cuda.0" in t:
+            torch.cuda.set_rng_state_all([t[f"rng.cuda.{i}"] for i in range(torch.cuda.device_count())])
+        self._apply_masks()
+
+    def importance_tensors(self) -> dict[str, torch.Tensor]:
+        return {f"layers.{i}.{k}": v.float().contiguous() for i in self.prunable if self.ema_heads[i] is not None
+                for k, v in (("heads", self.ema_heads[i]), ("channels", self.ema_channels[i]))}
