@@ -148,14 +148,13 @@ def main() -> None:
 
     import torch
 
-    from lpt import artifacts, groups, lora
-    from lpt.stages.merge import load_source
-    from lpt.stages.slice import SliceConfig
+    from lpt import artifacts, groups, lora, models
 
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
     log = out / "log.txt"
-    base, tok, arch = load_source(SliceConfig(model=args.model, device="cpu"), torch.float32)
+    loaded = models.load(args.model, dtype="float32", device="cpu")
+    base, tok, arch = loaded.model, loaded.tokenizer, loaded.arch
     ids = eval_blocks(tok, args.blocks, args.seq_len)
     torch.save(ids, out / "ids.pt")
     base_dir = out / "base"

@@ -181,3 +181,53 @@ def model_device(model) -> Any:
 
 def count_params(model) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+# ------------------------------------------------------------------------------------------------ one loader
+@dataclass
+class Loaded:
+    """A model as lpt's stages use it: frozen, eval mode, optionally wrapped with an adapter and masks."""
+
+    model: Any
+    tokenizer: Any
+    arch: Any  # lpt.arch.Arch
+    masks: Any = None  # lpt.groups.Masks, when masks were given
+    adapter_config: dict | None = None  # the PEFT adapter_config.json, when an adapter was given
+    layers: dict | None = None  # module path -> LoraLinear, when an adapter or masks were given
+
+
+def attach(model, arch, *, adapter: str | Path | None = None, masks=None, load_8bit: bool = False):
+    """Wrap ``model`` with a PEFT adapter and/or masks, unmerged. The one mask policy of lpt: masks are applied only
+    when given (a ``masks.json`` path or a ``groups.Masks``), never picked up from an adapter directory. With masks
+    but no adapter, rank-0 LoRA layers carry the masks. Returns ``(layers, masks, adapter_config)``."""
+    from lpt import groups, lora
+
+    if isinstance(masks, (str, Path)):
+        masks = groups.Masks.load(masks, arch)
+    adapter_cfg, layers = None, None
+    if adapter is not None:
+        adapter_cfg, _ = lora.read_adapter(adapter)
+        layers = lora.load_adapter(model, adapter, arch, load_8bit=load_8bit)
+    elif masks is not None or load_8bit:
+        layers = lora.inject(model, arch, r=0, alpha=1, load_8bit=load_8bit)
+    if masks is not None:
+        groups.apply_masks(model, masks)
+    if layers is not None:
+        model.requires_grad_(False)
+        model.eval()
+    return layers, masks, adapter_cfg
+
+
+def load(model: str | ModelRef, *, adapter: str | Path | None = None, masks=None, dtype: str = "auto",
+         device: str = "auto", revision: str | None = None, trust_remote_code: bool = False, tokenizer: Any = True,
+         load_8bit: bool = False, device_map: str | dict | None = None) -> Loaded:
+    """Load MODEL (any layout lpt reads or writes) with an optional adapter and masks: the loader of eval, bench,
+    merge and slice. ``tokenizer``: True to load it, False for none, or an already loaded tokenizer to reuse."""
+    from lpt.arch import describe
+
+    m, tok = load_model(model, dtype=dtype, device=device, revision=revision, trust_remote_code=trust_remote_code,
+                        device_map=device_map, tokenizer=tokenizer is True)
+    tok = tok if tokenizer is True else (tokenizer or None)
+    arch = describe(m.config)
+    layers, masks, adapter_cfg = attach(m, arch, adapter=adapter, masks=masks, load_8bit=load_8bit)
+    return Loaded(m, tok, arch, masks, adapter_cfg, layers)

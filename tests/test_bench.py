@@ -188,6 +188,8 @@ def test_runtime_end_to_end_dense_unmerged_merged_and_random(runner, tmp_path, t
                         "--random-init", TINY_JSON + "@0.5",
                         "--adapter", "-", "--adapter", prune_dir, "--adapter", "-", "--adapter", sliced_adapter,
                         "--adapter", "random:2",
+                        "--masks", "-", "--masks", prune_dir / "masks.json", "--masks", "-", "--masks", "-",
+                        "--masks", "-",
                         "--label", "dense", "--label", "dense unmerged", "--label", "merged", "--label", "unmerged",
                         "--label", "random", *FAST, "--batch-size", "1,2", "--new-tokens", 3, "--decode-trials", 1,
                         "--no-isolate", *PLOT, "-o", out])
@@ -201,7 +203,7 @@ def test_runtime_end_to_end_dense_unmerged_merged_and_random(runner, tmp_path, t
     assert [m["label"] for m in doc["models"]] == labels
     assert [(x["label"], x["batch_size"]) for x in doc["results"]] == [(l, b) for b in (1, 2) for l in labels]
     info = {m["label"]: m for m in doc["models"]}
-    assert info["dense unmerged"]["masks"] == "applied" and info["dense unmerged"]["unmerged"]
+    assert info["dense unmerged"]["masks"] == str(prune_dir / "masks.json") and info["dense unmerged"]["unmerged"]
     assert info["unmerged"]["masks"] == "none" and info["unmerged"]["lora_rank"] == 4
     assert info["random"]["random_weights"] and doc["random_weights"]
     assert not info["dense"]["random_weights"] and info["dense"]["lora_params"] == 0
@@ -239,7 +241,8 @@ def test_runtime_isolated_interleaved_and_overwrite(runner, tmp_path, tiny_llama
     schema.check(doc, schema.RuntimeResults)
     assert "own Python process" in doc["protocol"]["isolation"]
     assert doc["protocol"]["order"].startswith("interleaved")
-    assert [m["masks"] for m in doc["models"]] == ["applied", "none"]
+    # masks only when given: the adapter directory's masks.json is not picked up silently
+    assert [m["masks"] for m in doc["models"]] == ["none", "none"]
     for row in doc["results"]:  # latency from the interleaved turns, memory from each model's own process
         assert row["latency_s"]["n"] == 2 and len(row["latency_s"]["values"]) == 2 and row["peak_memory_bytes"] > 0
         assert row["tokens_per_s"] == pytest.approx(SEQ / row["latency_s"]["median"])

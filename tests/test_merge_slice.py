@@ -30,15 +30,10 @@ CASES = {
 
 def load(path, lora_dir=None, masks=None, load_8bit=False):
     """A model directory as lpt loads it (per-layer directories through lpt.modeling), optionally with LoRA + masks."""
-    from lpt.stages.merge import load_source
-    from lpt.stages.slice import SliceConfig
+    from lpt import models
 
-    model, _, arch = load_source(SliceConfig(model=str(path), device="cpu"), torch.float32, tokenizer=False)
-    if lora_dir is not None:
-        lora.load_adapter(model, lora_dir, arch, load_8bit=load_8bit)
-    if masks is not None:
-        groups.apply_masks(model, masks)
-    return model
+    return models.load(str(path), adapter=lora_dir, masks=masks, dtype="float32", device="cpu", tokenizer=False,
+                       load_8bit=load_8bit).model
 
 
 def make_prune_dir(model_dir, out, gqa_mode, heads, channels, seed=0, nan=False):

@@ -60,7 +60,7 @@ class ModelInfo(TypedDict):
     adapter: str | None  # adapter directory or random:R; None for a plain model
     unmerged: bool  # LoRA layers run beside the base weights
     lora_rank: int
-    masks: str  # none / applied (masks.json of the adapter) / a note when not applied
+    masks: str  # none, or the masks.json given with --masks (applied unmerged)
     architecture: dict[str, Any]
     dtype: str
     params: int  # all parameters, LoRA included, tied tensors once

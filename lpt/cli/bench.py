@@ -16,7 +16,7 @@ RUNTIME_EPILOG = """[b]Examples[/b]
 
   lpt bench runtime smollm2-135m merged-50/ sliced-50/ --adapter - --adapter - --adapter sliced-50/adapter --label dense --label "50% merged" --label "50% unmerged" --seq-len 2048 --trials 5 --plot -o bench.json
 
-  lpt bench runtime smollm2-135m --adapter prune-50/ --batch-size 1,4 --new-tokens 64 -o unmerged.json
+  lpt bench runtime smollm2-135m --adapter prune-50/ --masks prune-50/masks.json --batch-size 1,4 --new-tokens 64 -o unmerged.json
 
   lpt bench runtime --random-init llama-7b --random-init llama-7b@0.2 --random-init llama-7b@0.5 --random-init llama-7b@0.5 --adapter - --adapter - --adapter - --adapter random:8 --dtype bfloat16 --device cuda --plot -o llama7b.json
 
@@ -93,6 +93,7 @@ def runtime(
     models: List[str] = typer.Argument(None, help=R.__dataclass_fields__["models"].metadata["help"],
                                        show_default=False),
     adapter: List[str] = opt(R, "adapter", show_default=False),
+    masks: List[str] = opt(R, "masks", show_default=False),
     label: List[str] = opt(R, "label", show_default=False),
     random_init: List[str] = opt(R, "random_init", show_default=False),
     seq_len: int = opt(R, "seq_len"),

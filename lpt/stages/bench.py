@@ -25,7 +25,7 @@ from typing import Any, Iterable
 
 from lpt import artifacts
 from lpt.config import ModelOptions, _f
-from lpt.errors import LptError, MismatchError
+from lpt.errors import LptError
 
 NO_ADAPTER = ("-", "none", "")
 PAPER_TABLE3 = ("LoRAPrune Table 3 (LLaMA-7B, 2048 tokens): dense merged 0.105 s, dense unmerged 0.184 s, 20% pruned "
@@ -41,8 +41,10 @@ class BenchRuntimeConfig(ModelOptions):
 
     models: list[str] = _f([], "Models to time (hub id, HF directory, .gguf, alias); the first is the reference.")
     adapter: list[str] = _f([], "LoRA adapter run unmerged on the model in the same position (one --adapter per "
-                                "model, '-' for none): a PEFT adapter directory (its masks.json is applied when it "
-                                "fits the model) or random:R for a random rank-R adapter.")
+                                "model, '-' for none): a PEFT adapter directory or random:R for a random rank-R "
+                                "adapter. Masks are applied only with --masks.")
+    masks: list[str] = _f([], "masks.json applied (unmerged) to the model in the same position, one --masks per model "
+                              "('-' for none); e.g. a prune output's masks with --adapter of the same output.")
     label: list[str] = _f([], "Row names, one per model (default: derived from the model and adapter).")
     random_init: list[str] = _f([], "Add a model with random weights at a real shape: SHAPE or SHAPE@RATIO, with "
                                     "SHAPE a built-in name (llama-7b, llama-13b, llama-3-8b, tinyllama-1.1b, "
@@ -143,6 +145,13 @@ def build_entries(cfg: BenchRuntimeConfig) -> list[dict[str, Any]]:
     adapters = [None if a is None or str(a).strip().lower() in NO_ADAPTER else str(a) for a in adapters] or [None] * n
     if cfg.label and len(cfg.label) != n:
         raise LptError(f"give one --label per model ({n} model(s), {len(cfg.label)} --label)")
+    masks = list(cfg.masks)
+    if masks and len(masks) != n:
+        raise LptError(f"give one --masks per model ({n} model(s), {len(masks)} --masks); use - for none")
+    masks = [None if m is None or str(m).strip().lower() in NO_ADAPTER else str(m) for m in masks] or [None] * n
+    for m in masks:
+        if m is not None and not Path(m).is_file():
+            raise LptError(f"masks file not found: {m}")
     labels = list(cfg.label) or [auto_label(m, r, a) for (m, r), a in zip(pairs, adapters)]
     seen: dict[str, int] = {}
     for i, lab in enumerate(labels):
@@ -151,8 +160,8 @@ def build_entries(cfg: BenchRuntimeConfig) -> list[dict[str, Any]]:
             labels[i] = f"{lab} ({seen[lab]})"
         else:
             seen[lab] = 1
-    return [{"label": lab, "model": m, "random_init": r, "adapter": a}
-            for lab, (m, r), a in zip(labels, pairs, adapters)]
+    return [{"label": lab, "model": m, "random_init": r, "adapter": a, "masks": k}
+            for lab, (m, r), a, k in zip(labels, pairs, adapters, masks)]
 
 
 def prune_step_configs(criteria: Iterable[str], plain_lora: bool, load_8bit: bool
@@ -251,7 +260,7 @@ def _architecture(config) -> dict[str, Any]:
 
 def load_entry(entry: dict[str, Any], proto: dict[str, Any], device: str, with_adapter: bool = True):
     """Load (or build with random weights) one model and its adapter; returns ``(model, ModelInfo)``."""
-    from lpt import groups, lora, models
+    from lpt import groups, models
     from lpt.arch import describe
     from lpt.benchmarking import shapes
 
@@ -264,21 +273,17 @@ def load_entry(entry: dict[str, Any], proto: dict[str, Any], device: str, with_a
                                      revision=proto.get("revision"), trust_remote_code=proto["trust_remote_code"],
                                      tokenizer=False)
     adapter = entry.get("adapter") if with_adapter else None
-    masks_note, rank = "none", 0
-    if adapter:
+    masks = entry.get("masks") if with_adapter else None
+    rank = 0
+    if adapter or masks:
         arch = describe(model.config)
-        r = shapes.random_adapter_rank(adapter)
+        r = shapes.random_adapter_rank(adapter) if adapter else 0
         if r:
             layers = shapes.add_random_adapter(model, arch, r, seed=proto["seed"])
-        else:
-            layers = lora.load_adapter(model, adapter, arch)
-            mpath = Path(adapter) / artifacts.MASKS
-            if mpath.is_file():
-                try:
-                    groups.apply_masks(model, groups.Masks.load(mpath, arch))
-                    masks_note = "applied"
-                except MismatchError as e:
-                    masks_note = f"not applied ({e})"
+            if masks:
+                groups.apply_masks(model, groups.Masks.load(masks, arch))
+        else:  # the one loader's policy: masks only when given with --masks
+            layers, _, _ = models.attach(model, arch, adapter=adapter, masks=masks)
         # LoRA runs in the model's dtype, as a deployed unmerged adapter would
         for layer in layers.values():
             if layer.r:
@@ -296,7 +301,7 @@ def load_entry(entry: dict[str, Any], proto: dict[str, Any], device: str, with_a
         "adapter": adapter,
         "unmerged": bool(adapter),
         "lora_rank": int(rank),
-        "masks": masks_note,
+        "masks": str(masks) if masks else "none",
         "architecture": _architecture(model.config),
         "dtype": str(dtype).replace("torch.", ""),
         "params": int(sum(p.numel() for p in model.parameters())),

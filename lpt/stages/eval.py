@@ -87,35 +87,22 @@ def load_for_eval(model: str, *, adapter: str | None = None, masks: str | None =
     results file. With masks but no adapter, rank-0 LoRA layers carry the masks. Pass ``tokenizer`` when it is
     already loaded (it is not loaded again).
     """
-    from lpt import arch as arch_mod
-    from lpt import groups, lora, models
+    from lpt import models
 
-    m, tok = models.load_model(model, dtype=dtype, device=device, revision=revision,
-                               trust_remote_code=trust_remote_code, tokenizer=tokenizer is None)
-    tok = tokenizer if tokenizer is not None else tok
-    base_params = models.count_params(m)
+    loaded = models.load(model, adapter=adapter, masks=masks, dtype=dtype, device=device, revision=revision,
+                         trust_remote_code=trust_remote_code, tokenizer=tokenizer if tokenizer is not None else True)
+    m, tok, mk, acfg = loaded.model, loaded.tokenizer, loaded.masks, loaded.adapter_config
+    base_params = effective = models.count_params(m) - sum(
+        p.numel() for n, p in m.named_parameters() if ".lora_A." in n or ".lora_B." in n)
     adapter_info = masks_info = None
-    effective = base_params
-    if adapter is not None or masks is not None:
-        a = arch_mod.describe(m.config)
-        if adapter is not None:
-            cfg, _ = lora.read_adapter(adapter)
-            lora.load_adapter(m, adapter, a)
-            adapter_info = {"path": str(adapter), "r": cfg.get("r"), "lora_alpha": cfg.get("lora_alpha"),
-                            "target_modules": cfg.get("target_modules"),
-                            "base_model": cfg.get("base_model_name_or_path")}
-        else:
-            lora.inject(m, a, r=0, alpha=1)
-        if masks is not None:
-            mk = groups.Masks.load(masks, a)
-            groups.apply_masks(m, mk)
-            before, after = mk.block_params()
-            effective = base_params - (before - after)
-            masks_info = {"path": str(masks), "layout": "uniform" if mk.is_uniform() else "per-layer",
-                          "gqa": mk.gqa, "blocks_before": before, "blocks_after": after,
-                          "ratio_blocks": 1.0 - after / before}
-        m.requires_grad_(False)
-        m.eval()
+    if acfg is not None:
+        adapter_info = {"path": str(adapter), "r": acfg.get("r"), "lora_alpha": acfg.get("lora_alpha"),
+                        "target_modules": acfg.get("target_modules"), "base_model": acfg.get("base_model_name_or_path")}
+    if mk is not None:
+        before, after = mk.block_params()
+        effective = base_params - (before - after)
+        masks_info = {"path": str(masks), "layout": "uniform" if mk.is_uniform() else "per-layer", "gqa": mk.gqa,
+                      "blocks_before": before, "blocks_after": after, "ratio_blocks": 1.0 - after / before}
     ref = getattr(m, "lpt_ref", None)
     dev = next(m.parameters()).device
     model_info = {

@@ -69,19 +69,14 @@ def output_dtype(name: str, config: Any):
     return models.resolve_dtype(name, "cpu")
 
 
-def load_source(cfg: ModelOptions, dtype, *, tokenizer: bool = True):
-    """Load MODEL as a frozen eval-mode model in ``dtype`` (any layout lpt writes) -> ``(model, tokenizer, arch)``.
-
-    A per-layer sliced directory is built with ``lpt.modeling``'s classes (imported from this package, so the copy of
-    the modeling file inside the directory is never executed and no --trust-remote-code is needed).
-    """
+def load_source(cfg: ModelOptions, dtype, *, adapter=None, masks=None, load_8bit: bool = False):
+    """Load MODEL frozen in ``dtype`` through lpt's one loader (any layout lpt writes; a per-layer sliced directory
+    is built with ``lpt.modeling``'s classes, so no --trust-remote-code is needed) -> ``models.Loaded``."""
     from lpt import models
-    from lpt.arch import describe
 
-    dtype_name = str(dtype).replace("torch.", "")
-    model, tok = models.load_model(cfg.model, dtype=dtype_name, device=cfg.device, revision=cfg.revision,
-                                   trust_remote_code=cfg.trust_remote_code, tokenizer=tokenizer)
-    return model, tok, describe(model.config)
+    return models.load(cfg.model, adapter=adapter, masks=masks, dtype=str(dtype).replace("torch.", ""),
+                       device=cfg.device, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code,
+                       load_8bit=load_8bit)
 
 
 def check_finite(model) -> None:
@@ -226,11 +221,9 @@ def run(cfg: MergeConfig) -> Path:
     with bar:
         import torch
 
-        model, tok, arch = load_source(cfg, torch.float32 if load_8bit else dtype)
-        step("loading adapter")
-        lora.load_adapter(model, cfg.adapter, arch, load_8bit=load_8bit)
-        if masks is not None:
-            groups.apply_masks(model, masks)
+        loaded = load_source(cfg, torch.float32 if load_8bit else dtype, adapter=cfg.adapter, masks=masks,
+                             load_8bit=load_8bit)
+        model, tok = loaded.model, loaded.tokenizer
         step("merging")
         lora.merge_lora(model, dtype=dtype, apply_masks=masks is not None)
         params = models.count_params(model)

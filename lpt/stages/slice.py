@@ -79,13 +79,12 @@ def run(cfg: SliceConfig) -> Path:
 
     bar, step = m.steps_bar("loading model", 4)
     with bar:
-        model, tok, arch = m.load_source(cfg, dtype)
-        before = models.count_params(model)
+        loaded = m.load_source(cfg, dtype, adapter=cfg.adapter if cfg.merge else None,
+                               masks=masks if cfg.merge else None)
+        model, tok = loaded.model, loaded.tokenizer
+        before = models.count_params(model) - (lora_params(model) if cfg.merge else 0)
         step("slicing")
-        if cfg.merge:
-            lora.load_adapter(model, cfg.adapter, arch)
-            groups.apply_masks(model, masks)
-        slicing.slice_model(model, masks, arch)
+        slicing.slice_model(model, masks, loaded.arch)
         if cfg.merge:
             lora.merge_lora(model, dtype=dtype)
         after = models.count_params(model)
@@ -110,6 +109,10 @@ def run(cfg: SliceConfig) -> Path:
     if layout == "per-layer":
         console.print("per-layer widths: load with AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)")
     return out
+
+
+def lora_params(model) -> int:
+    return sum(p.numel() for n, p in model.named_parameters() if ".lora_A." in n or ".lora_B." in n)
 
 
 def write_adapter(directory: Path, adapter_cfg: dict, state_dict: dict, base_model: str) -> None:
