@@ -137,6 +137,126 @@ class PruneConfig(ModelOptions, DataOptions):
     log_every: int = _f(1, "Optimiser steps between log lines.")
 
 
+DTYPE_HELP = ("Output weights dtype: auto (the source checkpoint's dtype, float32 when it declares none), float32, "
+              "bfloat16, float16. Arithmetic is float32.")
+
+
+@dataclass
+class MergeConfig(ModelOptions):
+    """``lpt merge``: base model + LoRA adapter (+ masks) -> merged Hugging Face model directory."""
+
+    dtype: str = _f("auto", DTYPE_HELP)
+    adapter: str | None = _f(None, "Required: adapter directory (adapter_config.json + adapter_model.safetensors), "
+                                   "e.g. the output of lpt prune.")
+    masks: str | None = _f(None, "masks.json: zero the pruned rows and columns (the shapes stay; lpt slice removes "
+                                 "them).")
+    load_8bit: bool | None = _f(None, "Freeze the base in int8 before merging (as prune --load-8bit trained it); "
+                                      "default: as recorded in the adapter directory's lpt_config.json.")
+    max_shard_size: str = _f("5GB", "Largest safetensors shard (e.g. 5GB, 500MB); larger models are sharded.")
+    output: str = _f("merged", "Output model directory.")
+    overwrite: bool = _f(False, "Replace an existing output directory.")
+
+
+@dataclass
+class SliceConfig(ModelOptions):
+    """``lpt slice``: base model + masks.json (+ adapter) -> sliced Hugging Face model directory."""
+
+    dtype: str = _f("auto", DTYPE_HELP)
+    masks: str | None = _f(None, "Required: masks.json written by lpt prune (kept heads and channels per layer).")
+    adapter: str | None = _f(None, "Adapter directory to slice with the model (written to OUTPUT/adapter/ in PEFT "
+                                   "format), e.g. the output of lpt prune.")
+    merge: bool = _f(False, "Fold the sliced adapter into the sliced weights instead of writing OUTPUT/adapter/.")
+    max_shard_size: str = _f("5GB", "Largest safetensors shard (e.g. 5GB, 500MB); larger models are sharded.")
+    output: str = _f("sliced", "Output model directory.")
+    overwrite: bool = _f(False, "Replace an existing output directory.")
+
+
+@dataclass
+class EvalConfig(ModelOptions):
+    """``lpt eval``: perplexity (the paper's protocol) and zero-/few-shot tasks through lm-evaluation-harness."""
+
+    adapter: str | None = _f(None, "LoRA adapter directory (PEFT format, e.g. a prune output) applied to MODEL "
+                                   "without merging.")
+    masks: str | None = _f(None, "masks.json whose pruned heads / channels are masked out of MODEL at run time "
+                                 "(without --adapter: masks only).")
+    ppl: str = _f("", "Comma-separated perplexity sources: wikitext2, ptb, c4 (hub datasets, the papers' splits), "
+                      "local .txt/.json/.jsonl/.parquet files, builtin:pydoc:test.")
+    seq_len: int = _f(2048, "Tokens per perplexity segment (the paper's 2048; capped at the model's maximum).")
+    max_segments: int = _f(0, "Evaluate at most this many segments per perplexity source (0: all; c4 always 256).")
+    batch_size: int = _f(1, "Perplexity segments per forward pass.")
+    tasks: str = _f("", "Comma-separated lm-eval tasks (e.g. boolq,piqa,hellaswag,winogrande,arc_easy,arc_challenge,"
+                        "openbookqa; 'paper' = those seven; mmlu) or local task names from --include-path.")
+    include_path: str | None = _f(None, "Directory of local lm-eval task YAML files (relative data_files are "
+                                        "resolved against each YAML's directory).")
+    num_fewshot: int | None = _f(None, "Few-shot examples per task (default: the task's own, 0 for most).")
+    task_batch_size: str = _f("8", "lm-eval batch size: an integer or 'auto'.")
+    limit: float | None = _f(None, "lm-eval: at most this many examples per task (a fraction if < 1); "
+                                   "for quick checks only, recorded in the results.")
+    label: str | None = _f(None, "Name of this run in comparison tables (default: the model / adapter name).")
+    output: str = _f("results.json", "Results JSON file.")
+    overwrite: bool = _f(False, "Replace an existing results file.")
+
+
+@dataclass
+class BenchRuntimeConfig(ModelOptions):
+    """``lpt bench runtime``: latency, throughput, memory, parameters and FLOPs of one or more models."""
+
+    models: list[str] = _f([], "Models to time (hub id, HF directory, .gguf, alias); the first is the reference.")
+    adapter: list[str] = _f([], "LoRA adapter run unmerged on the model in the same position (one --adapter per "
+                                "model, '-' for none): a PEFT adapter directory or random:R for a random rank-R "
+                                "adapter. Masks are applied only with --masks.")
+    masks: list[str] = _f([], "masks.json applied (unmerged) to the model in the same position, one --masks per model "
+                              "('-' for none); e.g. a prune output's masks with --adapter of the same output.")
+    label: list[str] = _f([], "Row names, one per model (default: derived from the model and adapter).")
+    random_init: list[str] = _f([], "Add a model with random weights at a real shape: SHAPE or SHAPE@RATIO, with "
+                                    "SHAPE a built-in name (llama-7b, llama-13b, llama-3-8b, tinyllama-1.1b, "
+                                    "smollm2-135m), a JSON config file or inline JSON, and @RATIO giving the "
+                                    "uniform-pruned shape (e.g. llama-7b@0.5). Placed after the MODEL arguments.")
+    seq_len: int = _f(2048, "Tokens per sequence of the timed forward pass (the paper's Table 3 uses 2048).")
+    batch_size: list[int] = _f([1], "Batch size; repeat the flag or give a comma list (1,4,16) to sweep.")
+    trials: int = _f(0, "Timed runs per model and batch size (0: 100 on GPU, 10 on CPU).")
+    warmup: int = _f(3, "Untimed warm-up runs before the timed ones.")
+    new_tokens: int = _f(0, "Also time greedy decoding of this many tokens after a --seq-len prompt (0: skip).")
+    decode_trials: int = _f(0, "Timed decode runs (0: min(--trials, 10)).")
+    threads: int = _f(0, "CPU threads for torch (0: torch's default).")
+    isolate: bool = _f(True, "Measure each model in its own process (exact peak memory; slower start).")
+    interleave: bool = _f(False, "Time all models in one process taking turns, trial by trial (1, 2, .., 1, 2, ..), "
+                                 "so drifting background load hits them alike (shared machines); memory and decode "
+                                 "are still measured per model, in its own process with --isolate.")
+    seed: int = _f(0, "Seed of the random token ids and random weights.")
+    plot: bool = _f(False, "Also write a PNG (latency and memory per model) next to the JSON.")
+    output: str = _f("bench.json", "Output JSON file.")
+    overwrite: bool = _f(False, "Replace existing output files.")
+
+
+@dataclass
+class BenchPruneStepConfig(ModelOptions):
+    """``lpt bench prune-step``: seconds per optimiser step and peak memory of pruning criteria."""
+
+    model: str | None = _f(None, "Model to train (default: smollm2-135m, unless --random-init gives a shape).")
+    random_init: str | None = _f(None, "Random weights at a real shape instead of MODEL: SHAPE or SHAPE@RATIO, as "
+                                       "in `lpt bench runtime --random-init` (e.g. llama-7b).")
+    criterion: list[str] = _f(["lora"], "Criterion to time; repeat the flag to compare (lora, vanilla, magnitude, "
+                                        "random).")
+    plain_lora: bool = _f(False, "Also time plain LoRA fine-tuning (no importance, no masks).")
+    load_8bit: bool = _f(False, "Also time every configuration with int8 base weights (vanilla cannot run in int8 "
+                                "and is skipped there).")
+    seq_len: int = _f(256, "Tokens per sample.")
+    batch_size: int = _f(4, "Samples per optimiser step.")
+    micro_batch_size: int = _f(0, "Samples per forward/backward (0: the whole batch, no accumulation).")
+    ratio: float = _f(0.5, "Target pruning ratio of the timed run (masks grow on lpt prune's schedule).")
+    lora_r: int = _f(8, "LoRA rank.")
+    lora_alpha: float = _f(16.0, "LoRA alpha.")
+    trials: int = _f(5, "Timed optimiser steps per configuration.")
+    warmup: int = _f(2, "Untimed optimiser steps before the timed ones.")
+    threads: int = _f(0, "CPU threads for torch (0: torch's default).")
+    isolate: bool = _f(True, "Measure each configuration in its own process (exact peak memory; slower start).")
+    seed: int = _f(0, "Seed of the random token ids, weights and LoRA initialisation.")
+    plot: bool = _f(False, "Also write a PNG (seconds per step and memory per configuration) next to the JSON.")
+    output: str = _f("cost.json", "Output JSON file.")
+    overwrite: bool = _f(False, "Replace existing output files.")
+
+
 def load_recipe(path: str | Path, stage: str) -> dict[str, Any]:
     """Read one stage's section from a recipe YAML (keys are flag names, dashes or underscores)."""
     import yaml

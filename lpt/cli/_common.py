@@ -57,8 +57,11 @@ def arg(cls: type, name: str, **kw: Any):
 RECIPE_HELP = "YAML recipe whose section for this stage sets any flag; flags typed on the command line win."
 
 
-def make_config(ctx: typer.Context, cls: type, stage: str) -> Any:
-    """Config from the command's parameters: defaults < recipe section < flags typed on the command line."""
+def make_config(ctx: typer.Context, cls: type, stage: str, sub: str | None = None) -> Any:
+    """Config from the command's parameters: defaults < recipe section < flags typed on the command line.
+
+    ``sub`` names a subsection of the stage's section (``bench: runtime:``) for commands with subcommands.
+    """
     values = dict(ctx.params)
     recipe_path = values.pop("recipe", None)
     explicit = {
@@ -66,6 +69,11 @@ def make_config(ctx: typer.Context, cls: type, stage: str) -> Any:
         if getattr(ctx.get_parameter_source(k), "name", None) in ("COMMANDLINE", "ENVIRONMENT")
     }
     recipe = load_recipe(recipe_path, stage) if recipe_path else {}
+    if sub is not None and recipe_path:
+        recipe = recipe.get(sub.replace("-", "_"), {}) or {}
+        if not isinstance(recipe, dict):
+            raise LptError(f"recipe {recipe_path}: section {stage}.{sub} must be a mapping")
+        recipe = {str(k).replace("-", "_"): v for k, v in recipe.items()}
     cfg = build(cls, values, explicit, recipe)
     if recipe:
         overridden = sorted(k for k in recipe if k in explicit)

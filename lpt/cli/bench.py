@@ -6,7 +6,7 @@ from typing import List
 
 import typer
 
-from lpt.cli._common import opt, run_stage
+from lpt.cli._common import make_config, opt, run_stage
 from lpt.stages.bench import BenchPruneStepConfig as P
 from lpt.stages.bench import BenchRuntimeConfig as R
 
@@ -47,25 +47,6 @@ process so peak memory is its own.
 
 RECIPE_HELP = ("YAML recipe whose bench section sets any flag, under bench: runtime: or bench: prune-step:; flags "
                "typed on the command line win.")
-
-
-def make_config(ctx: typer.Context, cls: type, sub: str):
-    """Config from the command's parameters: defaults < recipe ``bench: <sub>:`` section < typed flags."""
-    from lpt.config import build, load_recipe
-    from lpt.errors import LptError
-
-    values = dict(ctx.params)
-    recipe_path = values.pop("recipe", None)
-    explicit = {k for k in values
-                if getattr(ctx.get_parameter_source(k), "name", None) in ("COMMANDLINE", "ENVIRONMENT")}
-    recipe = {}
-    if recipe_path:
-        section = load_recipe(recipe_path, "bench")
-        recipe = section.get(sub.replace("-", "_"), {}) or {}
-        if not isinstance(recipe, dict):
-            raise LptError(f"recipe {recipe_path}: section bench.{sub} must be a mapping")
-        recipe = {str(k).replace("-", "_"): v for k, v in recipe.items()}
-    return build(cls, values, explicit, recipe)
 
 
 GROUP_EPILOG = """[b]Examples[/b]
@@ -122,7 +103,7 @@ def runtime(
         from lpt.stages import bench as stage
 
         ctx.params["models"] = list(ctx.params.get("models") or [])
-        return stage.run(make_config(ctx, R, "runtime"))
+        return stage.run(make_config(ctx, R, "bench", "runtime"))
 
     run_stage(go)
 
@@ -161,7 +142,7 @@ def prune_step(
     def go():
         from lpt.stages import bench as stage
 
-        return stage.run(make_config(ctx, P, "prune-step"))
+        return stage.run(make_config(ctx, P, "bench", "prune-step"))
 
     run_stage(go)
 

@@ -15,34 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from lpt import artifacts
-from lpt.config import ModelOptions, _f
+from lpt.config import EvalConfig  # noqa: F401  (configs live in lpt.config)
 from lpt.errors import LptError
-
-
-@dataclass
-class EvalConfig(ModelOptions):
-    """``lpt eval``: perplexity (the paper's protocol) and zero-/few-shot tasks through lm-evaluation-harness."""
-
-    adapter: str | None = _f(None, "LoRA adapter directory (PEFT format, e.g. a prune output) applied to MODEL "
-                                   "without merging.")
-    masks: str | None = _f(None, "masks.json whose pruned heads / channels are masked out of MODEL at run time "
-                                 "(without --adapter: masks only).")
-    ppl: str = _f("", "Comma-separated perplexity sources: wikitext2, ptb, c4 (hub datasets, the papers' splits), "
-                      "local .txt/.json/.jsonl/.parquet files, builtin:pydoc:test.")
-    seq_len: int = _f(2048, "Tokens per perplexity segment (the paper's 2048; capped at the model's maximum).")
-    max_segments: int = _f(0, "Evaluate at most this many segments per perplexity source (0: all; c4 always 256).")
-    batch_size: int = _f(1, "Perplexity segments per forward pass.")
-    tasks: str = _f("", "Comma-separated lm-eval tasks (e.g. boolq,piqa,hellaswag,winogrande,arc_easy,arc_challenge,"
-                        "openbookqa; 'paper' = those seven; mmlu) or local task names from --include-path.")
-    include_path: str | None = _f(None, "Directory of local lm-eval task YAML files (relative data_files are "
-                                        "resolved against each YAML's directory).")
-    num_fewshot: int | None = _f(None, "Few-shot examples per task (default: the task's own, 0 for most).")
-    task_batch_size: str = _f("8", "lm-eval batch size: an integer or 'auto'.")
-    limit: float | None = _f(None, "lm-eval: at most this many examples per task (a fraction if < 1); "
-                                   "for quick checks only, recorded in the results.")
-    label: str | None = _f(None, "Name of this run in comparison tables (default: the model / adapter name).")
-    output: str = _f("results.json", "Results JSON file.")
-    overwrite: bool = _f(False, "Replace an existing results file.")
 
 
 def validate(cfg: EvalConfig) -> None:

@@ -18,33 +18,13 @@ from __future__ import annotations
 
 import hashlib
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Callable
 
 from lpt import artifacts
-from lpt.config import ModelOptions, _f
+from lpt.config import DTYPE_HELP, MergeConfig, ModelOptions  # noqa: F401  (configs live in lpt.config; re-exported)
 from lpt.errors import LptError
-
-DTYPE_HELP = ("Output weights dtype: auto (the source checkpoint's dtype, float32 when it declares none), float32, "
-              "bfloat16, float16. Arithmetic is float32.")
-
-
-@dataclass
-class MergeConfig(ModelOptions):
-    """``lpt merge``: base model + LoRA adapter (+ masks) -> merged Hugging Face model directory."""
-
-    dtype: str = _f("auto", DTYPE_HELP)
-    adapter: str | None = _f(None, "Required: adapter directory (adapter_config.json + adapter_model.safetensors), "
-                                   "e.g. the output of lpt prune.")
-    masks: str | None = _f(None, "masks.json: zero the pruned rows and columns (the shapes stay; lpt slice removes "
-                                 "them).")
-    load_8bit: bool | None = _f(None, "Freeze the base in int8 before merging (as prune --load-8bit trained it); "
-                                      "default: as recorded in the adapter directory's lpt_config.json.")
-    max_shard_size: str = _f("5GB", "Largest safetensors shard (e.g. 5GB, 500MB); larger models are sharded.")
-    output: str = _f("merged", "Output model directory.")
-    overwrite: bool = _f(False, "Replace an existing output directory.")
-
 
 # ------------------------------------------------------------------------------------------------ shared helpers
 def file_sha256(path: str | Path) -> str:

@@ -16,29 +16,13 @@ sizes under grouped-query attention) before any weight is loaded. An all-ones ma
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 from lpt import artifacts
-from lpt.config import ModelOptions, _f
+from lpt.config import SliceConfig  # noqa: F401  (configs live in lpt.config)
 from lpt.errors import LptError
-from lpt.stages.merge import DTYPE_HELP
 
 ADAPTER_SUBDIR = "adapter"
-
-
-@dataclass
-class SliceConfig(ModelOptions):
-    """``lpt slice``: base model + masks.json (+ adapter) -> sliced Hugging Face model directory."""
-
-    dtype: str = _f("auto", DTYPE_HELP)
-    masks: str | None = _f(None, "Required: masks.json written by lpt prune (kept heads and channels per layer).")
-    adapter: str | None = _f(None, "Adapter directory to slice with the model (written to OUTPUT/adapter/ in PEFT "
-                                   "format), e.g. the output of lpt prune.")
-    merge: bool = _f(False, "Fold the sliced adapter into the sliced weights instead of writing OUTPUT/adapter/.")
-    max_shard_size: str = _f("5GB", "Largest safetensors shard (e.g. 5GB, 500MB); larger models are sharded.")
-    output: str = _f("sliced", "Output model directory.")
-    overwrite: bool = _f(False, "Replace an existing output directory.")
 
 
 def validate(cfg: SliceConfig) -> None:
