@@ -11,6 +11,7 @@ import torch
 
 from conftest import build_model, invoke, tiny_config
 from lpt import artifacts, distributed, groups, lora
+from lpt.benchmarking import scaling
 from lpt.arch import describe, get_module
 from lpt.config import PruneConfig
 from lpt.errors import LptError
@@ -118,6 +119,25 @@ def test_two_processes_equal_one_process(tmp_path, single, tiny_llama_dir, tiny_
     assert out.count("pruning ") == 1 and out.count("removed ") == 1, out[-3000:]
     assert "data parallel over 2 processes" in out
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("dp")) == ["dp"]
+
+
+def test_fisher_two_processes_equal_one_process(tmp_path, tiny_llama_dir, tiny_calib_dir, runner):
+    """Mask Fisher under data parallel: per-rank sums of squares are all-reduced, so the masks are one process's."""
+    args = ["prune", tiny_llama_dir, "--calib", tiny_calib_dir, *ARGS, "--criterion", "fisher"]
+    one = tmp_path / "one"
+    assert invoke(runner, [*args, "-o", one]).exit_code == 0
+    r = _torchrun(tmp_path, [*args, "-o", tmp_path / "dp"])
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    ranks = [torch.load(tmp_path / f"rank{i}.pt", weights_only=False) for i in range(2)]
+    for s0, s1 in zip(ranks[0]["trace"], ranks[1]["trace"]):
+        assert all(torch.equal(x, y) for x, y in zip(s0["heads"] + s0["channels"], s1["heads"] + s1["channels"]))
+    assert (tmp_path / "dp" / artifacts.MASKS).read_text().replace(str(tmp_path / "dp"), "") == \
+        (one / artifacts.MASKS).read_text().replace(str(one), "")
+    from safetensors.torch import load_file
+
+    a, b = load_file(tmp_path / "dp" / artifacts.IMPORTANCE), load_file(one / artifacts.IMPORTANCE)
+    for k in a:  # sums in a different order: equal within float rounding
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=0)
 
 
 def test_collectives_bucket_and_shard():
@@ -279,9 +299,9 @@ def test_parameter_counts_of_the_published_shapes():
 
     published = {"7B": 6_738_415_616, "13B": 13_015_864_320, "30B": 32_528_943_616, "65B": 65_285_660_672,
                  "70B": 68_976_648_192}
-    for key, s in distributed.SHAPES.items():
+    for key, s in scaling.SHAPES.items():
         assert s.params() == published[key], key
-    s = distributed.SHAPES["70B"]
+    s = scaling.SHAPES["70B"]
     cfg = LlamaConfig(hidden_size=s.hidden, intermediate_size=s.intermediate, num_hidden_layers=2,
                       num_attention_heads=s.heads, num_key_value_heads=s.kv_heads, vocab_size=s.vocab)
     with init_empty_weights():
@@ -316,18 +336,18 @@ def test_activation_formula_matches_saved_tensors(dtype, nbytes):
         return sum(v for k, v in store.items() if k not in frozen)
 
     per_layer = (saved(3) - saved(1)) / 2 / 64
-    shape = distributed.Shape("tiny", 1, 128, 352, 8, 2, 384)
+    shape = scaling.Shape("tiny", 1, 128, 352, 8, 2, 384)
     assert per_layer == pytest.approx(shape.activation_bytes_per_token(8, model_bytes=nbytes), rel=0.02)
 
 
 def test_memory_estimate_and_layouts():
     gib = 2**30
-    m7 = distributed.memory_estimate(distributed.SHAPES["7B"], load_8bit=False)
+    m7 = scaling.memory_estimate(scaling.SHAPES["7B"], load_8bit=False)
     assert m7["weights"] == pytest.approx(2 * 6_738_415_616, rel=1e-9)
-    m65 = distributed.memory_estimate(distributed.SHAPES["65B"], load_8bit=True, micro_batch=1)
+    m65 = scaling.memory_estimate(scaling.SHAPES["65B"], load_8bit=True, micro_batch=1)
     assert 60 * gib < m65["weights"] < 63 * gib  # int8 projections + bf16 embeddings: the paper's one-GPU setting
     assert m65["total"] < 0.95 * 80 * gib
-    table = distributed.memory_table()
+    table = scaling.memory_table()
     assert table.count("\n") == 11 and "| 65B | 65.29 B | int8 |" in table
     row70 = [line for line in table.splitlines() if line.startswith("| 70B |") and "| bf16 |" in line]
     assert len(row70) == 1 and "`--device-map auto` over" in row70[0]

@@ -250,3 +250,93 @@ def test_calib_from_another_tokenizer_is_refused(tmp_path, runner, tiny_llama_di
     (calib / artifacts.CALIB_META).write_text(json.dumps(meta))
     r = invoke(runner, ["prune", tmp_path / "m", "--calib", calib, *FAST, "-o", tmp_path / "o"])
     assert r.exit_code == 2 and "does not match" in r.output
+
+
+KILL_DRIVER = """
+import os, signal, sys
+from lpt.pruner import Pruner
+step = Pruner.train_step
+def killed(self, batch):
+    if self.step == int(os.environ["LPT_KILL_AT"]):
+        os.kill(os.getpid(), signal.SIGKILL)  # no exception, no cleanup: as if the machine went away
+    return step(self, batch)
+Pruner.train_step = killed
+from lpt.cli import app
+app(sys.argv[1:], prog_name="lpt")
+"""
+
+
+def test_resume_after_the_process_is_killed(tmp_path, runner, tiny_llama_dir, tiny_calib_dir):
+    import signal
+    import subprocess
+    import sys
+
+    args = ["prune", str(tiny_llama_dir), "--calib", str(tiny_calib_dir), "--ratio", "0.5", *FAST,
+            "--criterion", "fisher", "--save-every", "2"]
+    full = tmp_path / "full"
+    assert invoke(runner, [*args, "-o", full]).exit_code == 0
+    cut = tmp_path / "cut"
+    driver = tmp_path / "driver.py"
+    driver.write_text(KILL_DRIVER)
+    r = subprocess.run([sys.executable, str(driver), *args, "-o", str(cut)], capture_output=True, text=True,
+                       env={**__import__("os").environ, "LPT_KILL_AT": "5"}, timeout=300)
+    assert r.returncode == -signal.SIGKILL, r.stderr[-2000:]
+    ckpt = prune.partial_dir(cut) / artifacts.CHECKPOINT_DIR
+    assert sorted(p.name for p in ckpt.iterdir()) == ["checkpoint.json", "trainer_state.safetensors"]  # no pickle
+    assert not cut.exists()
+    r = invoke(runner, [*args, "--resume", "-o", cut])
+    assert r.exit_code == 0, r.output
+    assert "resuming from step 4" in r.output
+    assert (full / artifacts.MASKS).read_text() == (cut / artifacts.MASKS).read_text()
+    from safetensors.torch import load_file
+
+    a, b = load_file(full / artifacts.ADAPTER_WEIGHTS), load_file(cut / artifacts.ADAPTER_WEIGHTS)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-6, atol=1e-7)
+
+
+def test_distill_teacher_is_the_unpruned_base_without_a_copy():
+    p, cfg = _pruner(gqa_model=True, distill=True)
+    ref = build_model(cfg)  # same seed: the unpruned base
+    for layer in p.layers.values():
+        if layer.r:
+            torch.nn.init.normal_(layer.lora_B.weight, std=0.05)
+    p.ema_heads = [torch.rand(p.heads_pruned[0].numel()) for _ in range(cfg.num_hidden_layers)]
+    p.ema_channels = [torch.rand(cfg.intermediate_size) for _ in range(cfg.num_hidden_layers)]
+    p.prune_to(0.5)
+    x = _batch(cfg)["input_ids"]
+    storages = {t.untyped_storage().data_ptr() for t in p.model.parameters()}
+    with torch.no_grad():
+        student = p.model(x).logits
+        with lora.disabled(p.model):
+            teacher = p.model(x).logits
+        torch.testing.assert_close(teacher, ref(x).logits, rtol=1e-5, atol=1e-5)
+        assert (student - teacher).abs().max() > 1e-3  # the student is pruned and adapted; the teacher is not
+        torch.testing.assert_close(p.model(x).logits, student)  # switched back on afterwards
+    assert {t.untyped_storage().data_ptr() for t in p.model.parameters()} == storages  # no weight copy
+    loss = p.forward_backward(_batch(cfg))
+    assert loss > 0 and all(q.grad is not None for q in p.params)
+
+
+def test_kl_gradient_is_zero_while_student_equals_teacher():
+    from lpt import losses
+
+    logits = torch.randn(2, 5, 11, requires_grad=True)
+    labels = torch.randint(0, 11, (2, 5))
+    labels[0, :3] = -100
+    kl = losses.kl_distill(logits, logits.detach(), labels, temperature=2.0)
+    kl.backward()
+    assert float(kl.detach()) == pytest.approx(0.0, abs=1e-6) and float(logits.grad.abs().max()) < 1e-6
+    other = torch.randn(2, 5, 11)
+    assert float(losses.kl_distill(logits, other, labels, 1.0)) > 0
+
+
+def test_distill_cli_and_refused_weight(tmp_path, runner, tiny_llama_dir, tiny_calib_dir):
+    base = ["prune", tiny_llama_dir, "--calib", tiny_calib_dir, "--ratio", "0.5", *FAST]
+    r = invoke(runner, [*base, "--distill", "--distill-weight", "1", "-o", tmp_path / "bad"])
+    assert r.exit_code == 2 and "--distill-weight 1" in r.output and not (tmp_path / "bad").exists()
+    out = tmp_path / "d"
+    r = invoke(runner, [*base, "--criterion", "fisher", "--distill", "--distill-temperature", "2", "-o", out])
+    assert r.exit_code == 0, r.output
+    info = json.loads((out / artifacts.MASKS).read_text())["info"]
+    assert info["distill"] == {"temperature": 2.0, "weight": 0.5} and info["criterion"] == "fisher"
