@@ -20,7 +20,7 @@ from lpt.errors import LptError
 
 TENSORS = "trainer_state.safetensors"
 META = artifacts.CHECKPOINT_META
-LEGACY = artifacts.CHECKPOINT_STATE  # pickled checkpoints of lpt < 0.3 (not read: they could run code)
+LEGACY = artifacts.CHECKPOINT_STATE  # pickled checkpoints of lpt 0.1 (never read: unpickling can run code)
 
 
 def save(directory: str | Path, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any]) -> None:
