@@ -166,6 +166,11 @@ class SliceConfig(ModelOptions):
     adapter: str | None = _f(None, "Adapter directory to slice with the model (written to OUTPUT/adapter/ in PEFT "
                                    "format), e.g. the output of lpt prune.")
     merge: bool = _f(False, "Fold the sliced adapter into the sliced weights instead of writing OUTPUT/adapter/.")
+    reconstruct: str | None = _f(None, "A calibrate output directory: refit the kept input columns of every o_proj and "
+                                       "down_proj by ridge least squares so each reproduces its unpruned output on "
+                                       "these blocks (beyond the paper; with --adapter only together with --merge).")
+    reconstruct_damp: float = _f(0.01, "Ridge damping of --reconstruct, as a fraction of the mean diagonal of the "
+                                       "kept inputs' Gram matrix.")
     max_shard_size: str = _f("5GB", "Largest safetensors shard (e.g. 5GB, 500MB); larger models are sharded.")
     output: str = _f("sliced", "Output model directory.")
     overwrite: bool = _f(False, "Replace an existing output directory.")
@@ -236,8 +241,11 @@ class BenchPruneStepConfig(ModelOptions):
     model: str | None = _f(None, "Model to train (default: smollm2-135m, unless --random-init gives a shape).")
     random_init: str | None = _f(None, "Random weights at a real shape instead of MODEL: SHAPE or SHAPE@RATIO, as "
                                        "in `lpt bench runtime --random-init` (e.g. llama-7b).")
-    criterion: list[str] = _f(["lora"], "Criterion to time; repeat the flag to compare (lora, vanilla, magnitude, "
-                                        "random).")
+    criterion: list[str] = _f(["lora"], "Criterion to time; repeat the flag to compare (lora, fisher, vanilla, "
+                                        "magnitude, random).")
+    gradient_checkpointing: bool = _f(False, "Time every configuration with activation checkpointing (as lpt prune "
+                                             "--gradient-checkpointing).")
+    distill: bool = _f(False, "Time every configuration with self-distillation (as lpt prune --distill).")
     plain_lora: bool = _f(False, "Also time plain LoRA fine-tuning (no importance, no masks).")
     load_8bit: bool = _f(False, "Also time every configuration with int8 base weights (vanilla cannot run in int8 "
                                 "and is skipped there).")

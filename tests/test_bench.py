@@ -313,6 +313,21 @@ def test_prune_step_random_init_isolated(runner, tmp_path):
     assert doc["random_weights"] and doc["model"]["random_init"] == TINY_JSON and doc["model"]["model"] is None
 
 
+def test_prune_step_fisher_checkpointing_and_distill(runner, tmp_path, tiny_llama_dir):
+    """fisher needs no base-weight gradient; --gradient-checkpointing and --distill reach the timed step."""
+    out = tmp_path / "cost.json"
+    r = invoke(runner, ["bench", "prune-step", tiny_llama_dir, "--criterion", "fisher", "--plain-lora",
+                        "--gradient-checkpointing", "--distill", "--seq-len", SEQ, "--batch-size", 2, "--lora-r", 4,
+                        "--trials", 1, "--warmup", 1, "--no-isolate", "-o", out])
+    assert r.exit_code == 0, r.output
+    doc = json.loads(out.read_text())
+    schema.check(doc, schema.PruneStepResults)
+    assert doc["protocol"]["gradient_checkpointing"] is True and doc["protocol"]["distill"] is True
+    rows = {x["label"]: x for x in doc["results"]}
+    assert rows["fisher"]["gradient_params"] == rows["plain LoRA"]["gradient_params"] == rows["fisher"][
+        "trainable_params"]
+
+
 @pytest.mark.parametrize("extra, msg", [
     (["--criterion", "magic"], "unknown --criterion"),
     (["--batch-size", "3", "--micro-batch-size", "2"], "multiple"),

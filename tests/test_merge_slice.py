@@ -377,3 +377,50 @@ def test_slice_adapter_shapes(gqa_prune):
     assert out[p + "mlp.down_proj.lora_A.weight"].shape == (4, 88)
     kept = masks.layers[0].channels
     torch.testing.assert_close(out[p + "mlp.up_proj.lora_B.weight"], sd[p + "mlp.up_proj.lora_B.weight"][kept])
+
+
+# ------------------------------------------------------------------------------------------------ reconstruction
+def test_ridge_refit_is_least_squares():
+    from lpt import reconstruct
+
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(200, 12, generator=g, dtype=torch.float64)
+    X[:, 3] += 0.8 * X[:, 7]  # correlated inputs, so the kept columns can stand in for pruned ones
+    W = torch.randn(5, 12, generator=g, dtype=torch.float64)
+    keep = torch.tensor([0, 1, 2, 3, 5, 8, 9])
+    got = reconstruct.ridge_refit(W, X.T @ X, keep, damp=0.0)
+    want = torch.linalg.lstsq(X[:, keep], X @ W.T).solution.T
+    torch.testing.assert_close(got, want, rtol=1e-8, atol=1e-8)
+    # keeping every column with no damping returns the weight itself
+    torch.testing.assert_close(reconstruct.ridge_refit(W, X.T @ X, torch.arange(12), damp=0.0), W)
+    # the refit explains the dense output better than dropping the columns
+    err_fit = ((X[:, keep] @ got.T - X @ W.T) ** 2).sum()
+    err_drop = ((X[:, keep] @ W[:, keep].T - X @ W.T) ** 2).sum()
+    assert err_fit < err_drop
+
+
+def test_slice_reconstruct_gets_closer_to_dense(runner, tiny_llama_dir, tiny_calib_dir, tmp_path):
+    from lpt.stages import calibrate
+
+    arch = describe(tiny_config())
+    heads = [torch.tensor([False, True]), torch.tensor([True, False])]
+    chans = [torch.arange(96) % 3 == 0, torch.arange(96) < 40]
+    masks = groups.Masks.from_pruned(arch, heads, chans, "kv-groups", model=str(tiny_llama_dir))
+    masks.save(tmp_path / "m.json")
+    ok(runner, ["slice", tiny_llama_dir, "--masks", tmp_path / "m.json", "--dtype", "float32", "-o", tmp_path / "a"])
+    ok(runner, ["slice", tiny_llama_dir, "--masks", tmp_path / "m.json", "--dtype", "float32",
+                "--reconstruct", tiny_calib_dir, "-o", tmp_path / "b"])
+    prov = json.loads((tmp_path / "b" / artifacts.PROVENANCE).read_text())
+    assert prov["config"]["reconstruct"] == str(tiny_calib_dir)
+    ids = calibrate.load(tiny_calib_dir).tensors["input_ids"][:8]
+    with torch.no_grad():
+        dense = load(tiny_llama_dir)(ids).logits
+        plain = load(tmp_path / "a")(ids).logits
+        refit = load(tmp_path / "b")(ids).logits
+    assert plain.shape == refit.shape
+    e_refit, e_plain = float(((refit - dense) ** 2).mean()), float(((plain - dense) ** 2).mean())
+    assert e_refit < 0.9 * e_plain
+    # an unmerged adapter was not trained on refitted weights: refused before anything is written
+    r = invoke(runner, ["slice", tiny_llama_dir, "--masks", tmp_path / "m.json", "--adapter", tmp_path,
+                        "--reconstruct", tiny_calib_dir, "-o", tmp_path / "c"])
+    assert r.exit_code == 2 and "--merge" in r.output and not (tmp_path / "c").exists()

@@ -161,6 +161,8 @@ class PruneStepProtocol(TypedDict):
     trials: int
     ratio: float
     lora_r: int
+    gradient_checkpointing: bool
+    distill: bool
     inputs: str
     dtype: str
     device: str

@@ -120,6 +120,8 @@ def prune_step(
     batch_size: int = opt(P, "batch_size"),
     micro_batch_size: int = opt(P, "micro_batch_size"),
     ratio: float = opt(P, "ratio"),
+    gradient_checkpointing: bool = opt(P, "gradient_checkpointing"),
+    distill: bool = opt(P, "distill"),
     lora_r: int = opt(P, "lora_r"),
     lora_alpha: float = opt(P, "lora_alpha"),
     trials: int = opt(P, "trials"),

@@ -17,6 +17,8 @@ EPILOG = """[b]Examples[/b]
 
   lpt slice merged/ --masks prune-out/masks.json -o sliced/   (merge first, then slice: same weights)
 
+  lpt calibrate smollm2-135m -n 32 -o calib/ && lpt slice smollm2-135m --masks prune-out/masks.json --adapter prune-out/ --merge --reconstruct calib/ -o sliced-refit/
+
 [b]Writes[/b] a smaller Hugging Face model directory and lpt_provenance.json (with --adapter: OUTPUT/adapter/, the
 adapter sliced for the new shapes, in PEFT format). Uniform widths give a standard config that transformers, vLLM
 and llama.cpp's converter read; per-layer widths add lpt_layer_* lists and modeling_lpt.py: load those with
@@ -30,6 +32,8 @@ def slice_(
     masks: str = opt(C, "masks"),
     adapter: str = opt(C, "adapter"),
     merge: bool = opt(C, "merge"),
+    reconstruct: str = opt(C, "reconstruct"),
+    reconstruct_damp: float = opt(C, "reconstruct_damp"),
     output: str = opt(C, "output", "--output", "-o"),
     overwrite: bool = opt(C, "overwrite"),
     dtype: str = opt(C, "dtype"),

@@ -393,6 +393,8 @@ def measure_prune_step(entry: dict[str, Any], proto: dict[str, Any], run: dict[s
                      criterion="lora" if crit == "none" else crit, ratio=0.0 if crit == "none" else proto["ratio"],
                      lora_r=proto["lora_r"], lora_alpha=proto["lora_alpha"], lora_dropout=0.0,
                      batch_size=proto["batch_size"], micro_batch_size=proto["micro_batch_size"],
+                     gradient_checkpointing=proto.get("gradient_checkpointing", False),
+                     distill=proto.get("distill", False),
                      load_8bit=run["load_8bit"], warmup=0.0, cooldown=0.0, max_steps=total, seed=proto["seed"])
     prune.validate(pc)
     pruner = Pruner(model, arch, pc, total_steps=total, model_name=info["label"])
@@ -627,7 +629,8 @@ def run_prune_step(cfg: BenchPruneStepConfig) -> Path:
     proto = {"dtype": cfg.dtype, "device": device, "revision": cfg.revision, "trust_remote_code": cfg.trust_remote_code,
              "seq_len": cfg.seq_len, "batch_size": cfg.batch_size, "micro_batch_size": micro, "ratio": cfg.ratio,
              "lora_r": cfg.lora_r, "lora_alpha": cfg.lora_alpha, "trials": cfg.trials, "warmup": cfg.warmup,
-             "threads": cfg.threads, "seed": cfg.seed}
+             "threads": cfg.threads, "seed": cfg.seed, "gradient_checkpointing": cfg.gradient_checkpointing,
+             "distill": cfg.distill}
     rows = []
     for i, run in enumerate(runs, 1):
         console.print(f"[{i}/{len(runs)}] timing {escape(run['label'])}", markup=True)
@@ -647,6 +650,7 @@ def run_prune_step(cfg: BenchPruneStepConfig) -> Path:
                             "no masks). 8-bit = bitsandbytes int8 base weights."),
             "seq_len": cfg.seq_len, "batch_size": cfg.batch_size, "micro_batch_size": micro, "warmup": cfg.warmup,
             "trials": cfg.trials, "ratio": cfg.ratio, "lora_r": cfg.lora_r,
+            "gradient_checkpointing": cfg.gradient_checkpointing, "distill": cfg.distill,
             "inputs": f"torch.randint(0, vocab_size) with seed {cfg.seed}; labels = inputs",
             "dtype": info["dtype"], "device": device, "timer": timing.TIMER, "memory": MemoryMeter(device).method,
             "isolation": _isolation(cfg.isolate), "reference": PAPER_TABLE4,

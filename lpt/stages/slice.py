@@ -32,6 +32,13 @@ def validate(cfg: SliceConfig) -> None:
         raise LptError(f"masks file not found: {cfg.masks}")
     if cfg.merge and not cfg.adapter:
         raise LptError("--merge needs --adapter")
+    if cfg.reconstruct and cfg.adapter and not cfg.merge:
+        raise LptError("--reconstruct changes the base weights, which an unmerged adapter was not trained on; add "
+                       "--merge")
+    if cfg.reconstruct and not Path(cfg.reconstruct).is_dir():
+        raise LptError(f"--reconstruct: calibrate output not found: {cfg.reconstruct}")
+    if cfg.reconstruct_damp < 0:
+        raise LptError(f"--reconstruct-damp must be >= 0 (got {cfg.reconstruct_damp})")
 
 
 def expected_params(masks, params_before: int) -> int:
@@ -61,16 +68,22 @@ def run(cfg: SliceConfig) -> Path:
         sliced_adapter = slicing.slice_adapter(sd, masks)
     dtype = m.output_dtype(cfg.dtype, config)
 
-    bar, step = m.steps_bar("loading model", 4)
+    bar, step = m.steps_bar("loading model", 5 if cfg.reconstruct else 4)
     with bar:
         loaded = m.load_source(cfg, dtype, adapter=cfg.adapter if cfg.merge else None,
                                masks=masks if cfg.merge else None)
         model, tok = loaded.model, loaded.tokenizer
         before = models.count_params(model) - (lora_params(model) if cfg.merge else 0)
+        refit = None
+        if cfg.reconstruct:
+            step("reconstructing")
+            refit = reconstruct_weights(loaded, masks, cfg.reconstruct, cfg.reconstruct_damp)
         step("slicing")
-        slicing.slice_model(model, masks, loaded.arch)
         if cfg.merge:
             lora.merge_lora(model, dtype=dtype)
+        if refit is not None:
+            set_weights(model, loaded.arch, refit)
+        slicing.slice_model(model, masks, loaded.arch)
         after = models.count_params(model)
         want = expected_params(masks, before)
         if after != want:
@@ -93,6 +106,41 @@ def run(cfg: SliceConfig) -> Path:
     if layout == "per-layer":
         console.print("per-layer widths: load with AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)")
     return out
+
+
+def reconstruct_weights(loaded, masks, calib_dir: str, damp: float) -> dict:
+    """Refitted full-width o_proj / down_proj weights (pruned columns zero) from the unpruned model's inputs on the
+    blocks in ``calib_dir`` (``lpt.reconstruct``). With LoRA layers the refit starts from ``W0 + s·B·A``."""
+    from contextlib import nullcontext
+
+    from lpt import lora, reconstruct
+    from lpt.arch import get_module
+    from lpt.stages import calibrate
+
+    data = calibrate.load(calib_dir, loaded.tokenizer)
+    batches = ({k: v[i:i + 4] for k, v in data.tensors.items()} for i in range(0, data.nsamples, 4))
+    arch, model = loaded.arch, loaded.model
+    layers = range(arch.num_layers)
+    with lora.disabled(model) if loaded.layers else nullcontext():  # dense inputs: no LoRA, no masks
+        grams = reconstruct.collect_grams(model, arch, batches, layers)
+    weights = {}
+    for i in layers:
+        for proj in reconstruct.FAN_IN:
+            mod = get_module(model, arch.module_path(i, proj))
+            weights[(i, proj)] = (lora.dense_weight(mod.base_layer) + mod.delta().to(mod.base_layer.weight.device)
+                                  if isinstance(mod, lora.LoraLinear) else mod.weight.detach().float())
+    return reconstruct.refit_weights(weights, grams, masks, arch, damp)
+
+
+def set_weights(model, arch, weights: dict) -> None:
+    import torch
+
+    from lpt.arch import get_module
+
+    with torch.no_grad():
+        for (i, proj), w in weights.items():
+            mod = get_module(model, arch.module_path(i, proj))
+            mod.weight.copy_(w.to(mod.weight.dtype))
 
 
 def lora_params(model) -> int:
