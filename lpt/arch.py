@@ -175,7 +175,7 @@ def _bias(declared: bool | None, config: Any, field: str) -> bool:
 def default_gqa(arch: Arch, requested: str | None = None) -> tuple[str, str | None]:
     """The grouped-query attention mode to prune with, and a note for the user (or None).
 
-    With a single key/value head (Gemma 2B, some Falcon-style checkpoints) ``kv-groups`` has one attention unit per
+    With a single key/value head (multi-query attention, e.g. Gemma 2B) ``kv-groups`` has one attention unit per
     layer and a layer must keep one, so it could prune no attention at all: unless ``query-heads`` was asked for
     explicitly, the answer is ``query-heads`` (prune query heads inside the one group) with a note saying so. An
     explicit ``kv-groups`` is honoured (MLP-only pruning) with a note. ``requested=None`` means "not given".
