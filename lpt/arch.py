@@ -1,7 +1,11 @@
 """Architecture descriptions: where the projections of a decoder block live, and its head geometry.
 
 Head count, key/value head count and head size always come from the model config, never from constants.
-A family is supported when its blocks follow the Llama layout (q/k/v/o attention, gate/up/down SwiGLU MLP).
+A family is supported when its blocks follow the Llama layout (q/k/v/o attention, gate/up/down gated MLP); what
+differs between families is described by data fields of ``Family`` (biases, query/key norms), never by if-chains
+on the family name. Things that pruning does not touch (post-norms, tied embeddings, explicit ``head_dim``,
+sliding-window layers, logit soft-capping, embedding / residual multipliers) need no description: they stay as the
+family's own code and config handle them.
 """
 
 from __future__ import annotations
@@ -35,6 +39,19 @@ class Family:
     gate: str = "gate_proj"
     up: str = "up_proj"
     down: str = "down_proj"
+    # biases: True / False, or None = read the config (``attention_bias`` for q/k/v, ``mlp_bias`` for the MLP)
+    qkv_bias: bool | None = None
+    o_bias: bool | None = None  # None = same as the q/k/v bias (Llama's attention_bias covers o_proj too)
+    mlp_bias: bool | None = None
+    # norms applied to the query / key projections before attention:
+    #   None   - none;
+    #   "head" - over head_dim, one weight shared by every head (Qwen3, Gemma 3): nothing to slice;
+    #   "full" - over the whole projection width, num_heads * head_dim (OLMo 2): sliced with the heads.
+    qk_norm: str | None = None
+    q_norm: str = "q_norm"
+    k_norm: str = "k_norm"
+    # the transformers causal-LM class (lpt.modeling subclasses it for per-layer widths)
+    hf_class: str = "LlamaForCausalLM"
 
     def module_path(self, layer: int, proj: str) -> str:
         parent = self.attn if proj in ATTN_OUT + ATTN_IN else self.mlp
@@ -43,8 +60,14 @@ class Family:
 
 FAMILIES: dict[str, Family] = {
     "llama": Family("llama", ("llama",)),
-    "mistral": Family("mistral", ("mistral",)),
-    "qwen2": Family("qwen2", ("qwen2",)),
+    "mistral": Family("mistral", ("mistral",), qkv_bias=False, mlp_bias=False, hf_class="MistralForCausalLM"),
+    "qwen2": Family("qwen2", ("qwen2",), qkv_bias=True, o_bias=False, mlp_bias=False, hf_class="Qwen2ForCausalLM"),
+    "qwen3": Family("qwen3", ("qwen3",), mlp_bias=False, qk_norm="head", hf_class="Qwen3ForCausalLM"),
+    "gemma": Family("gemma", ("gemma",), mlp_bias=False, hf_class="GemmaForCausalLM"),
+    "gemma2": Family("gemma2", ("gemma2",), mlp_bias=False, hf_class="Gemma2ForCausalLM"),
+    "gemma3": Family("gemma3", ("gemma3_text",), mlp_bias=False, qk_norm="head", hf_class="Gemma3ForCausalLM"),
+    "granite": Family("granite", ("granite",), hf_class="GraniteForCausalLM"),
+    "olmo2": Family("olmo2", ("olmo2",), mlp_bias=False, qk_norm="full", hf_class="Olmo2ForCausalLM"),
 }
 
 
@@ -66,6 +89,10 @@ class Arch:
     intermediate_size: int
     vocab_size: int
     tie_word_embeddings: bool
+    # biases of the projections (resolved from the family and the config)
+    qkv_bias: bool = False
+    o_bias: bool = False
+    mlp_bias: bool = False
     # per-layer widths when the model was already sliced with a per-layer layout (None = uniform)
     layer_heads: tuple[int, ...] | None = None
     layer_kv_heads: tuple[int, ...] | None = None
@@ -90,12 +117,32 @@ class Arch:
         return self.layer_intermediate[layer] if self.layer_intermediate else self.intermediate_size
 
     def block_linear_params(self, layer: int) -> int:
-        """Parameters of the seven linear projections of one block (weights and biases)."""
-        h, hd, d = self.heads(layer), self.head_dim, self.hidden_size
-        kv, inter = self.kv_heads(layer), self.intermediate(layer)
-        weights = 2 * h * hd * d + 2 * kv * hd * d + 3 * inter * d
-        biases = (h + 2 * kv) * hd if self.family.name == "qwen2" else 0
-        return weights + biases
+        """Parameters of the seven linear projections of one block (weights and biases), plus the query / key norm
+        weights when they span the whole projection width (they shrink with the heads)."""
+        return self.block_params_for(self.heads(layer), self.kv_heads(layer), self.intermediate(layer))
+
+    def block_params_for(self, heads: int, kv_heads: int, channels: int) -> int:
+        """What ``block_linear_params`` counts, for a block of the given widths."""
+        hd, d = self.head_dim, self.hidden_size
+        weights = 2 * heads * hd * d + 2 * kv_heads * hd * d + 3 * channels * d
+        biases = ((heads + 2 * kv_heads) * hd if self.qkv_bias else 0) + (d if self.o_bias else 0)
+        biases += (2 * channels + d) if self.mlp_bias else 0
+        norms = (heads + kv_heads) * hd if self.family.qk_norm == "full" else 0
+        return weights + biases + norms
+
+    def head_params(self) -> int:
+        """Parameters that go with one query head (q rows, o columns, q bias, full-width q norm)."""
+        hd, d = self.head_dim, self.hidden_size
+        return 2 * hd * d + (hd if self.qkv_bias else 0) + (hd if self.family.qk_norm == "full" else 0)
+
+    def kv_head_params(self) -> int:
+        """Parameters that go with one key/value head alone (k and v rows, biases, full-width k norm)."""
+        hd, d = self.head_dim, self.hidden_size
+        return 2 * hd * d + (2 * hd if self.qkv_bias else 0) + (hd if self.family.qk_norm == "full" else 0)
+
+    def channel_params(self) -> int:
+        """Parameters that go with one MLP channel (gate and up rows, down column, gate / up biases)."""
+        return 3 * self.hidden_size + (2 if self.mlp_bias else 0)
 
     def module_path(self, layer: int, proj: str) -> str:
         return self.family.module_path(layer, proj)
@@ -113,16 +160,40 @@ class Arch:
         }
 
 
+def family_of(model_type: str | None) -> Family:
+    """The family describing ``model_type``; the error lists the supported model types."""
+    for fam in FAMILIES.values():
+        if model_type in fam.model_types:
+            return fam
+    raise LptError(f"unsupported architecture '{model_type}'; supported: {', '.join(supported_model_types())}")
+
+
+def _bias(declared: bool | None, config: Any, field: str) -> bool:
+    return bool(getattr(config, field, False)) if declared is None else declared
+
+
+def default_gqa(arch: Arch, requested: str | None = None) -> tuple[str, str | None]:
+    """The grouped-query attention mode to prune with, and a note for the user (or None).
+
+    With a single key/value head (multi-query attention, e.g. Gemma 2B) ``kv-groups`` has one attention unit per
+    layer and a layer must keep one, so it could prune no attention at all: unless ``query-heads`` was asked for
+    explicitly, the answer is ``query-heads`` (prune query heads inside the one group) with a note saying so. An
+    explicit ``kv-groups`` is honoured (MLP-only pruning) with a note. ``requested=None`` means "not given".
+    """
+    if arch.num_kv_heads == 1 and arch.num_heads > 1:
+        if requested is None:
+            return "query-heads", ("this model has a single key/value head, so kv-groups could prune no attention: "
+                                   "pruning query heads instead (--gqa query-heads)")
+        if requested == "kv-groups":
+            return "kv-groups", ("this model has a single key/value head: --gqa kv-groups prunes MLP channels only "
+                                 "(--gqa query-heads prunes query heads)")
+    return requested or "kv-groups", None
+
+
 def describe(config: Any) -> Arch:
     """Read an ``Arch`` from a transformers config (or anything with the same attributes)."""
     model_type = getattr(config, "model_type", None)
-    for fam in FAMILIES.values():
-        if model_type in fam.model_types:
-            break
-    else:
-        raise LptError(
-            f"unsupported architecture '{model_type}'; supported: {', '.join(supported_model_types())}"
-        )
+    fam = family_of(model_type)
     heads = int(config.num_attention_heads)
     kv = int(getattr(config, "num_key_value_heads", None) or heads)
     hidden = int(config.hidden_size)
@@ -134,6 +205,7 @@ def describe(config: Any) -> Arch:
         v = getattr(config, name, None)
         return tuple(int(x) for x in v) if v else None
 
+    qkv_bias = _bias(fam.qkv_bias, config, "attention_bias")
     return Arch(
         family=fam,
         model_type=model_type,
@@ -145,6 +217,9 @@ def describe(config: Any) -> Arch:
         intermediate_size=int(config.intermediate_size),
         vocab_size=int(config.vocab_size),
         tie_word_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
+        qkv_bias=qkv_bias,
+        o_bias=qkv_bias if fam.o_bias is None else fam.o_bias,
+        mlp_bias=_bias(fam.mlp_bias, config, "mlp_bias"),
         layer_heads=_tuple("lpt_layer_num_attention_heads"),
         layer_kv_heads=_tuple("lpt_layer_num_key_value_heads"),
         layer_intermediate=_tuple("lpt_layer_intermediate_size"),

@@ -70,14 +70,13 @@ def normalise(scores: torch.Tensor) -> torch.Tensor:
 
 # ------------------------------------------------------------------------------------------------ counting
 def unit_params(arch: Arch, gqa: str) -> tuple[int, int]:
-    """Linear-layer parameters removed by pruning one attention unit and one MLP channel."""
-    d, hd, g = arch.hidden_size, arch.head_dim, arch.group_size
-    bias = arch.family.name == "qwen2"
+    """Block parameters removed by pruning one attention unit and one MLP channel (biases and full-width query /
+    key norms included, as ``Arch`` describes them)."""
     if gqa == "kv-groups":
-        head = 2 * g * hd * d + 2 * hd * d + ((g + 2) * hd if bias else 0)
+        head = arch.group_size * arch.head_params() + arch.kv_head_params()
     else:
-        head = arch.num_kv_heads * (2 * hd * d + (hd if bias else 0))
-    return head, 3 * d
+        head = arch.num_kv_heads * arch.head_params()
+    return head, arch.channel_params()
 
 
 def uniform_counts(arch: Arch, ratio: float, gqa: str) -> tuple[int, int]:
@@ -281,10 +280,8 @@ class Masks:
         return len({(len(m.heads), len(m.kv_heads), len(m.channels)) for m in self.layers}) == 1
 
     def layer_params(self, i: int) -> int:
-        a, m = self.arch, self.layers[i]
-        d, hd = a.hidden_size, a.head_dim
-        bias = (len(m.heads) + 2 * len(m.kv_heads)) * hd if a.family.name == "qwen2" else 0
-        return 2 * len(m.heads) * hd * d + 2 * len(m.kv_heads) * hd * d + 3 * len(m.channels) * d + bias
+        m = self.layers[i]
+        return self.arch.block_params_for(len(m.heads), len(m.kv_heads), len(m.channels))
 
     def block_params(self) -> tuple[int, int]:
         """(before, after) linear-layer parameters of all transformer blocks."""

@@ -158,6 +158,8 @@ def slice_model(model: nn.Module, masks: Masks, arch: Arch | None = None) -> nn.
             else:
                 set_module(model, path, slice_linear(mod, idx[proj], dim))
         attn = get_module(model, f"{arch.family.layers}.{i}.{arch.family.attn}")
+        if arch.family.qk_norm == "full":
+            slice_qk_norms(attn, arch, idx)
         if hasattr(attn, "num_key_value_groups"):
             attn.num_key_value_groups = len(m.heads) // len(m.kv_heads)
         for name, value in (("num_heads", len(m.heads)), ("num_key_value_heads", len(m.kv_heads))):
@@ -168,6 +170,36 @@ def slice_model(model: nn.Module, masks: Masks, arch: Arch | None = None) -> nn.
             mlp.intermediate_size = len(m.channels)
     apply_config_values(model.config, sliced_config_values(masks))
     return model
+
+
+def slice_norm(norm: nn.Module, index: torch.Tensor) -> None:
+    """Keep entries ``index`` of an RMS norm over a projection's full width, rescaled so that the sliced model computes
+    what the masked one did.
+
+    The masked model normalises ``n`` entries of which only ``k`` are non-zero (mean of squares ``S / n``); the sliced
+    one normalises the ``k`` kept entries (``S / k``). Scaling the kept weights by ``sqrt(n / k)`` gives the same
+    output up to the norm's epsilon (the sliced norm acts as if its epsilon were ``eps * k / n``).
+    """
+    w = norm.weight.detach()
+    n, k = w.shape[0], index.numel()
+    scale = (n / k) ** 0.5
+    norm.weight = nn.Parameter((slice_weight(w.float(), index, 0) * scale).to(w.dtype),
+                               requires_grad=norm.weight.requires_grad)
+    for attr in ("hidden_size", "normalized_shape", "dim"):
+        if isinstance(getattr(norm, attr, None), int):
+            setattr(norm, attr, k)
+
+
+def slice_qk_norms(attn: nn.Module, arch: Arch, idx: Mapping[str, torch.Tensor]) -> None:
+    """Slice the full-width query / key norms of one attention module (``Family.qk_norm == "full"``) with the rows of
+    q_proj / k_proj."""
+    fam = arch.family
+    for norm_name, proj in ((fam.q_norm, "q_proj"), (fam.k_norm, "k_proj")):
+        norm = getattr(attn, norm_name, None)
+        if norm is None:
+            raise LptError(f"{fam.name}: the attention module has no {norm_name} (the family description is wrong)")
+        if norm.weight.shape[0] != idx[proj].numel():
+            slice_norm(norm, idx[proj])
 
 
 def linear_block_params(model: nn.Module, arch: Arch) -> int:

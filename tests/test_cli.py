@@ -8,7 +8,7 @@ import pytest
 
 from conftest import invoke
 
-STAGES = ("calibrate", "prune", "merge", "slice", "eval", "bench")
+STAGES = ("calibrate", "prune", "merge", "slice", "export", "eval", "bench")
 ROOT = Path(__file__).resolve().parents[1]
 
 

