@@ -30,8 +30,8 @@ def test_lora_gradient_estimate_matches_autograd():
     torch.testing.assert_close(G, expected, rtol=1e-4, atol=1e-3)
     imp = criteria.lora_importance(W0, Ad, Bd, A.grad, B.grad, s, "square")
     torch.testing.assert_close(imp, (expected * (W0 + s * Bd @ Ad)) ** 2, rtol=1e-3, atol=1e-2)
-    assert torch.equal(criteria.lora_importance(W0, Ad, Bd, A.grad, B.grad, s, "abs"),
-                       (G * (W0 + s * Bd @ Ad)).abs())
+    torch.testing.assert_close(criteria.lora_importance(W0, Ad, Bd, A.grad, B.grad, s, "abs"),
+                               (G * (W0 + s * Bd @ Ad)).abs(), rtol=1e-5, atol=1e-5)  # addmm vs matmul + add
 
 
 @pytest.mark.parametrize("score", ["square", "abs"])
@@ -50,6 +50,42 @@ def test_chunked_group_sums_equal_full_matrix(score, fan_in):
     want = criteria.reduce(criteria.lora_importance(deq, A, B, gA, gB, s, score), fan_in)
     got8 = criteria.lora_group_sums(codes, A, B, gA, gB, s, score, fan_in=fan_in, row_scale=scale, chunk_elems=50)
     torch.testing.assert_close(got8, want, rtol=1e-5, atol=1e-6)
+
+
+def test_chunk_rows_sized_for_the_device():
+    # CPU: cache-sized, 2**18 float32 elements per temporary (the former fixed chunk)
+    assert criteria.chunk_rows(11008, 4096, "cpu") == (1 << 18) // 4096
+    assert criteria.chunk_rows(4096, 11008, torch.device("cpu")) == (1 << 18) // 11008
+    # CUDA: up to 256 MiB of float32 temporaries (two per row): whole matrices at 7B, a few chunks at 70B
+    assert criteria.chunk_rows(4096, 4096, "cuda") == 4096
+    assert criteria.chunk_rows(11008, 4096, "cuda:1") == (256 << 20) // (8 * 4096)
+    assert criteria.chunk_rows(28672, 8192, "cuda") == (256 << 20) // (8 * 8192)
+    # explicit budget, and the bounds
+    assert criteria.chunk_rows(100, 10, "cpu", budget_bytes=8 * 10 * 7) == 7
+    assert criteria.chunk_rows(5, 10, "cuda", budget_bytes=1 << 30) == 5
+    assert criteria.chunk_rows(10, 10**9, "cpu") == 1
+
+
+@pytest.mark.parametrize("score", ["square", "abs"])
+@pytest.mark.parametrize("fan_in", [False, True])
+def test_group_sums_same_for_every_chunking(score, fan_in):
+    """Device-sized chunks (here: the whole matrix), tiny chunks and an explicit whole-matrix chunk agree, with
+    full-precision and with int8 weights (codes + row scale)."""
+    g = torch.Generator().manual_seed(3)
+    out_f, in_f, r = 300, 200, 4
+    W0 = torch.randn(out_f, in_f, generator=g) * 0.05
+    A, B = torch.randn(r, in_f, generator=g), torch.randn(out_f, r, generator=g) * 0.01
+    gA, gB = torch.randn(r, in_f, generator=g) * 1e-3, torch.randn(out_f, r, generator=g) * 1e-3
+    scale = W0.abs().amax(1) / 127
+    codes = torch.round(W0 / scale.unsqueeze(1)).to(torch.int8)
+    for w, rs in ((W0, None), (codes, scale)):
+        whole = criteria.lora_group_sums(w, A, B, gA, gB, 2.0, score, fan_in=fan_in, row_scale=rs,
+                                         chunk_elems=out_f * in_f)
+        auto = criteria.lora_group_sums(w, A, B, gA, gB, 2.0, score, fan_in=fan_in, row_scale=rs)
+        small = criteria.lora_group_sums(w, A, B, gA, gB, 2.0, score, fan_in=fan_in, row_scale=rs, chunk_elems=7 * in_f)
+        atol = 1e-6 * float(whole.abs().max())
+        assert torch.allclose(auto, whole, rtol=1e-5, atol=atol)
+        assert torch.allclose(small, whole, rtol=1e-5, atol=atol)
 
 
 def test_vanilla_and_magnitude():
