@@ -116,6 +116,7 @@ class PruneConfig(ModelOptions, DataOptions):
     max_steps: int = _f(0, "Optimiser steps (0: from --epochs).")
     max_grad_norm: float = _f(1.0, "Gradient clipping (0 disables).")
     load_8bit: bool = _f(False, "Freeze the base weights in bitsandbytes int8 (LLM.int8).")
+    int8_threshold: float = _f(6.0, "LLM.int8 outlier threshold with --8bit: inputs of this magnitude or more are multiplied in 16 bits (bitsandbytes' default 6.0; 0 quantizes every input).")
     device_map: str | None = _f(None, "Spread one model over several devices with accelerate: auto, balanced, sequential, a JSON object or a .json file.")
     # outputs
     output: str = _f("prune-out", "Output directory.")

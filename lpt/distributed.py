@@ -289,11 +289,11 @@ def devices_of(model) -> list[str]:
 
 
 def load_int8(model: str, *, dtype: str = "auto", device: str = "auto", revision: str | None = None,
-              trust_remote_code: bool = False, device_map: str | dict | None = None):
+              trust_remote_code: bool = False, device_map: str | dict | None = None, int8_threshold: float = 6.0):
     """Load ``(model, tokenizer)`` for ``--8bit`` with the block projections quantized while the checkpoint is read
-    (transformers' bitsandbytes integration, outlier threshold 0), so no device ever holds their 16-bit weights and
-    ``--device-map`` places the model by its int8 size. The int8 weights are bit-identical to
-    ``lora.quantize_8bit`` of the same checkpoint.
+    (transformers' bitsandbytes integration, LLM.int8 outlier threshold ``int8_threshold``), so no device ever holds
+    their 16-bit weights and ``--device-map`` places the model by its int8 size. The int8 weights are bit-identical
+    to ``lora.quantize_8bit`` of the same checkpoint (the threshold only changes the forward pass).
 
     Returns None where this path does not apply and the caller loads normally and quantizes afterwards: GGUF
     checkpoints (de-quantized by transformers on load), and models with linear layers other than the block
@@ -318,7 +318,8 @@ def load_int8(model: str, *, dtype: str = "auto", device: str = "auto", revision
     if others != ["lm_head"]:
         return None
     dev = models.resolve_device(device)
-    quant = BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=0.0, llm_int8_skip_modules=["lm_head"])
+    quant = BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=float(int8_threshold),
+                               llm_int8_skip_modules=["lm_head"])
     try:
         m = AutoModelForCausalLM.from_pretrained(
             ref.path, dtype=models.resolve_dtype(dtype, dev), revision=revision, trust_remote_code=trust_remote_code,

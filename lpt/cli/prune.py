@@ -67,6 +67,7 @@ def prune(
     max_steps: int = opt(C, "max_steps"),
     max_grad_norm: float = opt(C, "max_grad_norm"),
     load_8bit: bool = opt(C, "load_8bit", "--8bit"),
+    int8_threshold: float = opt(C, "int8_threshold"),
     dtype: str = opt(C, "dtype"),
     device: str = opt(C, "device"),
     device_map: str = opt(C, "device_map"),
