@@ -85,6 +85,7 @@ class PruneConfig(ModelOptions, DataOptions):
     seq_len: int = _f(256, "Tokens per block when calibrating inline from --data.")
     # what to prune
     ratio: float = _f(0.5, "Fraction of the transformer blocks' linear-layer parameters to remove.")
+    round_to: int = _f(1, "Keep MLP widths a multiple of N channels (e.g. 64 or 128 for GPU kernels); the ratio stays within one N-channel step of --ratio. Heads are not rounded.")
     criterion: str = _f("lora", "Importance: lora (LoRA-guided, Eq. 10), vanilla (full-gradient Taylor, Eq. 3), "
                                 "magnitude, random.")
     score: str = _f("square", "Element score: square (paper) or abs (authors' released code).")

@@ -31,6 +31,7 @@ def prune(
     ctx: typer.Context,
     model: str = arg(C, "model"),
     ratio: float = opt(C, "ratio", "--ratio", "-r"),
+    round_to: int = opt(C, "round_to"),
     criterion: str = opt(C, "criterion"),
     calib: str = opt(C, "calib"),
     data: str = opt(C, "data"),
