@@ -218,6 +218,21 @@ def broadcast_(tensors: Iterable[Any], src: int = 0) -> None:
         _collective(tensors, lambda t: torch.distributed.broadcast(t, src=src))
 
 
+def broadcast_object(obj: Any = None, src: int = 0) -> Any:
+    """Rank ``src``'s ``obj`` on every rank (pickled, one collective; for small things such as calibration blocks).
+    Without a process group of more than one rank it returns ``obj`` unchanged."""
+    import torch
+
+    if not (is_initialized() and world_size() > 1):
+        return obj
+    box = [obj if rank() == src else None]
+    device = None
+    if torch.distributed.get_backend() == "nccl":
+        device = torch.device("cuda", torch.cuda.current_device())
+    torch.distributed.broadcast_object_list(box, src=src, device=device)
+    return box[0]
+
+
 def barrier() -> None:
     import torch
 
