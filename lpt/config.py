@@ -88,6 +88,8 @@ class PruneConfig(ModelOptions, DataOptions):
     criterion: str = _f("lora", "Importance: lora (the paper's LoRA-guided estimate, Eq. 10), fisher (mask Fisher "
                                 "information from activation gradients; beyond the paper), vanilla (full-gradient "
                                 "Taylor, Eq. 3: the memory-hungry baseline), magnitude, random.")
+    round_to: int = _f(1, "Keep MLP widths a multiple of N channels (e.g. 64 or 128 for GPU kernels); the ratio stays "
+                          "within one N-channel step of --ratio. Heads are not rounded.")
     score: str = _f("square", "Element score: square (paper) or abs (authors' released code).")
     normalize: bool = _f(True, "Normalise each layer's group scores by their L2 norm (matters for --layout per-layer).")
     normalize_by: str = _f("group", "What --normalize divides by its L2 norm: group (lpt: each layer's summed group "
@@ -128,6 +130,7 @@ class PruneConfig(ModelOptions, DataOptions):
     gradient_checkpointing: bool = _f(False, "Recompute each block's activations in the backward pass (less memory, "
                                              "about a third more compute).")
     load_8bit: bool = _f(False, "Freeze the base weights in bitsandbytes int8 (LLM.int8).")
+    int8_threshold: float = _f(6.0, "LLM.int8 outlier threshold with --8bit: inputs of this magnitude or more are multiplied in 16 bits (bitsandbytes' default 6.0; 0 quantizes every input).")
     device_map: str | None = _f(None, "Spread one model over several devices with accelerate: auto, balanced, sequential, a JSON object or a .json file.")
     # outputs
     output: str = _f("prune-out", "Output directory.")

@@ -49,14 +49,28 @@ def _abs_(x: torch.Tensor, score: str) -> torch.Tensor:
     return x.abs_()
 
 
+def chunk_rows(out_f: int, in_f: int, device: torch.device | str = "cpu", budget_bytes: int | None = None) -> int:
+    """Rows of an ``[out_f, in_f]`` weight that ``lora_group_sums`` processes at once.
+
+    Each chunk allocates two float32 temporaries of ``rows × in_f`` (the merged weight and ``G``). The budget for
+    them is cache-sized on CPU (2 MiB: 2**18 elements each, where memory bandwidth, not kernel launches, limits the
+    criterion) and 256 MiB on CUDA (the whole matrix for most projections up to 70B, so one launch per operation);
+    ``budget_bytes`` overrides it. Always at least one row, at most ``out_f``.
+    """
+    if budget_bytes is None:
+        budget_bytes = (256 << 20) if torch.device(device).type == "cuda" else (2 << 20)
+    return max(1, min(int(out_f), int(budget_bytes) // (8 * max(1, int(in_f)))))
+
+
 def lora_group_sums(W0: torch.Tensor, A: torch.Tensor, B: torch.Tensor, gA: torch.Tensor, gB: torch.Tensor,
                     scaling: float, score: str = "square", fan_in: bool = False,
-                    row_scale: torch.Tensor | None = None, chunk_elems: int = 1 << 18) -> torch.Tensor:
+                    row_scale: torch.Tensor | None = None, chunk_elems: int | None = None) -> torch.Tensor:
     """``reduce(lora_importance(...), fan_in)`` without ever forming a full-size matrix.
 
-    Rows are processed in chunks of about ``chunk_elems`` elements (cache-sized), so the per-step cost is one read of
-    ``W0`` plus two thin matmuls. ``W0`` may be int8 codes with a per-row ``row_scale`` (bitsandbytes' CB and
-    SCB / 127): each chunk is de-quantized on the fly.
+    Rows are processed in chunks sized for ``W0``'s device (:func:`chunk_rows`: cache-sized on CPU, up to the whole
+    matrix on CUDA), or of about ``chunk_elems`` elements when given, so the per-step cost is one read of ``W0`` plus
+    two thin matmuls. ``W0`` may be int8 codes with a per-row ``row_scale`` (bitsandbytes' CB and SCB / 127): each
+    chunk is de-quantized on the fly. The chunking changes only the order of float sums, not the result.
     """
     if score not in SCORES:
         raise ValueError(f"unknown score '{score}' (use {', '.join(SCORES)})")
@@ -64,7 +78,7 @@ def lora_group_sums(W0: torch.Tensor, A: torch.Tensor, B: torch.Tensor, gA: torc
     left = torch.cat([gB, B - gB], dim=1)  # [out, 2r]
     right = torch.cat([A, gA], dim=0)  # [2r, in]
     out_f, in_f = W0.shape
-    rows = max(1, chunk_elems // max(1, in_f))
+    rows = chunk_rows(out_f, in_f, W0.device) if chunk_elems is None else max(1, chunk_elems // max(1, in_f))
     acc = torch.zeros(in_f if fan_in else out_f, device=W0.device, dtype=torch.float32)
     for i in range(0, out_f, rows):
         w = W0[i:i + rows].float()

@@ -11,7 +11,7 @@ import hashlib
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 from lpt.errors import LptError
 
@@ -106,6 +106,174 @@ def _load_dataset(path: str, *, what: str, **kwargs) -> list[dict[str, Any]]:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise LptError(f"could not load dataset '{what}': {first}") from None
     return [dict(r) for r in ds]
+
+
+# ----------------------------------------------------------------------------------------------- lazy reading
+EXACT_SHUFFLE_MAX = 200_000  # sources up to this many records are shuffled exactly as a list would be
+STREAM_BUFFER = 10_000  # hub datasets: records in the seeded shuffle buffer of a streamed dataset
+FETCH_CHUNK = 1024  # records read per request from a local file
+
+
+@dataclass
+class RecordStream:
+    """The records of a source in a seeded random order, read on demand.
+
+    ``first`` is one record (the fields decide the format), ``available`` the number of records (None when a
+    streamed hub dataset does not say), ``records()`` yields them in the order :func:`build_blocks` uses.
+    """
+
+    first: dict[str, Any] | None
+    available: int | None
+    records: Any  # () -> Iterator[dict]
+
+
+def random_order(n: int, seed: int) -> Iterator[int]:
+    """``range(n)`` in a seeded random order, produced lazily.
+
+    Up to ``EXACT_SHUFFLE_MAX`` items it is ``random.Random(seed).shuffle`` of the whole list (the order
+    :func:`shuffled` gives, so small files select the same records as they always did); above it, indices are drawn
+    one by one without replacement (memory grows with the items taken, not with ``n``), and the remainder is
+    shuffled as a list only once more than half of them were taken.
+    """
+    rng = random.Random(seed)
+    if n <= EXACT_SHUFFLE_MAX:
+        order = list(range(n))
+        rng.shuffle(order)
+        yield from order
+        return
+    seen: set[int] = set()
+    while len(seen) < n // 2:
+        i = rng.randrange(n)
+        if i not in seen:
+            seen.add(i)
+            yield i
+    rest = [i for i in range(n) if i not in seen]
+    rng.shuffle(rest)
+    yield from rest
+
+
+def _chunks(it: Iterator[int], size: int) -> Iterator[list[int]]:
+    chunk: list[int] = []
+    for i in it:
+        chunk.append(i)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def _indexed(n: int, seed: int, fetch, first_size: int = 64) -> Iterator[dict[str, Any]]:
+    """Records ``fetch(indices)`` in :func:`random_order`; the first request is small (most runs need a few
+    hundred records), later ones ``FETCH_CHUNK``."""
+    order = random_order(n, seed)
+    head = [i for _, i in zip(range(first_size), order)]
+    yield from fetch(head)
+    for chunk in _chunks(order, FETCH_CHUNK):
+        yield from fetch(chunk)
+
+
+def _parquet_stream(path: Path, seed: int, what: str) -> RecordStream:
+    """A local parquet file read in place with pyarrow: only the row groups holding wanted records are decoded,
+    one at a time, and only the wanted rows become Python objects."""
+    import bisect
+
+    import pyarrow.parquet as pq
+
+    try:
+        pf = pq.ParquetFile(str(path))
+    except Exception as e:  # noqa: BLE001 - pyarrow raises several types for malformed files
+        raise LptError(f"could not read parquet file '{what}': {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+                       ) from None
+    meta = pf.metadata
+    starts, acc = [], 0
+    for g in range(meta.num_row_groups):
+        starts.append(acc)
+        acc += meta.row_group(g).num_rows
+    n = acc
+
+    def fetch(indices: list[int]) -> list[dict[str, Any]]:
+        by_group: dict[int, list[tuple[int, int]]] = {}
+        for pos, i in enumerate(indices):
+            g = bisect.bisect_right(starts, i) - 1
+            by_group.setdefault(g, []).append((pos, i - starts[g]))
+        out: list[Any] = [None] * len(indices)
+        for g, items in sorted(by_group.items()):
+            table = pf.read_row_group(g)
+            rows = table.take([local for _, local in items]).to_pylist()
+            del table
+            for (pos, _), row in zip(items, rows):
+                out[pos] = row
+        return out
+
+    first = fetch([0])[0] if n else None
+    return RecordStream(first, n, lambda: _indexed(n, seed, fetch))
+
+
+def _arrow_stream(path: str, seed: int, what: str, **kwargs) -> RecordStream:
+    """A dataset through ``datasets.load_dataset`` (memory-mapped Arrow, e.g. local json/jsonl files): records are
+    read by index, never all turned into Python objects."""
+    import datasets
+
+    datasets.disable_progress_bars()
+    kwargs = {k: v for k, v in kwargs.items() if v is not None}
+    try:
+        ds = datasets.load_dataset(path, **kwargs)
+    except Exception as e:  # datasets raises many types for offline / missing / malformed input
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise LptError(f"could not load dataset '{what}': {first}") from None
+    n = len(ds)
+
+    def fetch(indices: list[int]) -> list[dict[str, Any]]:
+        cols = ds[indices]
+        return [dict(zip(cols, vals)) for vals in zip(*cols.values())] if cols else [{} for _ in indices]
+
+    return RecordStream(dict(ds[0]) if n else None, n, lambda: _indexed(n, seed, fetch))
+
+
+def _hub_stream(path: str, seed: int, what: str, **kwargs) -> RecordStream:
+    """A hub dataset streamed (``streaming=True``): shards in a seeded order through a seeded shuffle buffer of
+    ``STREAM_BUFFER`` records; only the records taken (plus the buffer) are downloaded."""
+    import datasets
+
+    datasets.disable_progress_bars()
+    kwargs = {k: v for k, v in kwargs.items() if v is not None}
+    try:
+        ds = datasets.load_dataset(path, streaming=True, **kwargs)
+        # the fields decide the format: from the declared features when there are any, else from one record
+        first = {k: None for k in ds.features} if ds.features else next(iter(ds), None)
+    except Exception as e:  # datasets raises many types for offline / missing / malformed input
+        first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise LptError(f"could not load dataset '{what}': {first_line}") from None
+    split = getattr(ds, "split", None) or kwargs.get("split")
+    splits = getattr(getattr(ds, "info", None), "splits", None) or {}
+    available = getattr(splits.get(str(split)) if hasattr(splits, "get") else None, "num_examples", None) or None
+    shuffled_ds = ds.shuffle(seed=seed, buffer_size=STREAM_BUFFER)
+    return RecordStream(dict(first) if first is not None else None, available,
+                        lambda: (dict(r) for r in shuffled_ds))
+
+
+def open_records(source: str, *, seed: int, subset: str | None = None, split: str = "train",
+                 data_files: str | None = None) -> RecordStream:
+    """A source's records in a seeded random order, read lazily (what calibration uses; see :class:`RecordStream`).
+
+    builtin and .txt sources are read whole (they are small); local .parquet files are read in place by row group,
+    local .json/.jsonl through datasets' memory-mapped Arrow cache, by index; hub datasets are streamed. Sources of
+    up to ``EXACT_SHUFFLE_MAX`` records (all builtin and .txt ones) give the same order as
+    ``shuffled(load_records(...), seed)``.
+    """
+    path = Path(source).expanduser()
+    kind = LOCAL_SUFFIXES.get(path.suffix.lower())
+    is_local = not source.startswith("builtin:") and (kind is not None or path.exists())
+    if is_local and path.is_file() and kind == "parquet":
+        return _parquet_stream(path, seed, source)
+    if is_local and path.is_file() and kind == "json":
+        return _arrow_stream("json", seed, source, data_files=str(path), split="train")
+    if source.startswith("builtin:") or is_local or source.startswith((".", "/", "~")):
+        records = load_records(source, subset=subset, split=split, data_files=data_files)  # errors as before
+        return RecordStream(records[0] if records else None, len(records),
+                            lambda: (records[i] for i in random_order(len(records), seed)))
+    return _hub_stream(source, seed, source, name=subset, data_files=data_files, split=split)
 
 
 def load_text(source: str, **kwargs) -> str:
@@ -212,7 +380,7 @@ def encode_instruction(record: dict, tokenizer, seq_len: int, template: str, tra
     return ids + [pad_id] * pad, [1] * len(ids) + [0] * pad, labels + [IGNORE_INDEX] * pad
 
 
-def pack_instructions(records: Sequence[dict], tokenizer, seq_len: int, n_blocks: int, template: str,
+def pack_instructions(records: Iterable[dict], tokenizer, seq_len: int, n_blocks: int, template: str,
                       train_on_inputs: bool, progress=None) -> Blocks:
     out = Blocks([], [], [])
     for rec in records:
@@ -236,18 +404,25 @@ def shuffled(records: list, seed: int) -> list:
     return [records[i] for i in order]
 
 
-def build_blocks(records: list[dict], tokenizer, *, fmt: str, seq_len: int, n_blocks: int, seed: int,
+def build_blocks(records: list[dict] | RecordStream, tokenizer, *, fmt: str, seq_len: int, n_blocks: int, seed: int,
                  template: str = "alpaca", train_on_inputs: bool = False, text_field: str | None = None,
                  source: str = "data", progress=None) -> tuple[Blocks, str]:
-    """Records -> blocks. Returns the blocks and the resolved format."""
+    """Records (a list, shuffled here with ``seed``, or a :class:`RecordStream`, already in its seeded order and
+    read only as far as needed) -> blocks. Returns the blocks and the resolved format."""
     if seq_len <= 0:
         raise LptError(f"--seq-len must be positive (got {seq_len})")
     if n_blocks <= 0:
         raise LptError(f"--nsamples must be positive (got {n_blocks})")
-    fmt = detect_format(records, fmt, source)
-    records = shuffled(records, seed)
+    if isinstance(records, RecordStream):
+        head = [records.first] if records.first is not None else []
+        fmt = detect_format(head, fmt, source)
+        records = records.records()
+    else:
+        head = records
+        fmt = detect_format(records, fmt, source)
+        records = shuffled(records, seed)
     if fmt == "raw":
-        field = detect_text_field(records, text_field, source)
+        field = detect_text_field(head, text_field, source)
         blocks = pack_raw((str(r[field]) for r in records if r.get(field)), tokenizer, seq_len, n_blocks,
                           progress=progress)
         if len(blocks) == 0:

@@ -219,6 +219,21 @@ def broadcast_(tensors: Iterable[Any], src: int = 0) -> None:
         _collective(tensors, lambda t: torch.distributed.broadcast(t, src=src))
 
 
+def broadcast_object(obj: Any = None, src: int = 0) -> Any:
+    """Rank ``src``'s ``obj`` on every rank (pickled, one collective; for small things such as calibration blocks).
+    Without a process group of more than one rank it returns ``obj`` unchanged."""
+    import torch
+
+    if not (is_initialized() and world_size() > 1):
+        return obj
+    box = [obj if rank() == src else None]
+    device = None
+    if torch.distributed.get_backend() == "nccl":
+        device = torch.device("cuda", torch.cuda.current_device())
+    torch.distributed.broadcast_object_list(box, src=src, device=device)
+    return box[0]
+
+
 def barrier() -> None:
     import torch
 
@@ -287,48 +302,3 @@ def check_placement(model) -> None:
 
 def devices_of(model) -> list[str]:
     return sorted({str(p.device) for p in model.parameters()})
-
-
-def load_int8(model: str, *, dtype: str = "auto", device: str = "auto", revision: str | None = None,
-              trust_remote_code: bool = False, device_map: str | dict | None = None):
-    """Load ``(model, tokenizer)`` for ``--8bit`` with the block projections quantized while the checkpoint is read
-    (transformers' bitsandbytes integration, outlier threshold 0), so no device ever holds their 16-bit weights and
-    ``--device-map`` places the model by its int8 size. The int8 weights are bit-identical to
-    ``lora.quantize_8bit`` of the same checkpoint.
-
-    Returns None where this path does not apply and the caller loads normally and quantizes afterwards: GGUF
-    checkpoints (de-quantized by transformers on load), and models with linear layers other than the block
-    projections and the head (their names could not be excluded from quantization safely).
-    """
-    import torch
-    from accelerate import init_empty_weights
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
-
-    from lpt import models
-    from lpt.arch import PROJECTIONS, describe
-
-    ref = models.resolve(model)
-    if ref.gguf_file:
-        return None
-    config = models.load_config(ref, trust_remote_code=trust_remote_code, revision=revision)
-    arch = describe(config)
-    with init_empty_weights():
-        skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
-    wanted = {arch.module_path(i, p) for i in range(arch.num_layers) for p in PROJECTIONS}
-    others = [n for n, m in skeleton.named_modules() if isinstance(m, torch.nn.Linear) and n not in wanted]
-    if others != ["lm_head"]:
-        return None
-    dev = models.resolve_device(device)
-    quant = BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=0.0, llm_int8_skip_modules=["lm_head"])
-    try:
-        m = AutoModelForCausalLM.from_pretrained(
-            ref.path, dtype=models.resolve_dtype(dtype, dev), revision=revision, trust_remote_code=trust_remote_code,
-            quantization_config=quant, device_map=device_map if device_map is not None else {"": dev})
-    except (OSError, ValueError, KeyError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise LptError(f"could not load the model for '{ref.name}' in int8: {first}") from None
-    m.eval()
-    m.requires_grad_(False)
-    m.config.use_cache = False
-    m.lpt_ref = ref
-    return m, models.load_tokenizer(ref, revision=revision, trust_remote_code=trust_remote_code)

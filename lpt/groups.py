@@ -79,10 +79,31 @@ def unit_params(arch: Arch, gqa: str) -> tuple[int, int]:
     return head, arch.channel_params()
 
 
-def uniform_counts(arch: Arch, ratio: float, gqa: str) -> tuple[int, int]:
+def round_channels(n_pruned: int, intermediate: int, round_to: int = 1) -> int:
+    """Channels to prune so that the kept MLP width ``intermediate - n`` is the multiple of ``round_to`` nearest to
+    ``intermediate - n_pruned`` (ties keep more), at least ``round_to`` and at most ``intermediate``.
+
+    With ``round_to == 1`` it returns ``n_pruned`` unchanged. Works for any layer's width (per-layer layouts too).
+    """
+    round_to = int(round_to)
+    if round_to < 1:
+        raise LptError(f"--round-to must be a positive number of channels (got {round_to})")
+    if round_to == 1:
+        return int(n_pruned)
+    if round_to > intermediate:
+        raise LptError(f"--round-to {round_to} is larger than the MLP width {intermediate}")
+    kept = intermediate - int(n_pruned)
+    kept = max(round_to, min(intermediate // round_to * round_to, int(math.floor(kept / round_to + 0.5)) * round_to))
+    return intermediate - kept
+
+
+def uniform_counts(arch: Arch, ratio: float, gqa: str, round_to: int = 1) -> tuple[int, int]:
     """Attention units and MLP channels to prune in every layer so that ``ratio`` of the block parameters goes.
 
-    Heads are rounded to the nearest unit; channels then make up the difference (nearest channel).
+    Heads are rounded to the nearest unit; channels then make up the difference (nearest channel). With
+    ``round_to`` N > 1 the kept MLP width is a multiple of N (:func:`round_channels`), so the achieved ratio is
+    within one step of N channels (``N · 3 · hidden`` parameters per layer) of ``ratio``. Head counts are never
+    rounded: a layer has a few dozen heads at most, and a head is already ``head_dim`` (64-128) rows wide.
     """
     if not 0.0 <= ratio < 1.0:
         raise LptError(f"--ratio must be in [0, 1) (got {ratio})")
@@ -92,7 +113,14 @@ def uniform_counts(arch: Arch, ratio: float, gqa: str) -> tuple[int, int]:
     n_heads = min(units - 1, int(math.floor(ratio * units + 0.5)))
     n_chan = int(math.floor((target - n_heads * p_head) / p_chan + 0.5))
     n_chan = max(0, min(arch.intermediate_size - 1, n_chan))
-    return n_heads, n_chan
+    return n_heads, round_channels(n_chan, arch.intermediate_size, round_to)
+
+
+def round_to_violations(masks: "Masks") -> list[int]:
+    """Layers whose kept MLP width is not a multiple of the ``round_to`` that ``masks.info`` records (prune's
+    ``--round-to``); empty when it records none or 1."""
+    n = int(masks.info.get("round_to", 1) or 1)
+    return [i for i, m in enumerate(masks.layers) if n > 1 and len(m.channels) % n]
 
 
 # ------------------------------------------------------------------------------------------------ selection

@@ -51,12 +51,20 @@ def weight_parts(base: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
     return w.detach(), None
 
 
-def quantize_8bit(linear: nn.Linear) -> nn.Module:
-    """A bitsandbytes int8 copy of ``linear`` (LLM.int8 vector-wise quantization, no outlier threshold)."""
+INT8_THRESHOLD = 6.0  # LLM.int8's outlier threshold: bitsandbytes' and the paper authors' default
+
+
+def quantize_8bit(linear: nn.Linear, threshold: float = INT8_THRESHOLD) -> nn.Module:
+    """A bitsandbytes int8 copy of ``linear`` (LLM.int8 vector-wise quantization).
+
+    ``threshold``: input features whose magnitude reaches it are multiplied in 16 bits (LLM.int8's mixed-precision
+    decomposition); 0 quantizes every input. It changes only the forward pass: the stored codes and scales (CB, SCB)
+    always hold the whole weight, so ``dense_weight`` and merging are the same for every threshold.
+    """
     import bitsandbytes as bnb
 
     q = bnb.nn.Linear8bitLt(linear.in_features, linear.out_features, bias=linear.bias is not None,
-                            has_fp16_weights=False, threshold=0.0, device="meta")
+                            has_fp16_weights=False, threshold=float(threshold), device="meta")
     q.weight = bnb.nn.Int8Params(linear.weight.data.detach().to(torch.float16).cpu(), requires_grad=False,
                                  has_fp16_weights=False)
     if linear.bias is not None:
@@ -158,9 +166,11 @@ def target_paths(arch: Arch, targets: Iterable[str], layers: Iterable[int] | Non
 
 
 def inject(model: nn.Module, arch: Arch, *, r: int, alpha: float, dropout: float = 0.0,
-           targets: Iterable[str] = PROJECTIONS, load_8bit: bool = False) -> dict[str, LoraLinear]:
+           targets: Iterable[str] = PROJECTIONS, load_8bit: bool = False,
+           int8_threshold: float = INT8_THRESHOLD) -> dict[str, LoraLinear]:
     """Wrap all seven projections of every block in a ``LoraLinear`` (rank ``r`` for ``targets``, rank 0 — a mask
-    carrier only — for the others); optionally freeze the bases in int8 first. Only LoRA A and B train.
+    carrier only — for the others); optionally freeze the bases in int8 first (outlier threshold
+    ``int8_threshold``). Only LoRA A and B train.
     """
     targets = set(targets)
     target_paths(arch, targets)  # validates the names
@@ -170,7 +180,7 @@ def inject(model: nn.Module, arch: Arch, *, r: int, alpha: float, dropout: float
         if isinstance(base, LoraLinear):
             raise LptError(f"{p} already carries a LoRA layer")
         if load_8bit and isinstance(base, nn.Linear):
-            base = quantize_8bit(base)
+            base = quantize_8bit(base, int8_threshold)
         layer = LoraLinear(base, r if p.rsplit(".", 1)[1] in targets else 0, alpha, dropout)
         set_module(model, p, layer)
         out[p] = layer
@@ -272,8 +282,8 @@ def read_adapter(directory: str | Path) -> tuple[dict[str, Any], dict[str, torch
     return cfg, load_file(str(w_path))
 
 
-def load_adapter(model: nn.Module, directory: str | Path, arch: Arch, load_8bit: bool = False
-                 ) -> dict[str, LoraLinear]:
+def load_adapter(model: nn.Module, directory: str | Path, arch: Arch, load_8bit: bool = False,
+                 int8_threshold: float = INT8_THRESHOLD) -> dict[str, LoraLinear]:
     """Wrap ``model`` with the LoRA layers of a PEFT adapter directory and load their weights."""
     cfg, sd = read_adapter(directory)
     paths = sorted({k[len(PEFT_PREFIX):].rsplit(".lora_", 1)[0] for k in sd if k.startswith(PEFT_PREFIX)})
@@ -281,7 +291,7 @@ def load_adapter(model: nn.Module, directory: str | Path, arch: Arch, load_8bit:
         raise LptError(f"{directory}: adapter holds no LoRA weights")
     targets = sorted({p.rsplit(".", 1)[1] for p in paths})
     layers = inject(model, arch, r=int(cfg["r"]), alpha=float(cfg["lora_alpha"]), dropout=0.0, targets=targets,
-                    load_8bit=load_8bit)
+                    load_8bit=load_8bit, int8_threshold=int8_threshold)
     missing = [p for p, m in layers.items() if m.r and p not in paths]
     extra = [p for p in paths if p not in layers]
     if extra:

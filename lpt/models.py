@@ -108,6 +108,94 @@ def load_config(model: str | ModelRef, trust_remote_code: bool = False, revision
         raise _hub_error(ref, "the model config", e) from None
 
 
+# GGUF ``general.architecture`` names that differ from transformers' ``model_type`` (as transformers' GGUF loader maps
+# them); llama.cpp also writes Mistral models as 'llama', which lpt handles as the same layout.
+GGUF_MODEL_TYPES = {"qwen2moe": "qwen2_moe", "qwen3moe": "qwen3_moe", "gpt-oss": "gpt_oss", "minimax-m2": "minimax_m2",
+                    "gemma3": "gemma3_text", "gemma4": "gemma4_text", "t5encoder": "t5"}
+_GGUF_SCALARS = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}  # value type -> bytes
+_GGUF_STRING, _GGUF_ARRAY = 8, 9
+
+
+def gguf_architecture(path: str | Path) -> str:
+    """``general.architecture`` from a GGUF file's header, reading only the key/value pairs before it (usually the
+    first), never a tensor. Raises LptError for a file that is not GGUF (v2 or later)."""
+    import struct
+
+    def fail(why: str) -> LptError:
+        return LptError(f"{path} is not a readable GGUF file ({why})")
+
+    with open(path, "rb") as f:
+        head = f.read(24)
+        if len(head) < 24 or head[:4] != b"GGUF":
+            raise fail("no GGUF magic")
+        version = struct.unpack("<I", head[4:8])[0]
+        if version < 2 or version > 0xFFFF:
+            raise fail(f"unsupported GGUF version {version}")
+        n_kv = struct.unpack("<Q", head[16:24])[0]
+
+        def u32() -> int:
+            b = f.read(4)
+            if len(b) < 4:
+                raise fail("truncated header")
+            return struct.unpack("<I", b)[0]
+
+        def u64() -> int:
+            b = f.read(8)
+            if len(b) < 8:
+                raise fail("truncated header")
+            return struct.unpack("<Q", b)[0]
+
+        def string() -> bytes:
+            n = u64()
+            if n > 1 << 20:
+                raise fail("implausible string length")
+            return f.read(n)
+
+        def skip(vtype: int) -> None:
+            if vtype in _GGUF_SCALARS:
+                f.seek(_GGUF_SCALARS[vtype], 1)
+            elif vtype == _GGUF_STRING:
+                f.seek(u64(), 1)
+            elif vtype == _GGUF_ARRAY:
+                etype, n = u32(), u64()
+                if etype in _GGUF_SCALARS:
+                    f.seek(_GGUF_SCALARS[etype] * n, 1)
+                else:
+                    for _ in range(n):
+                        skip(etype)
+            else:
+                raise fail(f"unknown value type {vtype}")
+
+        for _ in range(n_kv):
+            key, vtype = string(), u32()
+            if key == b"general.architecture" and vtype == _GGUF_STRING:
+                return string().decode("utf-8", errors="replace")
+            skip(vtype)
+    raise fail("no general.architecture")
+
+
+def model_type_of(ref: "ModelRef", trust_remote_code: bool = False, revision: str | None = None):
+    """``(model_type, config or None)`` from the config (a GGUF file's header), without reading any weight."""
+    if ref.gguf_file:
+        arch = gguf_architecture(Path(ref.path) / ref.gguf_file)
+        return GGUF_MODEL_TYPES.get(arch, arch), None
+    config = load_config(ref, trust_remote_code=trust_remote_code, revision=revision)
+    return getattr(config, "model_type", None), config
+
+
+def check_architecture(ref: "ModelRef", trust_remote_code: bool = False, revision: str | None = None):
+    """Refuse a model whose family lpt does not support, from its config or GGUF header alone (no weight is read).
+    Returns the config (None for GGUF files)."""
+    from lpt.arch import supported_model_types
+
+    model_type, config = model_type_of(ref, trust_remote_code=trust_remote_code, revision=revision)
+    if model_type not in supported_model_types():
+        where = "GGUF general.architecture" if ref.gguf_file else "config model_type"
+        raise LptError(f"unsupported architecture '{model_type}' of '{ref.name}' ({where}); supported: "
+                       f"{', '.join(supported_model_types())}")
+    return config
+
+
 def load_tokenizer(model: str | ModelRef, revision: str | None = None, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
@@ -132,10 +220,13 @@ def load_model(
     trust_remote_code: bool = False,
     device_map: str | dict | None = None,
     tokenizer: bool = True,
+    check_arch: bool = True,
 ):
     """Load a causal LM (and its tokenizer). Returns ``(model, tokenizer_or_None)``.
 
-    The model is in eval mode with every parameter frozen; callers decide what trains.
+    With ``check_arch`` the family is checked from the config (a GGUF file's header) first and an unsupported one
+    is refused before any weight is read. The model is in eval mode with every parameter frozen; callers decide
+    what trains.
     ``device_map`` ('auto', 'balanced', or a dict) spreads a model over several devices with accelerate.
     A directory sliced with per-layer widths is built with ``lpt.modeling``'s classes (imported from this package:
     the modeling file copied into the directory is never executed, so no ``trust_remote_code`` is needed).
@@ -146,8 +237,9 @@ def load_model(
 
     ref = model if isinstance(model, ModelRef) else resolve(model)
     cls = AutoModelForCausalLM
+    config = check_architecture(ref, trust_remote_code, revision) if check_arch else None
     if ref.local and not ref.gguf_file:
-        config = load_config(ref, trust_remote_code=trust_remote_code, revision=revision)
+        config = config or load_config(ref, trust_remote_code=trust_remote_code, revision=revision)
         if modeling.is_per_layer(config):
             cls = modeling.model_class(config)
     dev = resolve_device(device)
@@ -231,3 +323,48 @@ def load(model: str | ModelRef, *, adapter: str | Path | None = None, masks=None
     arch = describe(m.config)
     layers, masks, adapter_cfg = attach(m, arch, adapter=adapter, masks=masks, load_8bit=load_8bit)
     return Loaded(m, tok, arch, masks, adapter_cfg, layers)
+
+
+def load_int8(model: str, *, dtype: str = "auto", device: str = "auto", revision: str | None = None,
+              trust_remote_code: bool = False, device_map: str | dict | None = None, int8_threshold: float = 6.0):
+    """Load ``(model, tokenizer)`` for ``--8bit`` with the block projections quantized while the checkpoint is read
+    (transformers' bitsandbytes integration, LLM.int8 outlier threshold ``int8_threshold``), so no device ever holds
+    their 16-bit weights and ``--device-map`` places the model by its int8 size. The int8 weights are bit-identical
+    to ``lora.quantize_8bit`` of the same checkpoint (the threshold only changes the forward pass).
+
+    Returns None where this path does not apply and the caller loads normally and quantizes afterwards: GGUF
+    checkpoints (de-quantized by transformers on load), and models with linear layers other than the block
+    projections and the head (their names could not be excluded from quantization safely).
+    """
+    import torch
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    from lpt.arch import PROJECTIONS, describe
+
+    ref = resolve(model)
+    if ref.gguf_file:
+        return None
+    config = load_config(ref, trust_remote_code=trust_remote_code, revision=revision)
+    arch = describe(config)
+    with init_empty_weights():
+        skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    wanted = {arch.module_path(i, p) for i in range(arch.num_layers) for p in PROJECTIONS}
+    others = [n for n, m in skeleton.named_modules() if isinstance(m, torch.nn.Linear) and n not in wanted]
+    if others != ["lm_head"]:
+        return None
+    dev = resolve_device(device)
+    quant = BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=float(int8_threshold),
+                               llm_int8_skip_modules=["lm_head"])
+    try:
+        m = AutoModelForCausalLM.from_pretrained(
+            ref.path, dtype=resolve_dtype(dtype, dev), revision=revision, trust_remote_code=trust_remote_code,
+            quantization_config=quant, device_map=device_map if device_map is not None else {"": dev})
+    except (OSError, ValueError, KeyError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise LptError(f"could not load the model for '{ref.name}' in int8: {first}") from None
+    m.eval()
+    m.requires_grad_(False)
+    m.config.use_cache = False
+    m.lpt_ref = ref
+    return m, load_tokenizer(ref, revision=revision, trust_remote_code=trust_remote_code)

@@ -36,7 +36,7 @@ class Pruner:
         self.criterion = cfg.criterion if cfg.ratio > 0 else "none"
         quantize = cfg.load_8bit and not any(lora.is_int8(m) for m in model.modules())  # not quantized on load
         self.layers = lora.inject(model, arch, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
-                                  targets=targets(cfg), load_8bit=quantize)
+                                  targets=targets(cfg), load_8bit=quantize, int8_threshold=cfg.int8_threshold)
         if cfg.gradient_checkpointing:  # non-reentrant: frozen inputs are fine, hooks see the recomputation
             if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x
                 model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
@@ -63,7 +63,8 @@ class Pruner:
         self.ema_channels: list[torch.Tensor | None] = [None] * arch.num_layers
         self.step, self.target_sparsity, self.sparsity = 0, 0.0, 0.0
         self.ramp = schedule.ramp_bounds(total_steps, cfg.warmup, cfg.cooldown)
-        self.final = groups.uniform_counts(arch, groups.layer_ratio(arch, cfg.ratio, self.prunable), cfg.gqa)
+        self.final = groups.uniform_counts(arch, groups.layer_ratio(arch, cfg.ratio, self.prunable), cfg.gqa,
+                                           round_to=cfg.round_to)
         self.device = self.params[0].device
         self.distributed = distributed.is_initialized() and distributed.world_size() > 1
         if self.distributed:  # every rank starts from rank 0's LoRA factors (as DDP does)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from conftest import build_model, invoke, tiny_config
-from lpt import artifacts, distributed, groups, lora
+from lpt import artifacts, distributed, lora, models
 from lpt.benchmarking import scaling
 from lpt.arch import describe, get_module
 from lpt.config import PruneConfig
@@ -206,7 +206,7 @@ def test_device_map_gives_the_unsplit_masks(tmp_path, runner, single, tiny_llama
 def test_int8_quantized_while_loading_is_bit_identical(tiny_llama_dir):
     from transformers import AutoModelForCausalLM
 
-    model, tok = distributed.load_int8(str(tiny_llama_dir), device="cpu", dtype="float32")
+    model, tok = models.load_int8(str(tiny_llama_dir), device="cpu", dtype="float32")
     assert tok is not None
     dense = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
     arch = describe(model.config)

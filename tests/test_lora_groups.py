@@ -41,3 +41,64 @@ def test_uniform_counts_hit_ratio():
         before, after = masks.block_params()
         p_chan = 3 * arch.hidden_size
         assert abs((before - after) - ratio * before) <= p_chan / 2 + 1
+
+
+@pytest.mark.parametrize("shape", [
+    dict(hidden_size=2048, intermediate_size=5632, num_attention_heads=32, num_key_value_heads=4, head_dim=64),  # TinyLlama
+    dict(hidden_size=576, intermediate_size=1536, num_attention_heads=9, num_key_value_heads=3, head_dim=64),  # SmolLM2
+    dict(hidden_size=64, intermediate_size=100, num_attention_heads=4, num_key_value_heads=4, head_dim=16),
+])
+def test_uniform_counts_round_to(shape):
+    arch = describe(tiny_config(num_hidden_layers=1, **shape))
+    before = arch.block_linear_params(0)
+    p_chan = 3 * arch.hidden_size
+    for gqa in ("kv-groups", "query-heads"):
+        p_head = groups.unit_params(arch, gqa)[0]
+        for ratio in (0.0, 0.1, 0.2, 0.3, 0.5, 0.7):
+            plain = groups.uniform_counts(arch, ratio, gqa)
+            assert groups.uniform_counts(arch, ratio, gqa, round_to=1) == plain
+            for n in (2, 8, 32, 64, 128):
+                if n > arch.intermediate_size:
+                    continue
+                nh, nc = groups.uniform_counts(arch, ratio, gqa, round_to=n)
+                assert nh == plain[0]  # heads are not rounded
+                kept = arch.intermediate_size - nc
+                assert kept % n == 0 and n <= kept <= arch.intermediate_size
+                removed, plain_removed = nh * p_head + nc * p_chan, plain[0] * p_head + plain[1] * p_chan
+                assert abs(removed - plain_removed) < n * p_chan  # less than one rounding step moved
+                if abs(plain_removed - ratio * before) <= p_chan / 2 + 1:  # the target is reachable at this shape
+                    assert abs(removed - ratio * before) <= n * p_chan  # within one rounding step of the target
+
+
+def test_round_channels_and_violations():
+    assert groups.round_channels(2815, 5632, 128) == 5632 - 2816  # kept 2817 -> 2816
+    assert groups.round_channels(2816 - 64, 5632, 128) == 5632 - 2944  # a tie keeps more
+    assert groups.round_channels(5600, 5632, 128) == 5632 - 128  # at least one step kept
+    assert groups.round_channels(7, 100, 1) == 7
+    assert groups.round_channels(0, 100, 64) == 100 - 64  # 100 is not a multiple: the largest multiple is kept
+    for bad in (0, -4, 101):
+        with pytest.raises(Exception, match="--round-to"):
+            groups.round_channels(10, 100, bad)
+    arch = describe(tiny_config(gqa=False))
+    hp = [torch.zeros(arch.num_kv_heads, dtype=torch.bool)] * 2
+    cp = [torch.arange(96) < 32, torch.arange(96) < 30]  # kept 64 and 66
+    masks = groups.Masks.from_pruned(arch, hp, cp, "kv-groups")
+    assert groups.round_to_violations(masks) == []
+    masks.info["round_to"] = 32
+    assert groups.round_to_violations(masks) == [1]
+
+
+def test_slice_warns_when_masks_break_their_round_to(tmp_path, runner, tiny_llama_dir):
+    from conftest import invoke
+    from lpt.models import load_config
+
+    arch = describe(load_config(str(tiny_llama_dir)))
+    masks = groups.Masks.full(arch, info={"round_to": 7})  # 96 kept channels: not a multiple of 7
+    masks.save(tmp_path / "masks.json")
+    r = invoke(runner, ["slice", tiny_llama_dir, "--masks", tmp_path / "masks.json", "-o", tmp_path / "s"])
+    assert r.exit_code == 0, r.output
+    assert "--round-to 7" in r.output and "not a multiple" in r.output
+    masks.info["round_to"] = 32
+    masks.save(tmp_path / "masks32.json")
+    r = invoke(runner, ["slice", tiny_llama_dir, "--masks", tmp_path / "masks32.json", "-o", tmp_path / "s32"])
+    assert r.exit_code == 0 and "not a multiple" not in r.output

@@ -51,7 +51,7 @@ def make_blocks(cfg: CalibrateConfig, tokenizer, *, progress=None):
 
     validate(cfg)
     n_val = math.ceil(cfg.nsamples * cfg.val_fraction) if cfg.val_fraction > 0 else 0
-    records = data.load_records(cfg.data, subset=cfg.subset, split=cfg.split, data_files=cfg.data_files)
+    records = data.open_records(cfg.data, seed=cfg.seed, subset=cfg.subset, split=cfg.split, data_files=cfg.data_files)
     blocks, fmt = data.build_blocks(
         records, tokenizer, fmt=cfg.format, seq_len=cfg.seq_len, n_blocks=cfg.nsamples + n_val, seed=cfg.seed,
         template=cfg.template, train_on_inputs=cfg.train_on_inputs, text_field=cfg.text_field, source=cfg.data,
@@ -94,11 +94,31 @@ def make_blocks(cfg: CalibrateConfig, tokenizer, *, progress=None):
         "nsamples_requested": cfg.nsamples,
         "nsamples": n_train,
         "val_samples": n_val,
-        "records_available": len(records),
+        "records_available": records.available,
         "records_skipped": blocks.skipped,
         "loss_tokens": int((train["labels"][:, 1:] != -100).sum()),
     }
     return train, val, meta
+
+
+def make_blocks_rank0(cfg: CalibrateConfig, tokenizer, *, progress=None):
+    """:func:`make_blocks` on rank 0 only, its result shared with every rank (data parallel runs read and tokenise
+    the source once, not once per process). Same return value as :func:`make_blocks`; an error on rank 0 is raised
+    on every rank. Without a process group it is :func:`make_blocks`."""
+    from lpt import distributed
+
+    if not (distributed.is_initialized() and distributed.world_size() > 1):
+        return make_blocks(cfg, tokenizer, progress=progress)
+    result = error = None
+    if distributed.rank() == 0:
+        try:
+            result = make_blocks(cfg, tokenizer, progress=progress)
+        except LptError as e:
+            error = str(e)
+    error, result = distributed.broadcast_object((error, result))
+    if error is not None:
+        raise LptError(error)
+    return result
 
 
 def run(cfg: CalibrateConfig) -> Path:

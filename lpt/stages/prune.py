@@ -67,6 +67,9 @@ def validate(cfg: PruneConfig) -> None:
               and importance.ESTIMATORS[cfg.criterion].needs_backward),
          f"--distill-weight 1 leaves --criterion {cfg.criterion} no gradient to score with (the KL's gradient is "
          f"zero while the student equals the teacher); use a weight below 1 or --one-shot")
+    need(cfg.round_to >= 1, f"--round-to must be a positive number of channels (got {cfg.round_to})")
+    need(cfg.round_to == 1 or (cfg.layout == "uniform" and not cfg.skip_layers),
+         "--round-to applies to --layout uniform (per-layer widths and --skip-layers are not rounded)")
     bad = [t for t in targets(cfg) if t not in PROJECTIONS]
     need(not bad, f"unknown --targets {', '.join(bad)} (choose from {PROJECTION_LIST})")
 
@@ -89,7 +92,7 @@ def _calibration(cfg: PruneConfig, tokenizer):
     # PruneConfig carries every model and data option of CalibrateConfig: copy them all, so none can drift apart
     shared = {f.name: getattr(cfg, f.name) for f in fields(CalibrateConfig) if f.name not in ("output", "overwrite")}
     ccfg = CalibrateConfig(**{**shared, "data": default_data(cfg), "val_fraction": 0.0})
-    train, _, meta = calibrate.make_blocks(ccfg, tokenizer)
+    train, _, meta = calibrate.make_blocks_rank0(ccfg, tokenizer)  # read and tokenised once, shared with every rank
     return calibrate.CalibData(train, None, meta)
 
 
@@ -127,7 +130,8 @@ def _run(cfg: PruneConfig, world: distributed.World, device_map: str | dict | No
     load = dict(dtype=cfg.dtype, device=world.device, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code,
                 device_map=device_map)
     # --8bit: quantize while loading where possible, so the 16-bit weights never sit on a device
-    model, tok = (cfg.load_8bit and distributed.load_int8(cfg.model, **load)) or models.load_model(cfg.model, **load)
+    model, tok = ((cfg.load_8bit and models.load_int8(cfg.model, **load, int8_threshold=cfg.int8_threshold))
+                  or models.load_model(cfg.model, **load))
     if device_map is not None:
         distributed.check_placement(model)
         console.print(f"model spread over {', '.join(distributed.devices_of(model))} (--device-map)")
@@ -169,6 +173,7 @@ def _run(cfg: PruneConfig, world: distributed.World, device_map: str | dict | No
     masks.info = {
         "criterion": pruner.criterion, "score": cfg.score, "normalize": cfg.normalize,
         "one_shot": cfg.one_shot, "steps": total, "skip_layers": pruner.skip,
+        **({"round_to": cfg.round_to} if cfg.round_to > 1 else {}),
         "ratio": {"requested": cfg.ratio, "model": (before - after) / params_before},
         "params": {"model_before": params_before, "model_after": params_before - (before - after)},
     }

@@ -62,6 +62,10 @@ def run(cfg: SliceConfig) -> Path:
     arch = describe(config)
     slicing.check_sliceable(arch)
     masks = groups.Masks.load(cfg.masks, arch)
+    uneven = groups.round_to_violations(masks)
+    if uneven:  # slice takes the masks as given; say when they break the --round-to they record
+        console.print(f"[yellow]warning:[/] {cfg.masks} records --round-to {masks.info['round_to']} but layer(s) "
+                      f"{', '.join(map(str, uneven[:8]))} keep an MLP width that is not a multiple of it; slicing as given")
     sliced_adapter = adapter_cfg = None
     if cfg.adapter:
         adapter_cfg, sd = lora.read_adapter(cfg.adapter)

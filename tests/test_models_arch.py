@@ -1,0 +1,106 @@
+"""The model family is checked from the config (or a GGUF file's header) before any weight is read."""
+
+import json
+import struct
+
+import pytest
+
+from conftest import invoke
+from lpt import models
+from lpt.errors import LptError
+
+
+@pytest.fixture
+def no_weights(monkeypatch):
+    """Any attempt to load weights fails the test."""
+    from transformers import AutoModelForCausalLM
+
+    def refuse(*a, **k):
+        raise AssertionError("weights were loaded before the architecture was checked")
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", refuse)
+
+
+def _gpt2_dir(tmp_path):
+    from transformers import GPT2Config
+
+    d = tmp_path / "gpt2"
+    d.mkdir()
+    GPT2Config(n_layer=2, n_embd=32, n_head=2).save_pretrained(d)
+    with open(d / "model.safetensors", "wb") as f:  # a 4 GiB (sparse) "checkpoint" that must never be opened
+        f.truncate(4 * 2**30)
+    return d
+
+
+def test_unsupported_config_refused_before_weights(tmp_path, no_weights, runner):
+    d = _gpt2_dir(tmp_path)
+    with pytest.raises(LptError, match=r"unsupported architecture 'gpt2'.*supported: llama, mistral, qwen2"):
+        models.load_model(str(d), device="cpu")
+    r = invoke(runner, ["prune", d, "--max-steps", "1", "-o", tmp_path / "out"])
+    assert r.exit_code == 2 and "unsupported architecture 'gpt2'" in r.output and "Traceback" not in r.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_supported_config_still_loads(tiny_llama_dir):
+    m, tok = models.load_model(str(tiny_llama_dir), device="cpu", tokenizer=False)
+    assert m.config.model_type == "llama" and tok is None
+
+
+def _write_gguf(path, arch, name="test"):
+    import numpy as np
+    from gguf import GGUFWriter
+
+    w = GGUFWriter(str(path), arch)
+    w.add_name(name)
+    w.add_array("tokenizer.ggml.tokens", ["a", "b", "c"])
+    w.add_tensor("token_embd.weight", np.zeros((4, 8), dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+@pytest.mark.parametrize("arch, model_type", [("gpt2", "gpt2"), ("qwen2moe", "qwen2_moe"), ("gemma3", "gemma3_text")])
+def test_unsupported_gguf_refused_from_its_header(tmp_path, no_weights, arch, model_type):
+    pytest.importorskip("gguf")
+    f = tmp_path / f"{arch}.gguf"
+    _write_gguf(f, arch)
+    assert models.gguf_architecture(f) == arch
+    with pytest.raises(LptError, match=f"unsupported architecture '{model_type}'.*GGUF general.architecture"):
+        models.load_model(str(f), device="cpu")
+
+
+def test_gguf_header_reader_skips_other_keys(tmp_path):
+    def s(b: bytes) -> bytes:
+        return struct.pack("<Q", len(b)) + b
+
+    kvs = [
+        s(b"general.alignment") + struct.pack("<I", 4) + struct.pack("<I", 32),  # uint32
+        s(b"tokenizer.ggml.tokens") + struct.pack("<I", 9) + struct.pack("<IQ", 8, 2) + s(b"ab") + s(b"c"),  # strings
+        s(b"tokenizer.ggml.scores") + struct.pack("<I", 9) + struct.pack("<IQ", 6, 3) + b"\0" * 12,  # float32 array
+        s(b"general.name") + struct.pack("<I", 8) + s(b"x"),
+        s(b"general.architecture") + struct.pack("<I", 8) + s(b"qwen2"),
+    ]
+    f = tmp_path / "h.gguf"
+    f.write_bytes(b"GGUF" + struct.pack("<IQQ", 3, 0, len(kvs)) + b"".join(kvs))
+    assert models.gguf_architecture(f) == "qwen2"
+    (tmp_path / "bad.gguf").write_bytes(b"NOPE" + b"\0" * 40)
+    with pytest.raises(LptError, match="not a readable GGUF"):
+        models.gguf_architecture(tmp_path / "bad.gguf")
+    (tmp_path / "short.gguf").write_bytes(b"GGUF" + struct.pack("<IQQ", 3, 0, 5) + kvs[0])
+    with pytest.raises(LptError, match="truncated"):
+        models.gguf_architecture(tmp_path / "short.gguf")
+
+
+@pytest.mark.smollm2
+def test_smollm2_gguf_header_agrees_with_gguf_reader(smollm2_path):
+    gguf = pytest.importorskip("gguf")
+    field = gguf.GGUFReader(smollm2_path).fields["general.architecture"]
+    assert models.gguf_architecture(smollm2_path) == bytes(field.parts[field.data[0]]).decode() == "llama"
+    assert models.check_architecture(models.resolve("smollm2-135m")) is None
+
+
+def test_config_json_kept_as_is(tmp_path):
+    d = _gpt2_dir(tmp_path)
+    assert json.loads((d / "config.json").read_text())["model_type"] == "gpt2"
+    assert models.model_type_of(models.resolve(str(d)))[0] == "gpt2"
