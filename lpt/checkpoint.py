@@ -41,15 +41,22 @@ def exists(directory: str | Path) -> bool:
     return (d / TENSORS).is_file() and (d / META).is_file()
 
 
+def require(directory: str | Path) -> None:
+    """Raise the one-line reason why ``directory`` holds no checkpoint this version can resume from."""
+    d = Path(directory)
+    if exists(d):
+        return
+    if (d / LEGACY).is_file():
+        raise LptError(f"{d} holds a pickled checkpoint from an older lpt, which this version does not load "
+                       f"(pickles can run code); start the run again")
+    raise LptError(f"--resume: no checkpoint in {d} (run with --save-every N to make one)")
+
+
 def load(directory: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     from safetensors.torch import load_file
 
+    require(directory)
     d = Path(directory)
-    if not exists(d):
-        if (d / LEGACY).is_file():
-            raise LptError(f"{d} holds a pickled checkpoint from an older lpt, which this version does not load "
-                           f"(pickles can run code); start the run again")
-        raise LptError(f"--resume: no checkpoint in {d} (run with --save-every N to make one)")
     return load_file(str(d / TENSORS)), artifacts.read_json(d / META)
 
 

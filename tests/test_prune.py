@@ -340,3 +340,13 @@ def test_distill_cli_and_refused_weight(tmp_path, runner, tiny_llama_dir, tiny_c
     assert r.exit_code == 0, r.output
     info = json.loads((out / artifacts.MASKS).read_text())["info"]
     assert info["distill"] == {"temperature": 2.0, "weight": 0.5} and info["criterion"] == "fisher"
+
+
+def test_pickled_checkpoint_is_refused_not_loaded(tmp_path, runner, tiny_llama_dir, tiny_calib_dir):
+    out = tmp_path / "o"
+    ckpt = prune.partial_dir(out) / artifacts.CHECKPOINT_DIR
+    ckpt.mkdir(parents=True)
+    (ckpt / artifacts.CHECKPOINT_STATE).write_bytes(b"\x80\x04not really a pickle")
+    r = invoke(runner, ["prune", tiny_llama_dir, "--calib", tiny_calib_dir, *FAST, "--resume", "-o", out])
+    assert r.exit_code == 2 and "pickled checkpoint" in r.output
+    assert not out.exists()

@@ -111,7 +111,7 @@ def run(cfg: PruneConfig) -> Path:
     if not cfg.resume:
         artifacts.check_output_dir(out, cfg.overwrite)
     else:
-        checkpoint.load(ckpt) if not checkpoint.exists(ckpt) else None  # the one-line reason, before loading
+        checkpoint.require(ckpt)  # before the model is loaded
         if out.exists() and not cfg.overwrite:
             raise LptError(f"output {out} already exists; pass --overwrite to replace it")
     with distributed.process_group(cfg.device) as world:
