@@ -225,74 +225,93 @@ class RandomImportance(Importance):
 class FisherImportance(Importance):
     """Empirical Fisher information of each group's mask (beyond the paper).
 
-    A probe ``m = 1`` of shape ``[batch, 1, in]`` multiplies the input of every ``o_proj`` and ``down_proj``; its
-    gradient is ``Σ_tokens x · ∂L/∂x`` per sequence and input dimension, so the sum over a group's dimensions is
-    ``d(g, n) = ∂L_n/∂m_g`` exactly (a head's slice of the ``o_proj`` input, a channel of the ``down_proj`` input;
-    a key/value group sums its query heads). ``I(g) = Σ_n d(g, n)²`` accumulates over every backward pass until
-    ``clear``. No weight gradient is needed, memory is O(groups) beyond one ``[batch, in]`` gradient per layer, and
-    the probe multiplies by one, so the forward pass is unchanged. Works under gradient checkpointing (the probe of
-    a forward is reused by its recomputation) and with int8 bases.
+    For a mask ``m_g = 1`` on group g's slice of the ``o_proj`` / ``down_proj`` input ``x`` and sequence n,
+    ``d(g, n) = ∂L_n/∂m_g = Σ_tokens Σ_{dims of g} x · ∂L/∂x``, and ``I(g) = Σ_n d(g, n)²`` accumulates over every
+    backward pass until ``clear``. No weight gradient is needed and the forward pass is unchanged. The products are
+    read where the activations are kept for the backward pass anyway, so the estimate costs no activation memory:
+
+    - an MLP channel: ``x = act(gate) ⊙ up``, so ``x · ∂L/∂x = up · ∂L/∂up`` at the ``up_proj`` output;
+    - a key/value group (``--gqa kv-groups``): ``x = softmax(q kᵀ) v`` is linear in ``v``, so summed over tokens and
+      the group's query heads ``Σ x · ∂L/∂x = Σ v · ∂L/∂v`` at the ``v_proj`` output;
+    - a query head (``--gqa query-heads``) has no such identity: the ``o_proj`` input is kept for its backward pass
+      (one activation of that size per layer).
+
+    Under gradient checkpointing the activation of the recomputation is used, so nothing is kept across the forward
+    pass there either.
     """
 
     name = "fisher"
 
     def _attach(self) -> None:
         self._handles = []
-        self._probes: dict[tuple[int, str], torch.Tensor] = {}
         self._acc: dict[tuple[int, str], torch.Tensor] = {}
-        self.enabled = True
+        self._seen: dict[tuple[int, str], int] = {}  # forward calls per site in this forward pass
+        self._latest: dict[tuple[int, str], torch.Tensor] = {}  # recomputed activations (gradient checkpointing)
+        head_site = ("v_proj", "output") if self.gqa == "kv-groups" else ("o_proj", "input")
+        self.sites = {head_site[0]: head_site[1], "up_proj": "output"}
         for i in self.prunable:
-            for proj in ("o_proj", "down_proj"):
-                self._handles.append(self._layer(i, proj).register_forward_pre_hook(self._probe_hook(i, proj)))
-        # a new observation window per forward pass: harvest the previous one's gradients first
-        self._handles.append(self.model.register_forward_pre_hook(lambda *_: self._harvest()))
-        if hasattr(self.model, "enable_input_require_grads"):  # gradients reach every activation, LoRA or not
+            for proj, where in self.sites.items():
+                mod = self._layer(i, proj)
+                if where == "output":
+                    self._handles.append(mod.register_forward_hook(self._hook(i, proj, output=True)))
+                else:
+                    self._handles.append(mod.register_forward_pre_hook(self._hook(i, proj, output=False)))
+        # a new forward pass: count the calls of each site afresh (a second call is a checkpoint recomputation)
+        self._handles.append(self.model.register_forward_pre_hook(lambda *_: self._seen.clear()))
+        if hasattr(self.model, "get_input_embeddings"):  # gradients reach every activation, LoRA or not
             self._handles.append(self.model.get_input_embeddings().register_forward_hook(_require_grad))
 
-    def _probe_hook(self, i: int, proj: str):
-        def hook(module, args):
-            if not self.enabled or not torch.is_grad_enabled():
-                return None
-            x = args[0]
-            probe = self._probes.get((i, proj))
-            if probe is None or probe.shape[0] != x.shape[0]:
-                probe = torch.ones(x.shape[0], *([1] * (x.dim() - 2)), x.shape[-1], dtype=x.dtype, device=x.device,
-                                   requires_grad=True)
-                self._probes[(i, proj)] = probe
-            return (x * probe, *args[1:])
+    def _checkpointing(self) -> bool:
+        m = self.model
+        flag = m.is_activation_checkpointing if hasattr(m, "is_activation_checkpointing") else \
+            getattr(m, "is_gradient_checkpointing", False)
+        return bool(flag and m.training)
 
-        return hook
+    def _hook(self, i: int, proj: str, output: bool):
+        key = (i, proj)
+
+        def observe(t: torch.Tensor) -> None:
+            if not torch.is_grad_enabled() or not t.requires_grad:
+                return
+            n = self._seen.get(key, 0)
+            self._seen[key] = n + 1
+            if n:  # the checkpoint recomputation during backward: its activation is the one to pair
+                self._latest[key] = t
+                return
+            ref = None if self._checkpointing() else t  # without checkpointing, the backward pass keeps t anyway
+            t.register_hook(lambda g: self._accumulate(key, self._latest.pop(key, None) if ref is None else ref, g))
+
+        if output:
+            return lambda module, args, out: observe(out)
+        return lambda module, args: observe(args[0])
 
     @torch.no_grad()
-    def _harvest(self) -> None:
-        for (i, proj), probe in self._probes.items():
-            if probe.grad is None:
-                continue
-            g = probe.grad.float().reshape(probe.shape[0], -1)  # [batch, in]
-            a = self.arch
-            if proj == "o_proj":
-                d = criteria.fisher_group_grads(g, a.head_dim)  # [batch, heads]
-                if self.gqa == "kv-groups":
-                    d = d.view(d.shape[0], a.num_kv_heads, a.group_size).sum(-1)
-            else:
-                d = g
-            s = criteria.fisher_scores(d)
-            key = (i, proj)
-            self._acc[key] = s if key not in self._acc else self._acc[key] + s
-        self._probes = {}
+    def _accumulate(self, key: tuple[int, str], act: torch.Tensor | None, grad: torch.Tensor) -> None:
+        if act is None:
+            return
+        a = self.arch
+        x = (act.float() * grad.float()).reshape(act.shape[0], -1, act.shape[-1]).sum(1)  # [batch, width]
+        if key[1] == "up_proj":
+            d = x
+        else:  # v_proj: [batch, kv heads]; o_proj input: [batch, query heads]
+            d = criteria.fisher_group_grads(x, a.head_dim)
+        s = criteria.fisher_scores(d)
+        self._acc[key] = s if key not in self._acc else self._acc[key] + s
+
+    def _head_key(self, i: int) -> tuple[int, str]:
+        return (i, "v_proj" if self.gqa == "kv-groups" else "o_proj")
 
     def reducible(self) -> list[torch.Tensor]:
-        self._harvest()
         a = self.arch
         units = groups.head_units(a, self.gqa) if self.gqa == "kv-groups" else a.num_heads
         for i in self.prunable:  # a rank that saw no micro-batch contributes zeros
-            dev = self._layer(i, "o_proj").in_mask.device
-            self._acc.setdefault((i, "o_proj"), torch.zeros(units, device=dev))
-            self._acc.setdefault((i, "down_proj"), torch.zeros(a.intermediate_size, device=dev))
-        return [self._acc[(i, p)] for i in self.prunable for p in ("o_proj", "down_proj")]
+            dev = self._layer(i, "up_proj").out_mask.device
+            self._acc.setdefault(self._head_key(i), torch.zeros(units, device=dev))
+            self._acc.setdefault((i, "up_proj"), torch.zeros(a.intermediate_size, device=dev))
+        return [self._acc[k] for i in self.prunable for k in (self._head_key(i), (i, "up_proj"))]
 
     def clear(self) -> None:
-        self._probes, self._acc = {}, {}
+        self._acc, self._latest = {}, {}
 
     def detach(self) -> None:
         for h in getattr(self, "_handles", []):
@@ -301,8 +320,7 @@ class FisherImportance(Importance):
         self.clear()
 
     def layer_scores(self, i: int, step: int) -> tuple[torch.Tensor, torch.Tensor] | None:
-        self._harvest()
-        h, c = self._acc.get((i, "o_proj")), self._acc.get((i, "down_proj"))
+        h, c = self._acc.get(self._head_key(i)), self._acc.get((i, "up_proj"))
         if h is None or c is None:
             return None
         return h, c

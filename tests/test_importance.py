@@ -111,14 +111,20 @@ def test_normalisation_scopes():
         assert float(proj[i][1].sum()) > 0
 
 
-def test_fisher_under_gradient_checkpointing_matches():
+@pytest.mark.parametrize("gqa_mode", ["kv-groups", "query-heads"])
+def test_fisher_under_gradient_checkpointing_matches(gqa_mode):
+    """Under checkpointing the activation of the recomputation is paired with the gradient: same scores."""
     model, arch, cfg = _model()
     batch = _batch(cfg)
-    plain = importance.score(model, [batch], "fisher", arch=arch)
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    plain = importance.score(model, [batch], "fisher", arch=arch, gqa=gqa_mode)
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        assert model.is_activation_checkpointing
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        assert model.is_gradient_checkpointing
     model.train()
-    assert model.is_gradient_checkpointing
-    ckpt = importance.score(model, [batch], "fisher", arch=arch)
+    ckpt = importance.score(model, [batch], "fisher", arch=arch, gqa=gqa_mode)
     for a, b in zip(plain, ckpt):
         torch.testing.assert_close(a[0], b[0], rtol=1e-4, atol=1e-12)
         torch.testing.assert_close(a[1], b[1], rtol=1e-4, atol=1e-12)
