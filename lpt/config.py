@@ -85,7 +85,7 @@ class PruneConfig(ModelOptions, DataOptions):
     seq_len: int = _f(256, "Tokens per block when calibrating inline from --data.")
     # what to prune
     ratio: float = _f(0.5, "Fraction of the transformer blocks' linear-layer parameters to remove.")
-    round_to: int = _f(8, "Keep pruned MLP widths a multiple of N channels (8: odd widths ran ~25% slower MLP matmuls on CPU; 64 or 128 may suit GPUs, unmeasured); the ratio stays within one N-channel step of --ratio. Heads are not rounded; 1 disables.")
+    round_to: int = _f(8, "Keep pruned MLP widths a multiple of N channels (8: on CPU, widths not a multiple of 8 ran the MLP ~25% slower; 64 or 128 may suit GPUs, unmeasured); the ratio stays within one N-channel step of --ratio. Heads are not rounded; 1 disables.")
     criterion: str = _f("lora", "Importance: lora (LoRA-guided, Eq. 10), vanilla (full-gradient Taylor, Eq. 3), "
                                 "magnitude, random.")
     score: str = _f("square", "Element score: square (paper) or abs (authors' released code).")
