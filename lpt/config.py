@@ -88,8 +88,9 @@ class PruneConfig(ModelOptions, DataOptions):
     criterion: str = _f("lora", "Importance: lora (the paper's LoRA-guided estimate, Eq. 10), fisher (mask Fisher "
                                 "information from activation gradients; beyond the paper), vanilla (full-gradient "
                                 "Taylor, Eq. 3: the memory-hungry baseline), magnitude, random.")
-    round_to: int = _f(1, "Keep MLP widths a multiple of N channels (e.g. 64 or 128 for GPU kernels); the ratio stays "
-                          "within one N-channel step of --ratio. Heads are not rounded.")
+    round_to: int = _f(8, "Keep pruned MLP widths a multiple of N channels (8: on CPU, widths not a multiple of 8 ran "
+                          "the MLP ~25% slower; 64 or 128 may suit GPUs, unmeasured); the ratio stays within one "
+                          "N-channel step of --ratio. Heads are not rounded; 1 disables.")
     score: str = _f("square", "Element score: square (paper) or abs (authors' released code).")
     normalize: bool = _f(True, "Normalise each layer's group scores by their L2 norm (matters for --layout per-layer).")
     normalize_by: str = _f("group", "What --normalize divides by its L2 norm: group (lpt: each layer's summed group "

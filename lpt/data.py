@@ -258,7 +258,8 @@ def open_records(source: str, *, seed: int, subset: str | None = None, split: st
     """A source's records in a seeded random order, read lazily (what calibration uses; see :class:`RecordStream`).
 
     builtin and .txt sources are read whole (they are small); local .parquet files are read in place by row group,
-    local .json/.jsonl through datasets' memory-mapped Arrow cache, by index; hub datasets are streamed. Sources of
+    local .json/.jsonl through datasets' memory-mapped Arrow cache, by index; hub datasets are streamed (a sliced
+    split such as ``train[:10%]`` is loaded memory-mapped and read by index instead). Sources of
     up to ``EXACT_SHUFFLE_MAX`` records (all builtin and .txt ones) give the same order as
     ``shuffled(load_records(...), seed)``.
     """
@@ -273,6 +274,8 @@ def open_records(source: str, *, seed: int, subset: str | None = None, split: st
         records = load_records(source, subset=subset, split=split, data_files=data_files)  # errors as before
         return RecordStream(records[0] if records else None, len(records),
                             lambda: (records[i] for i in random_order(len(records), seed)))
+    if "[" in (split or ""):  # split slicing (train[:10%]) needs the non-streaming loader
+        return _arrow_stream(source, seed, source, name=subset, data_files=data_files, split=split)
     return _hub_stream(source, seed, source, name=subset, data_files=data_files, split=split)
 
 

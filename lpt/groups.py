@@ -83,13 +83,14 @@ def round_channels(n_pruned: int, intermediate: int, round_to: int = 1) -> int:
     """Channels to prune so that the kept MLP width ``intermediate - n`` is the multiple of ``round_to`` nearest to
     ``intermediate - n_pruned`` (ties keep more), at least ``round_to`` and at most ``intermediate``.
 
-    With ``round_to == 1`` it returns ``n_pruned`` unchanged. Works for any layer's width (per-layer layouts too).
+    With ``round_to == 1`` it returns ``n_pruned`` unchanged, and nothing is pruned when nothing was to be (a
+    width that is not a multiple stays whole). Works for any layer's width (per-layer layouts too).
     """
     round_to = int(round_to)
     if round_to < 1:
         raise LptError(f"--round-to must be a positive number of channels (got {round_to})")
-    if round_to == 1:
-        return int(n_pruned)
+    if round_to == 1 or n_pruned <= 0:
+        return max(0, int(n_pruned))
     if round_to > intermediate:
         raise LptError(f"--round-to {round_to} is larger than the MLP width {intermediate}")
     kept = intermediate - int(n_pruned)
@@ -118,9 +119,10 @@ def uniform_counts(arch: Arch, ratio: float, gqa: str, round_to: int = 1) -> tup
 
 def round_to_violations(masks: "Masks") -> list[int]:
     """Layers whose kept MLP width is not a multiple of the ``round_to`` that ``masks.info`` records (prune's
-    ``--round-to``); empty when it records none or 1."""
+    ``--round-to``); empty when it records none or 1. Unpruned layers keep their width and never count."""
     n = int(masks.info.get("round_to", 1) or 1)
-    return [i for i, m in enumerate(masks.layers) if n > 1 and len(m.channels) % n]
+    full = masks.arch.intermediate_size
+    return [i for i, m in enumerate(masks.layers) if n > 1 and len(m.channels) % n and len(m.channels) != full]
 
 
 # ------------------------------------------------------------------------------------------------ selection

@@ -156,3 +156,6 @@ def test_streamed_datasets_shuffle_with_the_seed(tmp_path, monkeypatch):
     a = head(0)
     assert a == head(0) and a != head(1)
     assert len(set(a)) == 20 and a != [f"Say the number {i}." for i in range(20)]
+    # a sliced split is not streamed: loaded memory-mapped and read by index
+    sliced = data.open_records("parquet", seed=0, data_files=str(path), split="train[:10%]")
+    assert sliced.available == 60 and len(list(sliced.records())) == 60

@@ -63,7 +63,8 @@ def test_uniform_counts_round_to(shape):
                 nh, nc = groups.uniform_counts(arch, ratio, gqa, round_to=n)
                 assert nh == plain[0]  # heads are not rounded
                 kept = arch.intermediate_size - nc
-                assert kept % n == 0 and n <= kept <= arch.intermediate_size
+                assert (kept % n == 0 and n <= kept) or nc == 0  # unpruned widths stay whole
+                assert kept <= arch.intermediate_size
                 removed, plain_removed = nh * p_head + nc * p_chan, plain[0] * p_head + plain[1] * p_chan
                 assert abs(removed - plain_removed) < n * p_chan  # less than one rounding step moved
                 if abs(plain_removed - ratio * before) <= p_chan / 2 + 1:  # the target is reachable at this shape
@@ -75,7 +76,8 @@ def test_round_channels_and_violations():
     assert groups.round_channels(2816 - 64, 5632, 128) == 5632 - 2944  # a tie keeps more
     assert groups.round_channels(5600, 5632, 128) == 5632 - 128  # at least one step kept
     assert groups.round_channels(7, 100, 1) == 7
-    assert groups.round_channels(0, 100, 64) == 100 - 64  # 100 is not a multiple: the largest multiple is kept
+    assert groups.round_channels(0, 100, 64) == 0  # nothing to prune: the width stays whole
+    assert groups.round_channels(3, 100, 64) == 100 - 64  # 100 is not a multiple: the largest multiple is kept
     for bad in (0, -4, 101):
         with pytest.raises(Exception, match="--round-to"):
             groups.round_channels(10, 100, bad)
@@ -93,12 +95,15 @@ def test_slice_warns_when_masks_break_their_round_to(tmp_path, runner, tiny_llam
     from lpt.models import load_config
 
     arch = describe(load_config(str(tiny_llama_dir)))
-    masks = groups.Masks.full(arch, info={"round_to": 7})  # 96 kept channels: not a multiple of 7
+    assert groups.round_to_violations(groups.Masks.full(arch, info={"round_to": 7})) == []  # unpruned: fine
+    cp = [torch.arange(96) < 6] * 2  # 90 kept channels: not a multiple of 7
+    masks = groups.Masks.from_pruned(arch, [torch.zeros(arch.num_kv_heads, dtype=torch.bool)] * 2, cp, "kv-groups",
+                                     info={"round_to": 7})
     masks.save(tmp_path / "masks.json")
     r = invoke(runner, ["slice", tiny_llama_dir, "--masks", tmp_path / "masks.json", "-o", tmp_path / "s"])
     assert r.exit_code == 0, r.output
     assert "--round-to 7" in r.output and "not a multiple" in r.output
-    masks.info["round_to"] = 32
+    masks.info["round_to"] = 30
     masks.save(tmp_path / "masks32.json")
     r = invoke(runner, ["slice", tiny_llama_dir, "--masks", tmp_path / "masks32.json", "-o", tmp_path / "s32"])
     assert r.exit_code == 0 and "not a multiple" not in r.output
