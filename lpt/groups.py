@@ -210,14 +210,16 @@ def layer_ratio(arch: Arch, ratio: float, prunable: Sequence[int]) -> float:
 def step_counts(frac: float, final: tuple[int, int], layout: str, prunable: Sequence[int], num_layers: int,
                 head_scores: Sequence[torch.Tensor | None], channel_scores: Sequence[torch.Tensor | None],
                 heads_pruned: Sequence[torch.Tensor], channels_pruned: Sequence[torch.Tensor],
-                kv: int | None) -> list[tuple[int, int]]:
+                kv: int | None, round_to: int = 1, intermediate: int | None = None) -> list[tuple[int, int]]:
     """Attention units and MLP channels to have pruned in every layer at ``frac`` of the way to the target.
 
     ``final`` is the per-layer count at the target (``uniform_counts``). Counts grow in proportion to ``frac`` so the
     masks only ever grow and end exactly at the target. ``uniform``: every prunable layer gets the same counts;
     ``per-layer``: the same totals, split over layers by a global ranking of the scores (already pruned units count
     first; every layer keeps at least one unit). ``kv``: key/value heads under ``--gqa query-heads`` (a unit is then
-    one query head in every group), else None. Skipped layers get ``(0, 0)``.
+    one query head in every group), else None. Skipped layers get ``(0, 0)``. At the target (``frac >= 1``) each
+    per-layer channel count is rounded so the kept width is a multiple of ``round_to`` (:func:`round_channels`;
+    uniform ``final`` counts are rounded already by :func:`uniform_counts`).
     """
     nh_f, nc_f = final
     counts = [(0, 0)] * num_layers
@@ -233,7 +235,8 @@ def step_counts(frac: float, final: tuple[int, int], layout: str, prunable: Sequ
     cc = global_counts([sorted_unit_scores(_need(channel_scores[i]), channels_pruned[i], None) for i in prunable],
                        total_c)
     for j, i in enumerate(prunable):
-        counts[i] = (hc[j], cc[j])
+        nc = cc[j] if frac < 1.0 or intermediate is None else round_channels(cc[j], intermediate, round_to)
+        counts[i] = (hc[j], nc)
     return counts
 
 

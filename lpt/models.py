@@ -317,9 +317,15 @@ def load(model: str | ModelRef, *, adapter: str | Path | None = None, masks=None
     merge and slice. ``tokenizer``: True to load it, False for none, or an already loaded tokenizer to reuse."""
     from lpt.arch import describe
 
+    wraps = adapter is not None or masks is not None or load_8bit
     m, tok = load_model(model, dtype=dtype, device=device, revision=revision, trust_remote_code=trust_remote_code,
-                        device_map=device_map, tokenizer=tokenizer is True)
+                        device_map=device_map, tokenizer=tokenizer is True, check_arch=wraps)
     tok = tok if tokenizer is True else (tokenizer or None)
+    if not wraps:  # a plain model of any family (lpt eval measures baselines lpt cannot prune, too)
+        try:
+            return Loaded(m, tok, describe(m.config))
+        except LptError:
+            return Loaded(m, tok, None)
     arch = describe(m.config)
     layers, masks, adapter_cfg = attach(m, arch, adapter=adapter, masks=masks, load_8bit=load_8bit)
     return Loaded(m, tok, arch, masks, adapter_cfg, layers)

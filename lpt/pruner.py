@@ -92,7 +92,8 @@ class Pruner:
         kv = self.arch.num_kv_heads
         counts = groups.step_counts(frac, self.final, self.layout, self.prunable, self.arch.num_layers,
                                     self.ema_heads, self.ema_channels, self.heads_pruned, self.channels_pruned,
-                                    kv if self.cfg.gqa == "query-heads" else None)
+                                    kv if self.cfg.gqa == "query-heads" else None, round_to=self.cfg.round_to,
+                                    intermediate=self.arch.intermediate_size)
         self.heads_pruned, self.channels_pruned = groups.grow_masks(
             counts, self.prunable, self.ema_heads, self.ema_channels, self.heads_pruned, self.channels_pruned,
             self.cfg.gqa, kv)

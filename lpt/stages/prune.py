@@ -68,8 +68,6 @@ def validate(cfg: PruneConfig) -> None:
          f"--distill-weight 1 leaves --criterion {cfg.criterion} no gradient to score with (the KL's gradient is "
          f"zero while the student equals the teacher); use a weight below 1 or --one-shot")
     need(cfg.round_to >= 1, f"--round-to must be a positive number of channels (got {cfg.round_to})")
-    need(cfg.round_to == 1 or (cfg.layout == "uniform" and not cfg.skip_layers),
-         "--round-to applies to --layout uniform (per-layer widths and --skip-layers are not rounded)")
     bad = [t for t in targets(cfg) if t not in PROJECTIONS]
     need(not bad, f"unknown --targets {', '.join(bad)} (choose from {PROJECTION_LIST})")
 
