@@ -74,10 +74,13 @@ def unit_params(arch: Arch, gqa: str) -> tuple[int, int]:
     return head, arch.channel_params()
 
 
-def uniform_counts(arch: Arch, ratio: float, gqa: str) -> tuple[int, int]:
+def uniform_counts(arch: Arch, ratio: float, gqa: str, multiple_of: int = 1) -> tuple[int, int]:
     """Attention units and MLP channels to prune in every layer so that ``ratio`` of the block parameters goes.
 
-    Heads are rounded to the nearest unit; channels then make up the difference (nearest channel).
+    Heads are rounded to the nearest unit; channels then make up the difference (nearest channel). With
+    ``multiple_of > 1`` the number of *kept* channels is rounded to the nearest multiple of it (at least one
+    multiple): llama.cpp's quantised types and CPU kernels want row lengths divisible by 32 (see the README's
+    llama.cpp table), at the price of a ratio up to ``multiple_of / 2`` channels off.
     """
     if not 0.0 <= ratio < 1.0:
         raise LptError(f"--ratio must be in [0, 1) (got {ratio})")
@@ -87,6 +90,10 @@ def uniform_counts(arch: Arch, ratio: float, gqa: str) -> tuple[int, int]:
     n_heads = min(units - 1, int(math.floor(ratio * units + 0.5)))
     n_chan = int(math.floor((target - n_heads * p_head) / p_chan + 0.5))
     n_chan = max(0, min(arch.intermediate_size - 1, n_chan))
+    if multiple_of > 1 and n_chan > 0:
+        keep = arch.intermediate_size - n_chan
+        keep = max(multiple_of, int(math.floor(keep / multiple_of + 0.5)) * multiple_of)
+        n_chan = max(0, min(arch.intermediate_size - 1, arch.intermediate_size - keep))
     return n_heads, n_chan
 
 
