@@ -185,7 +185,8 @@ def main() -> None:
         "settings": {"threads": args.threads, "trials": args.trials, "warmup": args.warmup,
                      "prompt_tokens": len(prompt), "gen_tokens": args.gen_tokens, "n_batch": 512,
                      "greedy": True, "interleaved": True},
-        "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count()},
+        "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count(),
+                    "load_average_1min_at_end": os.getloadavg()[0]},
         "versions": {"llama_cpp_python": llama_cpp.__version__},
         "tokenizer_matches_hf": tokenizer_matches,
         "note": "pruned models: lpt prune --criterion magnitude --max-steps 2 (barely trained; speed depends on the "

@@ -235,3 +235,19 @@ def test_prune_runs_on_a_new_family(tmp_path, tiny_tokenizer_dir, tiny_calib_dir
                                                      adapter=str(out), merge=True, output=str(tmp_path / "s"),
                                                      device="cpu"))
     assert (sliced / "config.json").is_file()
+
+
+def test_uniform_counts_can_keep_a_round_to_32_channels():
+    """SmolLM2-135M's shape: the plain count leaves 1297 channels at 20% (not a multiple of 32, see the README's
+    llama.cpp table); round_to=32 keeps a multiple of 32, close to the requested ratio."""
+    from transformers import LlamaConfig
+
+    arch = describe(LlamaConfig(hidden_size=576, intermediate_size=1536, num_attention_heads=9, num_key_value_heads=3,
+                                num_hidden_layers=30, head_dim=64, vocab_size=49152))
+    for ratio in (0.2, 0.5):
+        heads, chans = groups.uniform_counts(arch, ratio, "kv-groups")
+        heads32, chans32 = groups.uniform_counts(arch, ratio, "kv-groups", round_to=32)
+        assert heads32 == heads and (arch.intermediate_size - chans32) % 32 == 0
+        assert abs(chans32 - chans) <= 16
+    assert groups.uniform_counts(arch, 0.2, "kv-groups")[1] == 1536 - 1297
+    assert groups.uniform_counts(arch, 0.0, "kv-groups", round_to=32) == (0, 0)

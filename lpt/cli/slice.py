@@ -21,8 +21,8 @@ EPILOG = """[b]Examples[/b]
 
 [b]Writes[/b] a smaller Hugging Face model directory and lpt_provenance.json (with --adapter: OUTPUT/adapter/, the
 adapter sliced for the new shapes, in PEFT format). Uniform widths give a standard config that transformers, vLLM
-and llama.cpp's converter read; per-layer widths add lpt_layer_* lists and modeling_lpt.py: load those with
-AutoModelForCausalLM.from_pretrained(OUTPUT, trust_remote_code=True).
+and llama.cpp's converter read (lpt export OUTPUT --gguf -o FILE.gguf); per-layer widths add lpt_layer_* lists and
+modeling_lpt.py: load those with AutoModelForCausalLM.from_pretrained(OUTPUT, trust_remote_code=True).
 """
 
 
