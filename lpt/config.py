@@ -96,8 +96,9 @@ class PruneConfig(ModelOptions, DataOptions):
     normalize_by: str = _f("group", "What --normalize divides by its L2 norm: group (lpt: each layer's summed group "
                                     "scores) or projection (the authors' code: each projection's row/column scores "
                                     "before they are summed into groups).")
-    gqa: str = _f("kv-groups", "Grouped-query attention: kv-groups (prune whole key/value groups) or query-heads "
-                               "(prune the same number of query heads inside every group).")
+    gqa: str = _f("auto", "Grouped-query attention: kv-groups (prune whole key/value groups), query-heads (prune the "
+                          "same number of query heads inside every group), or auto (kv-groups, except query-heads for "
+                          "a model with a single key/value head, where kv-groups could prune no attention).")
     layout: str = _f("uniform", "uniform (every layer keeps the same widths: a standard config) or per-layer.")
     skip_layers: str = _f("", "Layers never pruned: comma list / ranges (e.g. 0-2,31), or 'paper' for the first 10% "
                               "and the last layer. Implies --layout per-layer.")

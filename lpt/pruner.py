@@ -7,6 +7,7 @@ stage around it (loading, calibration, outputs) is ``lpt.stages.prune``.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from typing import Any, Iterable
@@ -17,6 +18,13 @@ from lpt import checkpoint, distributed, groups, importance, lora, losses, sched
 from lpt.arch import Arch
 from lpt.benchmarking.memory import peak_memory_bytes
 from lpt.config import PruneConfig
+
+
+def resolve_gqa(arch: Arch, gqa: str) -> tuple[str, str | None]:
+    """``--gqa auto`` made concrete for ``arch`` (``arch.default_gqa``), with a note for the user or None."""
+    from lpt.arch import default_gqa
+
+    return default_gqa(arch, None if gqa == "auto" else gqa)
 
 
 def targets(cfg: PruneConfig) -> list[str]:
@@ -31,6 +39,8 @@ class Pruner:
     """
 
     def __init__(self, model, arch: Arch, cfg: PruneConfig, total_steps: int, model_name: str | None = None):
+        gqa, self.note = resolve_gqa(arch, cfg.gqa)
+        cfg = dataclasses.replace(cfg, gqa=gqa)
         self.model, self.arch, self.cfg, self.total_steps = model, arch, cfg, total_steps
         self.model_name = model_name or cfg.model
         self.criterion = cfg.criterion if cfg.ratio > 0 else "none"

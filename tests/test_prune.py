@@ -350,3 +350,18 @@ def test_pickled_checkpoint_is_refused_not_loaded(tmp_path, runner, tiny_llama_d
     r = invoke(runner, ["prune", tiny_llama_dir, "--calib", tiny_calib_dir, *FAST, "--resume", "-o", out])
     assert r.exit_code == 2 and "pickled checkpoint" in r.output
     assert not out.exists()
+
+
+def test_gqa_auto_prunes_query_heads_with_a_single_key_value_head():
+    """With one key/value head, kv-groups could prune no attention: auto picks query-heads and says so."""
+    cfg = tiny_config(num_attention_heads=4, num_key_value_heads=1)
+    p = prune.Pruner(build_model(cfg), describe(cfg), PruneConfig(lora_r=4, ratio=0.5), total_steps=4)
+    assert p.cfg.gqa == "query-heads" and "single key/value head" in p.note
+    p.ema_heads = [torch.rand(4) for _ in range(cfg.num_hidden_layers)]
+    p.ema_channels = [torch.rand(cfg.intermediate_size) for _ in range(cfg.num_hidden_layers)]
+    p.prune_to(0.5)
+    assert all(len(m.heads) < 4 and m.kv_heads == [0] for m in p.masks().layers)
+    # with several key/value heads auto is kv-groups, the paper's grouping
+    cfg2 = tiny_config()
+    p2 = prune.Pruner(build_model(cfg2), describe(cfg2), PruneConfig(lora_r=4, ratio=0.5), total_steps=4)
+    assert p2.cfg.gqa == "kv-groups" and p2.note is None

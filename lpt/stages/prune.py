@@ -42,7 +42,7 @@ def validate(cfg: PruneConfig) -> None:
         if not ok:
             raise LptError(msg)
 
-    choices = (("criterion", importance.CRITERIA), ("score", ("square", "abs")), ("gqa", groups.GQA_MODES),
+    choices = (("criterion", importance.CRITERIA), ("score", ("square", "abs")), ("gqa", ("auto", *groups.GQA_MODES)),
                ("layout", groups.LAYOUTS), ("normalize_by", importance.NORMALIZE))
     for name, allowed in choices:
         need(getattr(cfg, name) in allowed,
@@ -138,6 +138,8 @@ def _run(cfg: PruneConfig, world: distributed.World, device_map: str | dict | No
     data = _calibration(cfg, tok)
     total = schedule.num_steps(data.nsamples, cfg.batch_size, cfg.epochs, cfg.max_steps)
     pruner = Pruner(model, arch, cfg, total, model_name=cfg.model)
+    if pruner.note and world.main:
+        console.print(f"note: {pruner.note}")
     resolved = {**asdict(cfg), "data": cfg.data if cfg.calib else default_data(cfg)}
     if cfg.resume:
         tensors, meta = checkpoint.load(ckpt)
@@ -183,7 +185,7 @@ def _run(cfg: PruneConfig, world: distributed.World, device_map: str | dict | No
     lora.save_adapter(model, work, base_model=cfg.model, metadata={"lpt_version": lpt.__version__})
     masks.save(work / artifacts.MASKS)
     artifacts.save_tensors(pruner.importance_tensors() or {"empty": torch.zeros(0)}, work / artifacts.IMPORTANCE,
-                           {"criterion": pruner.criterion, "ema": str(cfg.ema), "gqa": cfg.gqa})
+                           {"criterion": pruner.criterion, "ema": str(cfg.ema), "gqa": pruner.cfg.gqa})
     artifacts.write_json(work / artifacts.RESOLVED_CONFIG, {
         "stage": "prune", "config": resolved, "versions": artifacts.versions(),
         "launch": {"processes": world.size, "backend": world.backend, "devices": distributed.devices_of(model)}})
