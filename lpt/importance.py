@@ -278,7 +278,9 @@ class FisherImportance(Importance):
             if n:  # the checkpoint recomputation during backward: its activation is the one to pair
                 self._latest[key] = t
                 return
-            ref = None if self._checkpointing() else t  # without checkpointing, the backward pass keeps t anyway
+            # without checkpointing the backward pass keeps t's storage anyway; a detached alias shares it without
+            # the reference cycle (t -> hook -> t) that would keep every step's activations alive until a GC pass
+            ref = None if self._checkpointing() else t.detach()
             t.register_hook(lambda g: self._accumulate(key, self._latest.pop(key, None) if ref is None else ref, g))
 
         if output:

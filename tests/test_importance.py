@@ -138,3 +138,34 @@ def test_unknown_criterion_and_missing_lora():
     cfg = tiny_config()
     with pytest.raises(LptError, match="no LoRA layer"):
         importance.make("fisher").attach(build_model(cfg), describe(cfg))
+
+
+@pytest.mark.parametrize("gqa_mode", ["kv-groups", "query-heads"])
+def test_fisher_keeps_no_activation_alive_between_steps(gqa_mode):
+    """No reference cycle through the gradient hooks: without a GC pass, live tensors do not pile up per step."""
+    import gc
+
+    model, arch, cfg = _model()
+    est = importance.make("fisher").attach(model, arch, gqa=gqa_mode)
+    batch = _batch(cfg)
+
+    def step():
+        model(**batch).loss.backward()
+        est.scores()
+        est.clear()
+        model.zero_grad(set_to_none=True)
+
+    def live_tensors():
+        return sum(1 for o in gc.get_objects() if isinstance(o, torch.Tensor))
+
+    step()
+    gc.collect()
+    gc.disable()
+    try:
+        before = live_tensors()
+        for _ in range(3):
+            step()
+        after = live_tensors()
+    finally:
+        gc.enable()
+    assert after <= before + 2, (before, after)
