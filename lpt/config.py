@@ -270,6 +270,19 @@ class BenchPruneStepConfig(ModelOptions):
     overwrite: bool = _f(False, "Replace existing output files.")
 
 
+@dataclass
+class ExportConfig:
+    """``lpt export``: Hugging Face model directory -> GGUF file."""
+
+    model: str | None = _f(None, "Required: a local Hugging Face model directory with uniform widths (the output of lpt "
+                                 "slice or lpt merge, or any model directory llama.cpp's converter reads).")
+    gguf: bool = _f(False, "Write a GGUF file (llama.cpp). Required: GGUF is the one export format.")
+    outtype: str = _f("f16", "GGUF tensor type: f32, f16, bf16, or q8_0 (8-bit, about half of f16). Norms and other "
+                             "1-D tensors stay f32, as llama.cpp's converter writes them.")
+    output: str | None = _f(None, "Output .gguf file (default: MODEL-OUTTYPE.gguf next to the model directory).")
+    overwrite: bool = _f(False, "Replace an existing output file.")
+
+
 def load_recipe(path: str | Path, stage: str) -> dict[str, Any]:
     """Read one stage's section from a recipe YAML (keys are flag names, dashes or underscores)."""
     import yaml

@@ -75,7 +75,10 @@ def slice_linear(layer: nn.Module, index: torch.Tensor, dim: int) -> nn.Module:
         if bias is not None:
             out.bias.copy_(bias)
     out.requires_grad_(False)
-    return lora.quantize_8bit(out) if int8 else out
+    if not int8:
+        return out
+    threshold = getattr(getattr(layer, "state", None), "threshold", lora.INT8_THRESHOLD)
+    return lora.quantize_8bit(out, threshold)  # the same LLM.int8 outlier threshold as the layer it replaces
 
 
 def _slice_param(linear: nn.Linear, index: torch.Tensor, dim: int) -> None:

