@@ -95,17 +95,21 @@ def load_records(
     return _load_dataset(source, name=subset, data_files=data_files, split=split, what=source)
 
 
-def _load_dataset(path: str, *, what: str, **kwargs) -> list[dict[str, Any]]:
+def _open_dataset(path: str, *, what: str, **kwargs):
+    """``datasets.load_dataset`` with None-valued options dropped and its many failure types as one line."""
     import datasets
 
     datasets.disable_progress_bars()
     kwargs = {k: v for k, v in kwargs.items() if v is not None}
     try:
-        ds = datasets.load_dataset(path, **kwargs)
+        return datasets.load_dataset(path, **kwargs)
     except Exception as e:  # datasets raises many types for offline / missing / malformed input
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise LptError(f"could not load dataset '{what}': {first}") from None
-    return [dict(r) for r in ds]
+
+
+def _load_dataset(path: str, *, what: str, **kwargs) -> list[dict[str, Any]]:
+    return [dict(r) for r in _open_dataset(path, what=what, **kwargs)]
 
 
 # ----------------------------------------------------------------------------------------------- lazy reading
@@ -213,15 +217,7 @@ def _parquet_stream(path: Path, seed: int, what: str) -> RecordStream:
 def _arrow_stream(path: str, seed: int, what: str, **kwargs) -> RecordStream:
     """A dataset through ``datasets.load_dataset`` (memory-mapped Arrow, e.g. local json/jsonl files): records are
     read by index, never all turned into Python objects."""
-    import datasets
-
-    datasets.disable_progress_bars()
-    kwargs = {k: v for k, v in kwargs.items() if v is not None}
-    try:
-        ds = datasets.load_dataset(path, **kwargs)
-    except Exception as e:  # datasets raises many types for offline / missing / malformed input
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise LptError(f"could not load dataset '{what}': {first}") from None
+    ds = _open_dataset(path, what=what, **kwargs)
     n = len(ds)
 
     def fetch(indices: list[int]) -> list[dict[str, Any]]:
