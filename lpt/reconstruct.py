@@ -45,7 +45,7 @@ def kept_columns(masks, arch: Arch, layer: int, proj: str) -> torch.Tensor:
 @torch.no_grad()
 def collect_grams(model, arch: Arch, batches: Iterable[Mapping[str, torch.Tensor]], layers: Iterable[int]
                   ) -> dict[tuple[int, str], torch.Tensor]:
-    """``G = X^T X`` (float64, on the CPU) of the inputs of every ``o_proj`` / ``down_proj`` in ``layers``, over
+    """``G = X^T X`` (accumulated in float64, on the CPU) of the inputs of every ``o_proj`` / ``down_proj`` in ``layers``, over
     ``batches`` run through ``model`` as it is (pass the unpruned model for dense inputs)."""
     from lpt.arch import get_module
 
@@ -54,8 +54,8 @@ def collect_grams(model, arch: Arch, batches: Iterable[Mapping[str, torch.Tensor
     for i in layers:
         for proj in FAN_IN:
             def hook(mod, args, key=(i, proj)):
-                x = args[0].reshape(-1, args[0].shape[-1]).double()
-                g = (x.T @ x).cpu()
+                x = args[0].reshape(-1, args[0].shape[-1]).float()
+                g = (x.T @ x).double().cpu()  # one batch's sum in float32, the running sum in float64
                 grams[key] = g if key not in grams else grams[key] + g
 
             handles.append(get_module(model, arch.module_path(i, proj)).register_forward_pre_hook(hook))
