@@ -424,3 +424,17 @@ def test_slice_reconstruct_gets_closer_to_dense(runner, tiny_llama_dir, tiny_cal
     r = invoke(runner, ["slice", tiny_llama_dir, "--masks", tmp_path / "m.json", "--adapter", tmp_path,
                         "--reconstruct", tiny_calib_dir, "-o", tmp_path / "c"])
     assert r.exit_code == 2 and "--merge" in r.output and not (tmp_path / "c").exists()
+
+
+def test_reconstruct_with_nothing_pruned_and_no_damping_is_the_plain_merge(runner, tiny_llama_dir, tiny_calib_dir,
+                                                                           tmp_path):
+    """With every column kept and no damping the refit must return the merged weight itself (W0 + s·B·A): a check
+    that the base weight is never changed in place and that LoRA's delta is counted once."""
+    d, _ = make_prune_dir(tiny_llama_dir, tmp_path / "p", "kv-groups", [[], []], [lambda c: c < 0, lambda c: c < 0])
+    base = ["slice", tiny_llama_dir, "--masks", d / artifacts.MASKS, "--adapter", d, "--merge", "--dtype", "float32"]
+    ok(runner, [*base, "-o", tmp_path / "plain"])
+    ok(runner, [*base, "--reconstruct", tiny_calib_dir, "--reconstruct-damp", "0", "-o", tmp_path / "refit"])
+    a, b = weights(tmp_path / "plain"), weights(tmp_path / "refit")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-3, atol=1e-4)

@@ -114,7 +114,8 @@ def run(cfg: SliceConfig) -> Path:
 
 def reconstruct_weights(loaded, masks, calib_dir: str, damp: float) -> dict:
     """Refitted full-width o_proj / down_proj weights (pruned columns zero) from the unpruned model's inputs on the
-    blocks in ``calib_dir`` (``lpt.reconstruct``). With LoRA layers the refit starts from ``W0 + s·B·A``."""
+    blocks in ``calib_dir`` (``lpt.reconstruct``). With LoRA layers the target is the base weight with LoRA's change
+    on the kept columns (``W0 + s·B·A`` there; the pruned columns as the base had them, since LoRA never saw them)."""
     from contextlib import nullcontext
 
     from lpt import lora, reconstruct
@@ -131,8 +132,13 @@ def reconstruct_weights(loaded, masks, calib_dir: str, damp: float) -> dict:
     for i in layers:
         for proj in reconstruct.FAN_IN:
             mod = get_module(model, arch.module_path(i, proj))
-            weights[(i, proj)] = (lora.dense_weight(mod.base_layer) + mod.delta().to(mod.base_layer.weight.device)
-                                  if isinstance(mod, lora.LoraLinear) else mod.weight.detach().float())
+            if isinstance(mod, lora.LoraLinear):  # LoRA's change on the kept columns; the pruned ones as trained on
+                keep = reconstruct.kept_columns(masks, arch, i, proj).to(mod.base_layer.weight.device)
+                w = lora.dense_weight(mod.base_layer).clone()  # never the base weight itself
+                w[:, keep] += mod.delta().to(w.device)[:, keep]
+            else:
+                w = mod.weight.detach().float()
+            weights[(i, proj)] = w
     return reconstruct.refit_weights(weights, grams, masks, arch, damp)
 
 
