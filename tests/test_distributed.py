@@ -18,7 +18,7 @@ from lpt.errors import LptError
 from lpt.stages import prune
 
 # 3 micro-batches per step: with 2 processes rank 0 computes 2 and rank 1 computes 1 (an uneven split on purpose)
-ARGS = ["--ratio", "0.5", "--max-steps", "6", "--batch-size", "6", "--micro-batch-size", "2", "--prune-freq", "2",
+ARGS = ["--criterion", "lora", "--ratio", "0.5", "--max-steps", "6", "--batch-size", "6", "--micro-batch-size", "2", "--prune-freq", "2",
         "--lr", "1e-3", "--warmup", "0.0", "--cooldown", "0.3", "--lora-dropout", "0"]
 
 # Runs the real CLI under torchrun; each rank also records its masks and moving averages after every step and its

@@ -29,7 +29,7 @@ def _batch(cfg, n=4, seq=16, seed=0):
 
 @pytest.mark.parametrize("gqa_mode", ["kv-groups", "query-heads"])
 def test_group_importance_matches_autograd_and_no_base_gradients(gqa_mode):
-    p, cfg = _pruner(gqa_model=True, gqa=gqa_mode, normalize=False)
+    p, cfg = _pruner(gqa_model=True, gqa=gqa_mode, normalize=False, criterion="lora")
     for layer in p.layers.values():  # non-zero B so that every term of Eq. 10 matters
         if layer.r:
             torch.nn.init.normal_(layer.lora_B.weight, std=0.05)
