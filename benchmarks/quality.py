@@ -266,6 +266,7 @@ def main() -> None:
 
     def save() -> None:  # after every row, so an interrupted study keeps what it measured
         results["wall_time_s"] = round(time.time() - t_start, 1)
+        results["stages_wall_time_s"] = round(sum(v["seconds"] for v in st.read_times().values()), 1)
         (out / "results.json").write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
         (out / "results.md").write_text(markdown(results))
         try:
@@ -310,10 +311,15 @@ def main() -> None:
     if "criterion" in sections:
         crits = ("fisher", "vanilla") if quick else CRITERION_ONLY
         need = [(c, r) for c in crits for r in ratios if not (out / f"crit-{c}-r{r}.eval.json").exists()]
-        if (need or "mask_agreement" not in results) and not a.report_only:
+        agreement = out / "crit-agreement.json"
+        if (need or not agreement.exists()) and not a.report_only:
             t0 = time.time()
-            results["mask_agreement"] = criterion_masks(calib, ratios, crits, out, min(bs, 4), score_blocks)
-            st.record("criterion-scoring", round(time.time() - t0, 1), "lpt.importance.score (in process)")
+            agreement.write_text(json.dumps(criterion_masks(calib, ratios, crits, out, min(bs, 4), score_blocks),
+                                            indent=2, sort_keys=True) + "\n")
+            if st.seconds("criterion-scoring") is None:  # not when only reloaded from the scores' cache
+                st.record("criterion-scoring", round(time.time() - t0, 1), "lpt.importance.score (in process)")
+        if agreement.exists():
+            results["mask_agreement"] = json.loads(agreement.read_text())
         for r in ratios:
             for c in crits:
                 name = f"crit-{c}-r{r}"
@@ -464,7 +470,7 @@ def markdown(res: dict) -> str:
         ratios = list(rows)
         lines += ["Main table (pruning with joint LoRA fine-tuning, the same budget for every row; Torch-Pruning "
                   "prunes once, then `lpt prune PRUNED --ratio 0` fine-tunes LoRA with the same budget):", "",
-                  "| method | " + " | ".join(f"ppl @ {float(r):.0%} (achieved; min)" for r in ratios) + " |",
+                  "| method | " + " | ".join(f"ppl @ {float(r):.0%} (achieved; prune min)" for r in ratios) + " |",
                   "|---|" + "---|" * len(ratios)]
         for n in dict.fromkeys(n for r in ratios for n in rows[r]):
             cells = []
@@ -487,7 +493,7 @@ def markdown(res: dict) -> str:
             lines.append(f"| {n} | {row['ppl']:.2f} | {refppl} | {row['ratio_blocks']:.1%} | {_mins(row.get('seconds'))} |")
         lines.append("")
     mc = res.get("main_command") or {}
-    if mc:
+    if any(v != "dense" for v in mc):
         d = mc.get("dense", {})
         lines += [f"Main-command candidate (20%, fisher, builtin:pydoc:train; perplexity on builtin:pydoc:test at "
                   f"seq-len 2048, all segments; dense {d.get('ppl', float('nan')):.2f}; wall time on a shared "
@@ -502,8 +508,8 @@ def markdown(res: dict) -> str:
     if res.get("unfinished"):
         lines += ["Not finished (stopped at the time limit; the study is resumable): " + ", ".join(res["unfinished"])
                   + ".", ""]
-    lines += [f"Wall time of this invocation {res.get('wall_time_s', 0) / 60:.1f} min; per-run commands and times in "
-              "results.json."]
+    lines += [f"Wall time of all recorded stages together {res.get('stages_wall_time_s', 0) / 60:.1f} min on a shared "
+              "2-core CPU machine (several stages ran side by side); per-run commands and times in results.json."]
     return "\n".join(lines) + "\n"
 
 
