@@ -212,6 +212,8 @@ def main() -> None:
     ap.add_argument("--sections", default="criterion,main-command,main,ablations",
                     help="comma list of sections to run (criterion, main-command, main, ablations)")
     ap.add_argument("--no-peer", action="store_true", help="skip the Torch-Pruning peer")
+    ap.add_argument("--criteria", default=",".join(MAIN_CRITERIA),
+                    help="comma list of lpt criteria in the main table (default fisher,lora,vanilla)")
     ap.add_argument("--main-command", default="--nsamples 64 --seq-len 256 --max-steps 20 --batch-size 4 "
                     "--micro-batch-size 4 --lr 5e-4 --prune-freq 2",
                     help="budget flags of the main-command candidate (besides --ratio 0.2 --criterion fisher)")
@@ -370,7 +372,7 @@ def main() -> None:
 
     # 3. main table -------------------------------------------------------------------------------------------
     if "main" in sections:
-        crits = ("fisher",) if quick else MAIN_CRITERIA
+        crits = ("fisher",) if quick else [c for c in a.criteria.split(",") if c]
         for c in crits:
             for r in ratios:
                 row = attempt(f"{c} {r}", lambda: lpt_run(f"r{r}-{c}", ["--ratio", r, "--criterion", c]))
