@@ -1,15 +1,16 @@
 #!/usr/bin/env python
-"""How well does the LoRA-guided criterion track the vanilla (full-gradient) criterion, and when?
+"""How well do the LoRA-guided criterion (and fisher) track the vanilla (full-gradient) criterion, and when?
 
     python benchmarks/criterion_fidelity.py --calib runs/quality/calib --steps 0,8,24
 
 For SmolLM2-135M, LoRA is trained for a number of steps (plain LoRA fine-tuning, no pruning); then, on the same
-calibration batches, the group scores of the LoRA criterion (Eq. 10) and of the vanilla criterion (Eq. 3) are
-computed from the same backward passes, and compared per layer: Spearman rank correlation and the overlap of the 50%
-weakest MLP channels. Variants of Eq. 10 show which term carries the signal:
-  eq10        G = gB·A + B·gA − gB·gA   (the paper, lr taken as 1)
+calibration batches, group scores are computed with ``lpt.importance.score`` (public API only) and compared per
+layer with the vanilla criterion (Eq. 3): Spearman rank correlation and the overlap of the 50% weakest MLP
+channels. Variants of Eq. 10 show which term carries the signal:
+  lora        G = gB·A + B·gA − gB·gA   (the paper's Eq. 10, lr taken as 1: ``--criterion lora``)
   first-order G = gB·A + B·gA          (without the second-order term)
   gB·A only   G = gB·A                 (what Eq. 10 reduces to while B = 0)
+  fisher      the mask Fisher information (``--criterion fisher``; no weights involved)
 """
 
 from __future__ import annotations
@@ -19,12 +20,36 @@ import json
 
 import torch
 
+from lpt import criteria, importance, lora
+from lpt.arch import PROJECTIONS
+
 
 def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
     ra = torch.argsort(torch.argsort(a)).float()
     rb = torch.argsort(torch.argsort(b)).float()
     ra, rb = ra - ra.mean(), rb - rb.mean()
     return float((ra * rb).sum() / (ra.norm() * rb.norm()))
+
+
+class GradientVariant(importance.Importance):
+    """``[G ⊙ (W0 + s·B·A)]²`` with ``G`` an estimate of the weight gradient from LoRA's factors and gradients."""
+
+    def __init__(self, name: str, estimate):
+        super().__init__(score="square", normalize=None)
+        self.name, self.estimate = name, estimate
+
+    @torch.no_grad()
+    def projection_scores(self, i: int) -> dict[str, torch.Tensor]:
+        out = {}
+        for proj, path in ((p, self.arch.module_path(i, p)) for p in PROJECTIONS):
+            layer = self.layers[path]
+            if not layer.r or layer.lora_A.weight.grad is None:
+                continue
+            A, B = layer.lora_A.weight.float(), layer.lora_B.weight.float()
+            G = self.estimate(A, B, layer.lora_A.weight.grad.float(), layer.lora_B.weight.grad.float())
+            W = lora.dense_weight(layer.base_layer) + layer.delta()
+            out[proj] = criteria.reduce((G * W) ** 2, proj in importance.FAN_IN)
+        return out
 
 
 def main() -> None:
@@ -37,74 +62,62 @@ def main() -> None:
     ap.add_argument("-o", "--output", default=None)
     a = ap.parse_args()
 
-    from lpt import criteria, groups, lora, models
-    from lpt.arch import PROJECTIONS, describe
-    from lpt.config import PruneConfig
+    from lpt import models
+    from lpt.arch import describe
     from lpt.stages import calibrate
-    from lpt.stages.prune import FAN_IN, Pruner
 
     torch.manual_seed(0)
     model, tok = models.load_model(a.model)
     arch = describe(model.config)
+    lora.inject(model, arch, r=8, alpha=16, dropout=0.0)
+    params = [p for layer in lora.lora_layers(model).values() if layer.r
+              for p in (layer.lora_A.weight, layer.lora_B.weight)]
+    optimizer = torch.optim.AdamW(params, lr=a.lr)
     data = calibrate.load(a.calib, tok)
-    cfg = PruneConfig(criterion="vanilla", ratio=0.5, lora_dropout=0.0, lr=a.lr, batch_size=4, micro_batch_size=4,
-                      normalize=False)
-    checkpoints = sorted(int(s) for s in a.steps.split(","))
-    p = Pruner(model, arch, cfg, total_steps=max(checkpoints) + 1)
     n = data.nsamples
+    checkpoints = sorted(int(s) for s in a.steps.split(","))
 
     def batch(k: int) -> dict:
         idx = torch.arange(k * 4, k * 4 + 4) % n
         return {key: v[idx] for key, v in data.tensors.items()}
 
-    variants = {
-        "eq10": lambda A, B, gA, gB: gB @ A + B @ gA - gB @ gA,
-        "first-order": lambda A, B, gA, gB: gB @ A + B @ gA,
-        "gB·A only": lambda A, B, gA, gB: gB @ A,
+    estimators = {
+        "lora": lambda: importance.make("lora"),
+        "first-order": lambda: GradientVariant("first-order", lambda A, B, gA, gB: gB @ A + B @ gA),
+        "gB·A only": lambda: GradientVariant("gB·A only", lambda A, B, gA, gB: gB @ A),
+        "fisher": lambda: importance.make("fisher"),
     }
     report = {}
     done = 0
     for target in checkpoints:
-        while done < target:  # plain LoRA steps (base gradients dropped)
-            p.forward_backward(batch(1000 + done))
-            for layer in p.layers.values():
-                layer.base_layer.weight.grad = None
-            p.optimizer.step()
-            p.scheduler.step()  # the cosine schedule sets the learning rate
-            p.optimizer.zero_grad(set_to_none=True)
+        model.train()
+        while done < target:  # plain LoRA steps (constant learning rate)
+            model(**batch(1000 + done)).loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
             done += 1
-        for k in range(a.batches):
-            p.forward_backward(batch(k))
-        van = p.group_importance("vanilla")
+        model.eval()
+        batches = [batch(k) for k in range(a.batches)]
+        van = importance.score(model, batches, "vanilla", arch=arch)
         res = {}
-        for name, fn in variants.items():
+        for name, make in estimators.items():
+            scores = importance.score(model, batches, make(), arch=arch)
             rho_h, rho_c, overlap = [], [], []
-            for i in range(arch.num_layers):
-                proj = {}
-                for pr in PROJECTIONS:
-                    L = p.layers[arch.module_path(i, pr)]
-                    A, B = L.lora_A.weight.detach(), L.lora_B.weight.detach()
-                    G = fn(A, B, L.lora_A.weight.grad, L.lora_B.weight.grad)
-                    W = lora.dense_weight(L.base_layer) + L.scaling * B @ A
-                    proj[pr] = criteria.reduce((G * W) ** 2, pr in FAN_IN)
-                h, c = groups.group_scores(arch, proj, cfg.gqa)
-                vh, vc = van[i]
+            k = arch.intermediate_size // 2
+            for (h, c), (vh, vc) in zip(scores, van):
                 rho_h.append(spearman(h, vh))
                 rho_c.append(spearman(c, vc))
-                k = arch.intermediate_size // 2
                 overlap.append(len(set(torch.argsort(c)[:k].tolist()) & set(torch.argsort(vc)[:k].tolist())) / k)
             res[name] = {"spearman_channels": round(sum(rho_c) / len(rho_c), 3),
                          "spearman_kv_groups": round(sum(rho_h) / len(rho_h), 3),
                          "overlap_weakest_half_channels": round(sum(overlap) / len(overlap), 3)}
-        p.optimizer.zero_grad(set_to_none=True)
-        for layer in p.layers.values():
-            layer.base_layer.weight.grad = None
         report[f"after {target} LoRA steps"] = res
-        print(f"after {target} LoRA steps:", json.dumps(res))
+        print(f"after {target} LoRA steps:", json.dumps(res, ensure_ascii=False))
     if a.output:
         with open(a.output, "w") as f:
             json.dump({"model": a.model, "calib": a.calib, "lr": a.lr, "batches": a.batches, "results": report}, f,
-                      indent=2, sort_keys=True)
+                      indent=2, sort_keys=True, ensure_ascii=False)
 
 
 if __name__ == "__main__":

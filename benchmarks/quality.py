@@ -1,18 +1,28 @@
 #!/usr/bin/env python
-"""Quality study: lpt's criteria against baselines and an external peer on a real model (SmolLM2-135M).
+"""Quality study (issue #14): lpt's criteria against baselines and an external peer on SmolLM2-135M.
 
-    python benchmarks/quality.py -o runs/quality            # the full study (about an hour on 2 CPU cores)
+    python benchmarks/quality.py -o runs/quality            # the full protocol (hours on 2 CPU cores; resumable)
     python benchmarks/quality.py --quick -o runs/quality-q  # a smoke run in minutes
 
-Everything runs through the real CLI (one subprocess per stage), with the same calibration blocks, steps, seed and
-LoRA budget for every row:
-- lpt `--criterion lora` (iterative, joint fine-tuning), `vanilla`, `magnitude`, `random`;
-- lpt `--criterion lora --one-shot` then LoRA fine-tuning with the same steps (the paper's "separate", Table 7);
-- Torch-Pruning (benchmarks/tp_peer.py, its LLM example's L2 group importance), then plain LoRA recovery
-  (`lpt prune PRUNED --ratio 0`) with the same steps;
-evaluated by `lpt eval` (perplexity on held-out text the calibration never saw, non-overlapping segments).
-Also: mask agreement of lora vs vanilla (Fig. 4 of the paper) and a small sweep of the defaults.
-Writes OUT/results.json and OUT/results.md.
+Every training run goes through the real CLI (one subprocess per stage) with the same calibration blocks, steps,
+batch, learning rate, seed and LoRA budget. Sections, in priority order (an interrupted study keeps the first ones;
+finished runs are reused when the study is started again):
+
+1. criterion only: score the unpruned model once (``lpt.importance.score`` over every calibration block, LoRA
+   injected with B = 0, so nothing is trained), keep the weakest groups of every layer (uniform layout), and
+   evaluate the masked dense model (``lpt eval --masks``, no adapter): fisher, lora, vanilla, magnitude. Isolates
+   the criterion. Also the overlap of the groups each criterion prunes with those vanilla prunes (Fig. 4).
+2. main command: the candidate for the README's first command (``lpt prune smollm2-135m --ratio 0.2 --criterion
+   fisher`` on builtin:pydoc:train, a budget that fits in minutes), evaluated on builtin:pydoc:test, wall time.
+3. main table at 20% and 50%: ``--criterion fisher``, ``lora``, ``vanilla`` (iterative pruning with joint LoRA
+   fine-tuning), and Torch-Pruning's Taylor importance (``benchmarks/tp_peer.py``) followed by the same LoRA budget
+   (``lpt prune PRUNED --ratio 0``).
+4. ablations at 50% of the best lpt row of the main table: ``--distill``, ``--one-shot`` (score once, prune, then
+   fine-tune), ``--layout per-layer``; and the normalisation scope (``--normalize-by projection`` against the main
+   table's ``group``) on ``lora``: for fisher both scopes are the same thing (one score vector per group kind).
+
+Perplexity: ``lpt eval`` on held-out text the calibration never saw, non-overlapping 2048-token segments.
+Writes OUT/results.json, OUT/results.md and OUT/results.png (perplexity against parameters removed).
 """
 
 from __future__ import annotations
@@ -21,6 +31,7 @@ import argparse
 import hashlib
 import json
 import os
+import shlex
 import subprocess
 import sys
 import time
@@ -29,23 +40,63 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 PYDOC_SOURCES = Path("/usr/share/doc/python3.11/html/_sources")  # Debian's python3.11-doc package
 MODEL = "smollm2-135m"
-
-
-def sh(args: list[str], log: Path) -> None:
-    """Run one CLI stage; its output goes to ``log``; failure stops the study with the log's tail."""
-    t0 = time.time()
-    with log.open("a") as f:
-        f.write(f"$ {' '.join(args)}\n")
-        f.flush()
-        r = subprocess.run(args, stdout=f, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    if r.returncode:
-        tail = log.read_text().splitlines()[-15:]
-        raise SystemExit(f"failed ({r.returncode}): {' '.join(args)}\n" + "\n".join(tail))
-    print(f"  {time.time() - t0:6.1f}s  {' '.join(str(a) for a in args[2:6])} ...", flush=True)
+CRITERION_ONLY = ("fisher", "lora", "vanilla", "magnitude")
+MAIN_CRITERIA = ("fisher", "lora", "vanilla")
 
 
 def lpt(*args) -> list[str]:
     return [sys.executable, "-m", "lpt", *[str(a) for a in args]]
+
+
+def shown(args: list[str]) -> str:
+    """The command as a user types it (``lpt ...`` / ``python benchmarks/...``)."""
+    args = [str(a) for a in args]
+    if args[:3] == [sys.executable, "-m", "lpt"]:
+        args = ["lpt", *args[3:]]
+    elif args[0] == sys.executable:
+        args = ["python", os.path.relpath(args[1], ROOT), *args[2:]]
+    return shlex.join(args)
+
+
+class Unfinished(Exception):
+    """A run that has not finished, met with ``--report-only``."""
+
+
+class Study:
+    def __init__(self, out: Path, report_only: bool = False):
+        self.out, self.report_only = out, report_only
+        self.log = out / "study.log"
+        self.times_path = out / "timings.json"
+        self.times = self.read_times()
+
+    def read_times(self) -> dict:
+        return json.loads(self.times_path.read_text()) if self.times_path.exists() else {}
+
+    def record(self, key: str, seconds: float, command: str) -> None:
+        self.times = {**self.read_times(), key: {"seconds": seconds, "command": command}}  # another study may write
+        self.times_path.write_text(json.dumps(self.times, indent=2, sort_keys=True) + "\n")
+
+    def sh(self, key: str, args: list[str]) -> None:
+        """Run one CLI stage (output to the study log), record its wall time under ``key``; failure stops the study."""
+        if self.report_only:
+            raise Unfinished(key)
+        t0 = time.time()
+        with self.log.open("a") as f:
+            f.write(f"$ {shown(args)}\n")
+            f.flush()
+            r = subprocess.run(args, stdout=f, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        if r.returncode:
+            tail = self.log.read_text().splitlines()[-15:]
+            raise SystemExit(f"failed ({r.returncode}): {shown(args)}\n" + "\n".join(tail))
+        dt = round(time.time() - t0, 1)
+        self.record(key, dt, shown(args))
+        print(f"  {dt:7.1f}s  {shown(args)[:150]}", flush=True)
+
+    def seconds(self, key: str) -> float | None:
+        return self.times.get(key, {}).get("seconds")
+
+    def command(self, key: str) -> str | None:
+        return self.times.get(key, {}).get("command")
 
 
 def corpus(out: Path, prefer: str) -> tuple[str, str, str]:
@@ -73,197 +124,427 @@ def ppl_of(path: Path, source: str) -> float:
     return float(json.loads(path.read_text())["perplexity"][source]["ppl"])
 
 
-def agreement(calib: Path, ratios: list[float], batches: int, warm_steps: int) -> dict:
-    """Overlap of the groups pruned by lora and vanilla scores from the same calibration batches (Fig. 4)."""
+# ------------------------------------------------------------------------------------------------ criterion only
+def criterion_masks(calib: Path, ratios: list[float], criteria: tuple[str, ...], out: Path, batch_size: int,
+                    blocks: int, gqa: str = "kv-groups") -> dict:
+    """Score the unpruned model once per criterion (no training) and write one masks.json per (criterion, ratio).
+
+    Public API only: ``lpt.lora.inject`` (rank 8, B = 0: the state ``lpt prune`` starts from), ``lpt.importance
+    .score`` over the first ``blocks`` calibration blocks, ``lpt.groups`` for the counts, the selection (the
+    weakest groups of every layer, as ``lpt prune --one-shot`` with the uniform layout) and ``masks.json``.
+    Returns the overlap of each criterion's pruned groups with vanilla's (Fig. 4 of the paper).
+    """
     import torch
 
-    from lpt import groups, models
+    from lpt import groups, importance, lora, models
     from lpt.arch import describe
-    from lpt.config import PruneConfig
     from lpt.stages import calibrate
-    from lpt.stages.prune import Pruner
 
     torch.manual_seed(0)
     model, tok = models.load_model(MODEL)
+    model.eval()  # no dropout while scoring
     arch = describe(model.config)
+    lora.inject(model, arch, r=8, alpha=16)
     data = calibrate.load(calib, tok)
-    cfg = PruneConfig(criterion="vanilla", ratio=0.5, lora_r=8, lora_alpha=16, lora_dropout=0.0, lr=5e-4,
-                      batch_size=4, micro_batch_size=4, normalize=False)
-    p = Pruner(model, arch, cfg, total_steps=warm_steps + 1)
-    # a few plain LoRA steps first, so that B != 0 and every term of Eq. 10 is exercised
-    for s in range(warm_steps):
-        b = {k: v[s * 4:(s + 1) * 4] for k, v in data.tensors.items()}
-        p.forward_backward(b)
-        for layer in p.layers.values():
-            layer.base_layer.weight.grad = None
-        p.optimizer.step()
-        p.scheduler.step()  # the cosine schedule sets the learning rate
-        p.optimizer.zero_grad(set_to_none=True)
-    for s in range(batches):
-        b = {k: v[s * 4:(s + 1) * 4] for k, v in data.tensors.items()}
-        p.forward_backward(b)  # LoRA and base-weight gradients accumulate over the same batches
-    lora_scores = p.group_importance("lora")
-    vanilla_scores = p.group_importance("vanilla")
-    out = {}
-    for ratio in ratios:
-        nh, nc = groups.uniform_counts(arch, ratio, cfg.gqa)
-        res = {}
-        for kind, idx, n in (("attention heads (kv groups)", 0, nh), ("mlp channels", 1, nc)):
-            if n == 0:
-                res[kind] = None
+    n = min(blocks, data.nsamples)
+
+    def batches():
+        for i in range(0, n, batch_size):
+            yield {k: v[i:i + batch_size] for k, v in data.tensors.items()}
+
+    pruned: dict[tuple[str, float], list[tuple[torch.Tensor, torch.Tensor]]] = {}
+    units = groups.head_units(arch, gqa)
+    for c in criteria:
+        t0 = time.time()
+        cache = out / f"crit-{c}-scores.pt"  # an interrupted study scores only what is missing
+        if cache.exists():
+            scores = torch.load(cache)
+        else:
+            scores = importance.score(model, batches(), c, arch=arch, gqa=gqa, normalize="group")
+            torch.save(scores, cache)
+        for r in ratios:
+            nh, nc = groups.uniform_counts(arch, r, gqa)
+            hp = [groups.prune_lowest(s[0], torch.zeros(units, dtype=torch.bool), nh) for s in scores]
+            cp = [groups.prune_lowest(s[1], torch.zeros(arch.intermediate_size, dtype=torch.bool), nc) for s in scores]
+            pruned[(c, r)] = list(zip(hp, cp))
+            masks = groups.Masks.from_pruned(arch, hp, cp, gqa, layout="uniform", model=MODEL)
+            before, after = masks.block_params()
+            masks.info = {"criterion": c, "one_shot": True, "steps": 0, "scoring": f"{n} calibration blocks, no "
+                          "training", "ratio": {"requested": r, "blocks": (before - after) / before}}
+            d = out / f"crit-{c}-r{r}"
+            d.mkdir(parents=True, exist_ok=True)
+            masks.save(d / "masks.json")
+        print(f"  {time.time() - t0:7.1f}s  scored {c} over {n} blocks", flush=True)
+    agreement = {}
+    if "vanilla" in criteria:
+        for c in criteria:
+            if c == "vanilla":
                 continue
-            per_layer = []
-            for ls, vs in zip(lora_scores, vanilla_scores):
-                a = set(torch.argsort(ls[idx])[:n].tolist())
-                b = set(torch.argsort(vs[idx])[:n].tolist())
-                per_layer.append(len(a & b) / n)
-            res[kind] = round(sum(per_layer) / len(per_layer), 4)
-        out[str(ratio)] = res
-    return out
+            for r in ratios:
+                res = {}
+                for kind, k in (("attention (kv groups)", 0), ("mlp channels", 1)):
+                    shares = []
+                    for a, b in zip(pruned[(c, r)], pruned[("vanilla", r)]):
+                        if int(b[k].sum()):
+                            shares.append(float((a[k] & b[k]).sum()) / float(b[k].sum()))
+                    res[kind] = round(sum(shares) / len(shares), 4) if shares else None
+                agreement.setdefault(c, {})[str(r)] = res
+    return agreement
 
 
+# ------------------------------------------------------------------------------------------------ study
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("-o", "--output", default="runs/quality")
-    ap.add_argument("--quick", action="store_true", help="a smoke run: one ratio, two criteria, a few steps")
-    ap.add_argument("--ratios", default=None, help="comma list (default 0.5,0.2; quick: 0.5)")
-    ap.add_argument("--steps", type=int, default=None, help="optimiser steps per run (default 16; quick: 6)")
-    ap.add_argument("--batch-size", type=int, default=None, help="default 4")
-    ap.add_argument("--seq-len", type=int, default=None, help="calibration block length (default 128)")
+    ap.add_argument("--quick", action="store_true", help="a smoke run: one ratio, one row per section, a few steps")
+    ap.add_argument("--ratios", default=None, help="comma list (default 0.2,0.5; quick: 0.5)")
+    ap.add_argument("--steps", type=int, default=None, help="optimiser steps per run (default 16; quick: 2)")
+    ap.add_argument("--batch-size", type=int, default=None, help="blocks per step (default 8; quick: 4)")
+    ap.add_argument("--seq-len", type=int, default=None, help="calibration block length (default 256; quick: 128)")
+    ap.add_argument("--nsamples", type=int, default=None, help="calibration blocks (default: two epochs' worth)")
+    ap.add_argument("--score-blocks", type=int, default=None,
+                    help="calibration blocks the criterion-only scores are summed over (default 8; quick: 4)")
     ap.add_argument("--lr", type=float, default=5e-4)
     ap.add_argument("--corpus", choices=["auto", "pydoc"], default="auto")
-    ap.add_argument("--eval-seq-len", type=int, default=2048)
-    ap.add_argument("--eval-segments", type=int, default=4, help="segments of held-out text evaluated (0: all)")
-    ap.add_argument("--no-sweep", action="store_true")
-    ap.add_argument("--sweep", default=None, help="comma list of sweep rows to run (default: all)")
+    ap.add_argument("--eval-seq-len", type=int, default=None, help="default 2048; quick: 512")
+    ap.add_argument("--eval-segments", type=int, default=None,
+                    help="segments of held-out text evaluated (0: all; default 4; quick: 1)")
+    ap.add_argument("--sections", default="criterion,main-command,main,ablations",
+                    help="comma list of sections to run (criterion, main-command, main, ablations)")
     ap.add_argument("--no-peer", action="store_true", help="skip the Torch-Pruning peer")
-    ap.add_argument("--peer-importance", default="l2,taylor", help="Torch-Pruning importances to run (l2, taylor)")
+    ap.add_argument("--criteria", default=",".join(MAIN_CRITERIA),
+                    help="comma list of lpt criteria in the main table (default fisher,lora,vanilla)")
+    ap.add_argument("--main-command", default="--nsamples 64 --seq-len 256 --max-steps 20 --batch-size 4 "
+                    "--micro-batch-size 4 --lr 5e-4 --prune-freq 2",
+                    help="budget flags of the main-command candidate (besides --ratio 0.2 --criterion fisher)")
+    ap.add_argument("--main-command-variants", default="plain,distill",
+                    help="comma list: plain, distill (adds --distill)")
+    ap.add_argument("--pydoc-dense-ppl", type=float, default=None,
+                    help="dense perplexity on builtin:pydoc:test at the eval seq-len, all segments, if already "
+                         "measured (the README's number); default: measure it")
+    ap.add_argument("--report-only", action="store_true",
+                    help="start nothing: rebuild results.json/.md/.png from the runs that finished")
     a = ap.parse_args()
 
     quick = a.quick
-    ratios = [float(r) for r in (a.ratios or ("0.5" if quick else "0.5,0.2")).split(",")]
-    steps = a.steps or (6 if quick else 16)
-    bs = a.batch_size or 4
-    seq = a.seq_len or 128
+    ratios = [float(r) for r in (a.ratios or ("0.5" if quick else "0.2,0.5")).split(",")]
+    steps = a.steps or (2 if quick else 16)
+    bs = a.batch_size or (4 if quick else 8)
+    seq = a.seq_len or (128 if quick else 256)
+    nsamples = a.nsamples or (8 if quick else steps * bs // 2)  # every block seen twice
+    score_blocks = min(nsamples, a.score_blocks or (4 if quick else 8))
+    a.eval_seq_len = a.eval_seq_len or (512 if quick else 2048)
+    a.eval_segments = a.eval_segments if a.eval_segments is not None else (1 if quick else 4)
+    sections = set(a.sections.split(","))
     out = Path(a.output)
     out.mkdir(parents=True, exist_ok=True)
-    log = out / "study.log"
+    st = Study(out, a.report_only)
     t_start = time.time()
 
     train_src, test_src, corpus_desc = corpus(out, a.corpus)
     print(f"corpus: {corpus_desc}")
     calib = out / "calib"
-    nsamples = max(steps * bs // 2, 16)  # two epochs over the blocks at the default budget
     if not calib.exists():
-        sh(lpt("calibrate", MODEL, "--data", train_src, "-n", nsamples, "--seq-len", seq, "-o", calib), log)
+        st.sh("calibrate", lpt("calibrate", MODEL, "--data", train_src, "-n", nsamples, "--seq-len", seq, "-o", calib))
 
+    prune_freq = max(1, steps // 8)
     common = ["--calib", calib, "--max-steps", steps, "--batch-size", bs, "--micro-batch-size", min(bs, 4),
-              "--lr", a.lr, "--prune-freq", max(1, steps // 8), "--seed", "0"]
+              "--lr", a.lr, "--prune-freq", prune_freq, "--seed", "0"]
     ev = ["--ppl", test_src, "--seq-len", a.eval_seq_len] + (["--max-segments", a.eval_segments] if a.eval_segments
                                                               else [])
 
-    def evaluate(name: str, model, extra: list) -> float:
-        res = out / f"{name}.eval.json"
-        if not res.exists():
-            sh(lpt("eval", model, *extra, *ev, "-o", res), log)
-        return ppl_of(res, test_src)
-
-    def lpt_run(name: str, extra: list, model=MODEL) -> dict:
-        d = out / name
-        if not d.exists():
-            sh(lpt("prune", model, *common, *extra, "-o", d), log)
-        masks = json.loads((d / "masks.json").read_text())
-        ppl = evaluate(name, model, ["--adapter", d] + (["--masks", d / "masks.json"] if masks["ratio"]["blocks"] > 0
-                                                         else []))
-        return {"ppl": ppl, "ratio_blocks": masks["ratio"]["blocks"], "ratio_model": masks["ratio"].get("model")}
-
     results: dict = {"protocol": {
         "model": MODEL, "corpus": corpus_desc, "calibration_blocks": nsamples, "seq_len": seq, "steps": steps,
-        "batch_size": bs, "lr": a.lr, "prune_freq": max(1, steps // 8), "eval": f"perplexity on {test_src}, "
-        f"the first {a.eval_segments or 'all'} non-overlapping {a.eval_seq_len}-token segments (lpt eval)", "quick": quick}, "rows": {}, "sweep": {}}
+        "batch_size": bs, "training_tokens": steps * bs * seq, "criterion_only_scoring_blocks": score_blocks, "lr": a.lr, "prune_freq": prune_freq,
+        "eval": f"perplexity on {test_src}, the first {a.eval_segments or 'all'} non-overlapping "
+                f"{a.eval_seq_len}-token segments (lpt eval)", "quick": quick},
+        "criterion_only": {}, "main_command": {}, "rows": {}, "ablations": {}}
+    old = out / "results.json"
+    if old.exists():  # keep sections measured by an earlier invocation (e.g. with other --sections)
+        prev = json.loads(old.read_text())
+        for k in ("criterion_only", "main_command", "rows", "ablations", "mask_agreement", "ablation_base"):
+            if prev.get(k) and prev.get("protocol", {}).get("quick") == quick:
+                results[k] = prev[k]
+
     def save() -> None:  # after every row, so an interrupted study keeps what it measured
         results["wall_time_s"] = round(time.time() - t_start, 1)
+        results["stages_wall_time_s"] = round(sum(v["seconds"] for v in st.read_times().values()), 1)
         (out / "results.json").write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
         (out / "results.md").write_text(markdown(results))
+        try:
+            plot(results, out / "results.png")
+        except Exception as e:  # a missing plotting library must not lose measurements
+            print(f"  (no plot: {e})")
 
-    results["dense_ppl"] = evaluate("dense", MODEL, [])
+    def evaluate(name: str, model, extra: list, source: str = test_src, evflags: list | None = None) -> dict:
+        res = out / f"{name}.eval.json"
+        if not res.exists():
+            st.sh(f"{name}.eval", lpt("eval", model, *extra, *(ev if evflags is None else evflags), "-o", res))
+        return {"ppl": round(ppl_of(res, source), 4), "eval_seconds": st.seconds(f"{name}.eval"),
+                "eval_command": st.command(f"{name}.eval")}
+
+    def lpt_run(name: str, extra: list, model=MODEL, flags: list | None = None, source: str = test_src,
+                evflags: list | None = None) -> dict:
+        d = out / name
+        if not d.exists():
+            st.sh(name, lpt("prune", model, *(common if flags is None else flags), *extra, "-o", d))
+        masks = json.loads((d / "masks.json").read_text())
+        pruned = masks["ratio"]["blocks"] > 0
+        row = evaluate(name, model, ["--adapter", d] + (["--masks", d / "masks.json"] if pruned else []), source,
+                       evflags)
+        row.update({"ratio_blocks": masks["ratio"]["blocks"], "ratio_model": masks["ratio"].get("model"),
+                    "seconds": st.seconds(name), "command": st.command(name)})
+        return row
+
+    def attempt(label: str, fn):
+        """``fn()``, or None when a run it needs has not finished and ``--report-only`` forbids starting it."""
+        try:
+            return fn()
+        except Unfinished:
+            results.setdefault("unfinished", []).append(label)
+            print(f"not finished: {label}")
+            return None
+
+    results["dense_ppl"] = evaluate("dense", MODEL, [])["ppl"]
     print(f"dense ppl {results['dense_ppl']:.3f}")
+    save()
 
-    criteria_list = ["lora", "magnitude"] if quick else ["lora", "vanilla", "magnitude", "random"]
-    for r in ratios:
-        rows = {}
-        for c in criteria_list:
-            rows[c] = lpt_run(f"r{r}-{c}", ["--ratio", r, "--criterion", c])
-            print(f"ratio {r} {c}: ppl {rows[c]['ppl']:.3f}")
-            results["rows"][str(r)] = rows
-            save()
-        if not quick:
-            rows["lora separate (one-shot + FT)"] = lpt_run(f"r{r}-separate", ["--ratio", r, "--one-shot"])
-        if not a.no_peer and not quick:
-            for imp in a.peer_importance.split(","):
-                tag = "" if imp == "l2" else f"-{imp}"
-                pruned = out / f"r{r}-tp{tag}-pruned"
-                if not pruned.exists():
-                    sh([sys.executable, str(ROOT / "benchmarks" / "tp_peer.py"), MODEL, "--ratio", str(r), "--calib",
-                        str(calib), "--importance", imp, "-o", str(pruned)], log)
-                peer = json.loads((pruned / "tp_peer.json").read_text())
-                rec = lpt_run(f"r{r}-tp{tag}", ["--ratio", "0"], model=pruned)
-                rec["ratio_blocks"] = peer["ratio_blocks"]
-                rows[f"Torch-Pruning {imp} + LoRA"] = rec
-                print(f"ratio {r} torch-pruning {imp}: ppl {rec['ppl']:.3f}")
-                results["rows"][str(r)] = rows
+    # 1. criterion only ------------------------------------------------------------------------------------------
+    if "criterion" in sections:
+        crits = ("fisher", "vanilla") if quick else CRITERION_ONLY
+        need = [(c, r) for c in crits for r in ratios if not (out / f"crit-{c}-r{r}.eval.json").exists()]
+        agreement = out / "crit-agreement.json"
+        if (need or not agreement.exists()) and not a.report_only:
+            t0 = time.time()
+            agreement.write_text(json.dumps(criterion_masks(calib, ratios, crits, out, min(bs, 4), score_blocks),
+                                            indent=2, sort_keys=True) + "\n")
+            if st.seconds("criterion-scoring") is None:  # not when only reloaded from the scores' cache
+                st.record("criterion-scoring", round(time.time() - t0, 1), "lpt.importance.score (in process)")
+        if agreement.exists():
+            results["mask_agreement"] = json.loads(agreement.read_text())
+        for r in ratios:
+            for c in crits:
+                name = f"crit-{c}-r{r}"
+                if not (out / name / "masks.json").exists():
+                    results.setdefault("unfinished", []).append(f"criterion only {c} {r}")
+                    continue
+                masks = json.loads((out / name / "masks.json").read_text())
+                row = attempt(f"criterion only {c} {r}",
+                              lambda: evaluate(name, MODEL, ["--masks", out / name / "masks.json"]))
+                if row is None:
+                    continue
+                row["ratio_blocks"] = masks["ratio"]["blocks"]
+                results["criterion_only"].setdefault(str(r), {})[c] = row
+                print(f"criterion only {r} {c}: ppl {row['ppl']:.3f}")
                 save()
-        results["rows"][str(r)] = rows
+        results["criterion_only_scoring_seconds"] = st.seconds("criterion-scoring")
+
+    # 2. main command -----------------------------------------------------------------------------------------
+    budget = a.main_command.split()
+    if quick:
+        budget = ["--nsamples", "8", "--seq-len", "128", "--max-steps", "2", "--batch-size", "4", "--lr", "5e-4",
+                  "--prune-freq", "1"]
+    mc_ev = ["--ppl", "builtin:pydoc:test", "--seq-len", a.eval_seq_len] + (["--max-segments", "1"] if quick else [])
+
+    def main_command(v: str) -> None:
+        if a.pydoc_dense_ppl and not quick:
+            dense = {"ppl": a.pydoc_dense_ppl, "source": "given (--pydoc-dense-ppl)"}
+        else:
+            dense = attempt("dense on builtin:pydoc:test",
+                            lambda: evaluate("dense-pydoc", MODEL, [], "builtin:pydoc:test", mc_ev))
+            if dense is None:
+                return
+        results["main_command"]["dense"] = dense
+        extra = ["--ratio", "0.2", "--criterion", "fisher", "--data", "builtin:pydoc:train"] + \
+                (["--distill"] if v == "distill" else [])
+        row = attempt(f"main command {v}", lambda: lpt_run(f"main-cmd-{v}", extra, flags=budget,
+                                                           source="builtin:pydoc:test", evflags=mc_ev))
+        if row is None:
+            return
+        row["x_dense"] = round(row["ppl"] / dense["ppl"], 3)
+        results["main_command"][v] = row
+        print(f"main command {v}: ppl {row['ppl']:.3f} ({row['x_dense']}x dense), {row['seconds']}s")
         save()
 
-    if not quick:
-        results["mask_agreement"] = agreement(calib, [0.1, 0.2, 0.5], batches=4, warm_steps=4)
-        save()
-    if not quick and not a.no_sweep:
-        base = ["--ratio", "0.5", "--criterion", "lora"]
-        for name, extra in {
-            "score abs": ["--score", "abs"],
-            "warmup 0.5 (LoRA trains before pruning starts)": ["--warmup", "0.5", "--cooldown", "0.2"],
-            "gqa query-heads": ["--gqa", "query-heads"],
-        }.items():
-            if a.sweep and name.split(" (")[0] not in a.sweep.split(","):
+    variants = [v for v in a.main_command_variants.split(",") if v]
+    if "main-command" in sections and variants:
+        main_command(variants[0])
+
+    # 3. main table -------------------------------------------------------------------------------------------
+    if "main" in sections:
+        crits = ("fisher",) if quick else [c for c in a.criteria.split(",") if c]
+        for c in crits:
+            for r in ratios:
+                row = attempt(f"{c} {r}", lambda: lpt_run(f"r{r}-{c}", ["--ratio", r, "--criterion", c]))
+                if row is None:
+                    continue
+                results["rows"].setdefault(str(r), {})[c] = row
+                print(f"ratio {r} {c}: ppl {row['ppl']:.3f}")
+                save()
+        if not a.no_peer and not quick:
+            for r in ratios:
+                pruned = out / f"r{r}-tp-taylor-pruned"
+
+                def peer_run(r=r, pruned=pruned) -> dict:
+                    if not pruned.exists():
+                        st.sh(pruned.name, [sys.executable, str(ROOT / "benchmarks" / "tp_peer.py"), MODEL,
+                                            "--ratio", str(r), "--calib", str(calib), "--importance", "taylor",
+                                            "--nsamples", str(nsamples), "-o", str(pruned)])
+                    return lpt_run(f"r{r}-tp-taylor", ["--ratio", "0"], model=pruned)
+
+                row = attempt(f"Torch-Pruning taylor {r}", peer_run)
+                if row is None:
+                    continue
+                peer = json.loads((pruned / "tp_peer.json").read_text())
+                row.update({"ratio_blocks": peer["ratio_blocks"], "peer_seconds": st.seconds(pruned.name),
+                            "peer_command": st.command(pruned.name)})
+                results["rows"].setdefault(str(r), {})["Torch-Pruning taylor + LoRA"] = row
+                print(f"ratio {r} torch-pruning taylor: ppl {row['ppl']:.3f}")
+                save()
+
+    if "main-command" in sections and not quick:
+        for v in variants[1:]:
+            main_command(v)
+
+    # 4. ablations --------------------------------------------------------------------------------------------
+    if "ablations" in sections:
+        r = 0.5 if 0.5 in ratios else ratios[-1]
+        main_rows = results["rows"].get(str(r), {})
+        cands = {c: main_rows[c]["ppl"] for c in MAIN_CRITERIA if c in main_rows}
+        best = min(cands, key=cands.get) if cands else "fisher"
+        results["ablation_base"] = {"criterion": best, "ratio": r}
+        base = ["--ratio", r, "--criterion", best]
+        abl = {
+            f"{best} --distill": base + ["--distill"],
+            f"{best} --one-shot": base + ["--one-shot"],
+            f"{best} --layout per-layer": base + ["--layout", "per-layer"],
+            "lora --normalize-by projection": ["--ratio", r, "--criterion", "lora", "--normalize-by", "projection"],
+        }
+        if quick:
+            abl = dict(list(abl.items())[:1])
+        for label, extra in abl.items():
+            name = f"abl-r{r}-" + label.replace(" --", "-").replace(" ", "_")
+            row = attempt(label, lambda: lpt_run(name, extra))
+            if row is None:
                 continue
-            results["sweep"][name] = lpt_run("sweep-" + name.split(" (")[0].replace(" ", "_"), base + extra)
-            print(f"sweep {name}: ppl {results['sweep'][name]['ppl']:.3f}")
+            results["ablations"][label] = row
+            print(f"ablation {label}: ppl {results['ablations'][label]['ppl']:.3f}")
             save()
-        if "0.5" in results["rows"]:
-            results["sweep"]["defaults (lora, square, ema 0.9, kv-groups, uniform)"] = results["rows"]["0.5"]["lora"]
 
     save()
     print(markdown(results))
 
 
+# ------------------------------------------------------------------------------------------------ reports
+def _mins(s) -> str:
+    return f"{s / 60:.1f}" if s is not None else "?"
+
+
 def markdown(res: dict) -> str:
     p = res["protocol"]
-    lines = [f"Model {p['model']}; {p['corpus']}; {p['calibration_blocks']} blocks x {p['seq_len']} tokens; "
-             f"{p['steps']} steps of batch {p['batch_size']}, lr {p['lr']}; {p['eval']}. "
+    lines = [f"Model {p['model']}; {p['corpus']}; {p['calibration_blocks']} calibration blocks x {p['seq_len']} "
+             f"tokens; every training run: {p['steps']} steps of batch {p['batch_size']} ({p['training_tokens']:,} "
+             f"tokens), lr {p['lr']}, prune-freq {p['prune_freq']}, seed 0; {p['eval']}. "
              f"Dense perplexity {res['dense_ppl']:.2f}.", ""]
-    ratios = list(res["rows"])
-    names = list(dict.fromkeys(n for r in ratios for n in res["rows"][r]))
-    lines.append("| method | " + " | ".join(f"ppl @ {float(r):.0%} (achieved)" for r in ratios) + " |")
-    lines.append("|---|" + "---|" * len(ratios))
-    for n in names:
-        cells = []
-        for r in ratios:
-            row = res["rows"][r].get(n)
-            cells.append(f"{row['ppl']:.2f} ({row['ratio_blocks']:.1%})" if row else "–")
-        lines.append(f"| {n} | " + " | ".join(cells) + " |")
+    co = res.get("criterion_only") or {}
+    if co:
+        ratios = list(co)
+        lines += [f"Criterion only (no fine-tuning: the unpruned model scored once over the first "
+                  f"{p.get('criterion_only_scoring_blocks')} calibration blocks with `lpt.importance.score`, LoRA "
+                  f"injected with B = 0; the weakest groups of every layer masked; `lpt eval --masks`, no adapter; "
+                  f"scoring took {_mins(res.get('criterion_only_scoring_seconds'))} min for all criteria):",
+                  "", "| criterion | " + " | ".join(f"ppl @ {float(r):.0%}" for r in ratios) + " |",
+                  "|---|" + "---|" * len(ratios)]
+        for c in dict.fromkeys(c for r in ratios for c in co[r]):
+            lines.append(f"| {c} | " + " | ".join(f"{co[r][c]['ppl']:.2f}" if c in co[r] else "–" for r in ratios)
+                         + " |")
+        lines.append("")
     if res.get("mask_agreement"):
-        lines += ["", "Mask agreement lora vs vanilla (share of the groups pruned by vanilla that lora prunes too):", "",
-                  "| ratio | attention (kv groups) | MLP channels |", "|---|---|---|"]
-        for r, v in res["mask_agreement"].items():
-            lines.append(f"| {float(r):.0%} | {v['attention heads (kv groups)']} | {v['mlp channels']} |")
-    if res.get("sweep"):
-        lines += ["", "Sweep at 50% (lora; the defaults' row repeats the main table):", "", "| setting | ppl | achieved |", "|---|---|---|"]
-        for n, row in res["sweep"].items():
-            lines.append(f"| {n} | {row['ppl']:.2f} | {row['ratio_blocks']:.1%} |")
-    lines += ["", f"Wall time {res.get('wall_time_s', 0) / 60:.1f} min."]
+        lines += ["Overlap with vanilla's pruned groups (criterion only; share of the groups vanilla prunes that the "
+                  "criterion prunes too):", "", "| criterion | ratio | attention (kv groups) | MLP channels |",
+                  "|---|---|---|---|"]
+        for c, per in res["mask_agreement"].items():
+            for r, v in per.items():
+                lines.append(f"| {c} | {float(r):.0%} | {v['attention (kv groups)']} | {v['mlp channels']} |")
+        lines.append("")
+    rows = res.get("rows") or {}
+    if rows:
+        ratios = list(rows)
+        lines += ["Main table (pruning with joint LoRA fine-tuning, the same budget for every row; Torch-Pruning "
+                  "prunes once, then `lpt prune PRUNED --ratio 0` fine-tunes LoRA with the same budget):", "",
+                  "| method | " + " | ".join(f"ppl @ {float(r):.0%} (achieved; prune min)" for r in ratios) + " |",
+                  "|---|" + "---|" * len(ratios)]
+        for n in dict.fromkeys(n for r in ratios for n in rows[r]):
+            cells = []
+            for r in ratios:
+                row = rows[r].get(n)
+                t = (row.get("seconds") or 0) + (row.get("peer_seconds") or 0) if row else 0
+                cells.append(f"{row['ppl']:.2f} ({row['ratio_blocks']:.1%}; {_mins(t)})" if row else "–")
+            lines.append(f"| {n} | " + " | ".join(cells) + " |")
+        lines.append("")
+    if res.get("ablations"):
+        b = res.get("ablation_base", {})
+        ref = rows.get(str(b.get("ratio")), {})
+        lines += [f"Ablations at {b.get('ratio', 0.5):.0%} (base: the main table's best lpt row, "
+                  f"`--criterion {b.get('criterion')}`; the normalisation scope on lora, because for fisher "
+                  "`--normalize-by group` and `projection` are the same thing):", "",
+                  "| setting | ppl | reference row | achieved | min |", "|---|---|---|---|---|"]
+        for n, row in res["ablations"].items():
+            refname = "lora" if n.startswith("lora") else b.get("criterion")
+            refppl = f"{ref[refname]['ppl']:.2f} ({refname})" if refname in ref else "–"
+            lines.append(f"| {n} | {row['ppl']:.2f} | {refppl} | {row['ratio_blocks']:.1%} | {_mins(row.get('seconds'))} |")
+        lines.append("")
+    mc = res.get("main_command") or {}
+    if any(v != "dense" for v in mc):
+        d = mc.get("dense", {})
+        lines += [f"Main-command candidate (20%, fisher, builtin:pydoc:train; perplexity on builtin:pydoc:test at "
+                  f"seq-len 2048, all segments; dense {d.get('ppl', float('nan')):.2f}; wall time on a shared "
+                  "2-core machine):", "", "| variant | ppl | x dense | prune min | eval min | command |",
+                  "|---|---|---|---|---|---|"]
+        for v, row in mc.items():
+            if v == "dense":
+                continue
+            lines.append(f"| {v} | {row['ppl']:.2f} | {row['x_dense']} | {_mins(row.get('seconds'))} | "
+                         f"{_mins(row.get('eval_seconds'))} | `{row.get('command')}` |")
+        lines.append("")
+    if res.get("unfinished"):
+        lines += ["Not finished (stopped at the time limit; the study is resumable): " + ", ".join(res["unfinished"])
+                  + ".", ""]
+    lines += [f"Wall time of all recorded stages together {res.get('stages_wall_time_s', 0) / 60:.1f} min on a shared "
+              "2-core CPU machine (several stages ran side by side); per-run commands and times in results.json."]
     return "\n".join(lines) + "\n"
+
+
+def plot(res: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    series: dict[str, list[tuple[float, float]]] = {}
+    for r, rows in (res.get("rows") or {}).items():
+        for n, row in rows.items():
+            series.setdefault(n, []).append((row["ratio_blocks"], row["ppl"]))
+    for r, rows in (res.get("criterion_only") or {}).items():
+        for n, row in rows.items():
+            series.setdefault(f"{n} (criterion only)", []).append((row["ratio_blocks"], row["ppl"]))
+    for n, pts in series.items():
+        pts.sort()
+        ax.plot([x * 100 for x, _ in pts], [y for _, y in pts], marker="o",
+                linestyle="--" if "criterion only" in n else "-", label=n)
+    for n, row in (res.get("ablations") or {}).items():
+        ax.plot([row["ratio_blocks"] * 100], [row["ppl"]], marker="x", linestyle="none", label=n)
+    ax.axhline(res["dense_ppl"], color="black", linewidth=1, label=f"dense ({res['dense_ppl']:.2f})")
+    ax.set_yscale("log")
+    ax.set_xlabel("transformer-block linear parameters removed (%)")
+    ax.set_ylabel("perplexity (held-out, log scale)")
+    ax.set_title(f"{res['protocol']['model']}: {res['protocol']['training_tokens']:,} training tokens per run")
+    ax.legend(fontsize=7, loc="upper left")
+    ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 if __name__ == "__main__":
