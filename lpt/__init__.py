@@ -4,4 +4,4 @@ Stages exchange files on disk: calibrate -> prune -> merge / slice -> eval / ben
 Each stage is a function ``lpt.stages.<stage>.run(config) -> Path``; the CLI only builds the config.
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
