@@ -156,6 +156,11 @@ def lora_layers(model: nn.Module) -> dict[str, LoraLinear]:
     return {name: m for name, m in model.named_modules() if isinstance(m, LoraLinear)}
 
 
+def lora_param_count(model: nn.Module) -> int:
+    """Parameters of LoRA's A and B factors in ``model`` (0 without LoRA)."""
+    return sum(p.numel() for n, p in model.named_parameters() if ".lora_A." in n or ".lora_B." in n)
+
+
 def target_paths(arch: Arch, targets: Iterable[str], layers: Iterable[int] | None = None) -> list[str]:
     targets = list(targets)
     bad = [t for t in targets if t not in PROJECTIONS]

@@ -199,7 +199,7 @@ def _architecture(config) -> dict[str, Any]:
 
 def load_entry(entry: dict[str, Any], proto: dict[str, Any], device: str, with_adapter: bool = True):
     """Load (or build with random weights) one model and its adapter; returns ``(model, ModelInfo)``."""
-    from lpt import groups, models
+    from lpt import groups, lora, models
     from lpt.arch import describe
     from lpt.benchmarking import shapes
 
@@ -231,7 +231,7 @@ def load_entry(entry: dict[str, Any], proto: dict[str, Any], device: str, with_a
         rank = max((layer.r for layer in layers.values()), default=0)
         model.requires_grad_(False)
         model.eval()
-    lora_params = sum(p.numel() for n, p in model.named_parameters() if ".lora_A." in n or ".lora_B." in n)
+    lora_params = lora.lora_param_count(model)
     info = {
         "label": entry["label"],
         "model": entry.get("model"),

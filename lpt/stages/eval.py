@@ -61,13 +61,12 @@ def load_for_eval(model: str, *, adapter: str | None = None, masks: str | None =
     results file. With masks but no adapter, rank-0 LoRA layers carry the masks. Pass ``tokenizer`` when it is
     already loaded (it is not loaded again).
     """
-    from lpt import models
+    from lpt import lora, models
 
     loaded = models.load(model, adapter=adapter, masks=masks, dtype=dtype, device=device, revision=revision,
                          trust_remote_code=trust_remote_code, tokenizer=tokenizer if tokenizer is not None else True)
     m, tok, mk, acfg = loaded.model, loaded.tokenizer, loaded.masks, loaded.adapter_config
-    base_params = effective = models.count_params(m) - sum(
-        p.numel() for n, p in m.named_parameters() if ".lora_A." in n or ".lora_B." in n)
+    base_params = effective = models.count_params(m) - lora.lora_param_count(m)
     adapter_info = masks_info = None
     if acfg is not None:
         adapter_info = {"path": str(adapter), "r": acfg.get("r"), "lora_alpha": acfg.get("lora_alpha"),

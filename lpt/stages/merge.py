@@ -197,7 +197,7 @@ def run(cfg: MergeConfig) -> Path:
             raise LptError("--masks cannot be applied to a model with per-layer widths (it is already sliced)")
         masks = groups.Masks.load(cfg.masks, arch)
 
-    bar, step = steps_bar("loading model", 4)
+    bar, step = steps_bar("loading model", 3)
     with bar:
         import torch
 

@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from lpt import artifacts, checkpoint, distributed, groups, importance, lora, schedule
+from lpt import artifacts, checkpoint, criteria, distributed, groups, importance, lora, schedule
 from lpt.arch import PROJECTIONS
 from lpt.config import PROJECTION_LIST, CalibrateConfig, PruneConfig
 from lpt.errors import LptError
@@ -42,7 +42,7 @@ def validate(cfg: PruneConfig) -> None:
         if not ok:
             raise LptError(msg)
 
-    choices = (("criterion", importance.CRITERIA), ("score", ("square", "abs")), ("gqa", ("auto", *groups.GQA_MODES)),
+    choices = (("criterion", importance.CRITERIA), ("score", criteria.SCORES), ("gqa", ("auto", *groups.GQA_MODES)),
                ("layout", groups.LAYOUTS), ("normalize_by", importance.NORMALIZE))
     for name, allowed in choices:
         need(getattr(cfg, name) in allowed,

@@ -72,12 +72,12 @@ def run(cfg: SliceConfig) -> Path:
         sliced_adapter = slicing.slice_adapter(sd, masks)
     dtype = m.output_dtype(cfg.dtype, config)
 
-    bar, step = m.steps_bar("loading model", 5 if cfg.reconstruct else 4)
+    bar, step = m.steps_bar("loading model", 4 if cfg.reconstruct else 3)
     with bar:
         loaded = m.load_source(cfg, dtype, adapter=cfg.adapter if cfg.merge else None,
                                masks=masks if cfg.merge else None)
         model, tok = loaded.model, loaded.tokenizer
-        before = models.count_params(model) - (lora_params(model) if cfg.merge else 0)
+        before = models.count_params(model) - lora.lora_param_count(model)
         refit = None
         if cfg.reconstruct:
             step("reconstructing")
@@ -151,10 +151,6 @@ def set_weights(model, arch, weights: dict) -> None:
         for (i, proj), w in weights.items():
             mod = get_module(model, arch.module_path(i, proj))
             mod.weight.copy_(w.to(mod.weight.dtype))
-
-
-def lora_params(model) -> int:
-    return sum(p.numel() for n, p in model.named_parameters() if ".lora_A." in n or ".lora_B." in n)
 
 
 def write_adapter(directory: Path, adapter_cfg: dict, state_dict: dict, base_model: str) -> None:
