@@ -20,6 +20,10 @@ finished runs are reused when the study is started again):
 4. ablations at 50% of the best lpt row of the main table: ``--distill``, ``--one-shot`` (score once, prune, then
    fine-tune), ``--layout per-layer``; and the normalisation scope (``--normalize-by projection`` against the main
    table's ``group``) on ``lora``: for fisher both scopes are the same thing (one score vector per group kind).
+5. reconstruction (beyond the paper): ``lpt slice --reconstruct`` (``--reconstruct-mode sequential`` and
+   ``independent``) of fisher's criterion-only masks and of fisher's main-table row (``--adapter --merge``), and the
+   pipeline *prune once, reconstruct, then recover*: fisher's criterion-only masks -> ``lpt slice --reconstruct`` ->
+   ``lpt prune SLICED --ratio 0`` with the main table's LoRA budget.
 
 Perplexity: ``lpt eval`` on held-out text the calibration never saw, non-overlapping 2048-token segments.
 Writes OUT/results.json, OUT/results.md and OUT/results.png (perplexity against parameters removed).
@@ -32,6 +36,7 @@ import hashlib
 import json
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -209,8 +214,8 @@ def main() -> None:
     ap.add_argument("--eval-seq-len", type=int, default=None, help="default 2048; quick: 512")
     ap.add_argument("--eval-segments", type=int, default=None,
                     help="segments of held-out text evaluated (0: all; default 4; quick: 1)")
-    ap.add_argument("--sections", default="criterion,main-command,main,ablations",
-                    help="comma list of sections to run (criterion, main-command, main, ablations)")
+    ap.add_argument("--sections", default="criterion,main-command,main,ablations,reconstruct",
+                    help="comma list of sections to run (criterion, main-command, main, ablations, reconstruct)")
     ap.add_argument("--no-peer", action="store_true", help="skip the Torch-Pruning peer")
     ap.add_argument("--criteria", default=",".join(MAIN_CRITERIA),
                     help="comma list of lpt criteria in the main table (default fisher,lora,vanilla)")
@@ -258,11 +263,12 @@ def main() -> None:
         "batch_size": bs, "training_tokens": steps * bs * seq, "criterion_only_scoring_blocks": score_blocks, "lr": a.lr, "prune_freq": prune_freq,
         "eval": f"perplexity on {test_src}, the first {a.eval_segments or 'all'} non-overlapping "
                 f"{a.eval_seq_len}-token segments (lpt eval)", "quick": quick},
-        "criterion_only": {}, "main_command": {}, "rows": {}, "ablations": {}}
+        "criterion_only": {}, "main_command": {}, "rows": {}, "ablations": {}, "reconstruct": {}}
     old = out / "results.json"
     if old.exists():  # keep sections measured by an earlier invocation (e.g. with other --sections)
         prev = json.loads(old.read_text())
-        for k in ("criterion_only", "main_command", "rows", "ablations", "mask_agreement", "ablation_base"):
+        for k in ("criterion_only", "main_command", "rows", "ablations", "mask_agreement", "ablation_base",
+                  "reconstruct"):
             if prev.get(k) and prev.get("protocol", {}).get("quick") == quick:
                 results[k] = prev[k]
 
@@ -431,6 +437,57 @@ def main() -> None:
             print(f"ablation {label}: ppl {results['ablations'][label]['ppl']:.3f}")
             save()
 
+    # 5. reconstruction --------------------------------------------------------------------------------------
+    if "reconstruct" in sections:
+        c = "fisher"
+
+        def sliced_eval(name: str, extra: list, keep: bool = False) -> dict:
+            d = out / name
+            if not (out / f"{name}.eval.json").exists() and not (d / "config.json").exists():
+                st.sh(name, lpt("slice", MODEL, *extra, "--reconstruct", calib, "--dtype", "float32", "-o", d,
+                                "--overwrite"))
+            row = evaluate(name, d, [])
+            row.update({"seconds": st.seconds(name), "command": st.command(name)})
+            if not keep and d.exists():
+                shutil.rmtree(d)  # a full-precision copy of the model per row
+            return row
+
+        for r in ratios:
+            rec = results["reconstruct"].setdefault(str(r), {})
+            crit_masks = out / f"crit-{c}-r{r}" / "masks.json"
+            joint = out / f"r{r}-{c}"
+            for mode in ("sequential", "independent"):
+                if crit_masks.exists():
+                    row = attempt(f"reconstruct criterion only {r} {mode}", lambda: sliced_eval(
+                        f"rec-crit-{c}-r{r}-{mode}", ["--masks", crit_masks, "--reconstruct-mode", mode]))
+                    if row is not None:
+                        rec[f"{c} criterion only + reconstruct {mode}"] = row
+                        print(f"reconstruct {r} criterion only {mode}: ppl {row['ppl']:.3f}")
+                if (joint / "masks.json").exists():
+                    row = attempt(f"reconstruct joint {r} {mode}", lambda: sliced_eval(
+                        f"rec-{c}-r{r}-{mode}", ["--masks", joint / "masks.json", "--adapter", joint, "--merge",
+                                                 "--reconstruct-mode", mode]))
+                    if row is not None:
+                        rec[f"{c} joint + reconstruct {mode}"] = row
+                        print(f"reconstruct {r} joint {mode}: ppl {row['ppl']:.3f}")
+                save()
+            if crit_masks.exists():
+                def pipeline(r=r, crit_masks=crit_masks) -> dict:
+                    sliced = out / f"rec-crit-{c}-r{r}-sequential-model"
+                    if not (sliced / "config.json").exists():
+                        st.sh(sliced.name, lpt("slice", MODEL, "--masks", crit_masks, "--reconstruct", calib,
+                                               "--dtype", "float32", "-o", sliced, "--overwrite"))
+                    row = lpt_run(f"rec-pipeline-{c}-r{r}", ["--ratio", "0"], model=sliced)
+                    row["slice_seconds"] = st.seconds(sliced.name)
+                    row["ratio_blocks"] = json.loads(crit_masks.read_text())["ratio"]["blocks"]  # of the dense model
+                    return row
+
+                row = attempt(f"reconstruct pipeline {r}", pipeline)
+                if row is not None:
+                    rec[f"{c} once -> reconstruct sequential -> LoRA"] = row
+                    print(f"reconstruct {r} pipeline: ppl {row['ppl']:.3f}")
+                save()
+
     save()
     print(markdown(results))
 
@@ -494,6 +551,18 @@ def markdown(res: dict) -> str:
             refppl = f"{ref[refname]['ppl']:.2f} ({refname})" if refname in ref else "–"
             lines.append(f"| {n} | {row['ppl']:.2f} | {refppl} | {row['ratio_blocks']:.1%} | {_mins(row.get('seconds'))} |")
         lines.append("")
+    rec = res.get("reconstruct") or {}
+    if any(rec.values()):
+        ratios = [r for r in rec if rec[r]]
+        lines += ["Reconstruction (beyond the paper; `lpt slice --reconstruct CALIB` on the calibration blocks, "
+                  "damping 0.01; the last row prunes once with fisher's criterion-only masks, reconstructs, then "
+                  "fine-tunes LoRA with the main table's budget on the sliced model, `lpt prune SLICED --ratio 0`):",
+                  "", "| rows | " + " | ".join(f"ppl @ {float(r):.0%}" for r in ratios) + " |",
+                  "|---|" + "---|" * len(ratios)]
+        for n in dict.fromkeys(n for r in ratios for n in rec[r]):
+            lines.append(f"| {n} | " + " | ".join(f"{rec[r][n]['ppl']:.2f}" if n in rec[r] else "–"
+                                                  for r in ratios) + " |")
+        lines.append("")
     mc = res.get("main_command") or {}
     if any(v != "dense" for v in mc):
         d = mc.get("dense", {})
@@ -533,6 +602,14 @@ def plot(res: dict, path: Path) -> None:
         pts.sort()
         ax.plot([x * 100 for x, _ in pts], [y for _, y in pts], marker="o",
                 linestyle="--" if "criterion only" in n else "-", label=n)
+    for r, rows in (res.get("reconstruct") or {}).items():
+        for n, row in rows.items():
+            if "sequential" in n:
+                series.setdefault(n, []).append((float(r), row["ppl"]))
+    for n, pts in list(series.items()):
+        if "reconstruct" in n:
+            pts.sort()
+            ax.plot([x * 100 for x, _ in pts], [y for _, y in pts], marker="s", linestyle=":", label=n)
     for n, row in (res.get("ablations") or {}).items():
         ax.plot([row["ratio_blocks"] * 100], [row["ppl"]], marker="x", linestyle="none", label=n)
     ax.axhline(res["dense_ppl"], color="black", linewidth=1, label=f"dense ({res['dense_ppl']:.2f})")

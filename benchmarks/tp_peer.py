@@ -51,7 +51,8 @@ TRACE_ATTENTION = "lpt_tp_trace"
 RESULT = "tp_peer.json"
 TP_MASKS = "tp_masks.json"
 CHECK_ATOL = 1e-4  # saved and reloaded vs in memory (float32, same kernels)
-MASK_RTOL = 1e-9  # pruned vs masked dense, float64
+MASK_RTOL = 1e-4  # pruned vs masked dense, float64: a wrong cut moves logits by O(1); the norms' float32
+# internals (transformers' RMSNorm) leave ~1e-7 relative over 30 layers at 50% (7.6e-6 absolute observed)
 
 
 @dataclass

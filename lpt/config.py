@@ -173,10 +173,14 @@ class SliceConfig(ModelOptions):
                                    "format), e.g. the output of lpt prune.")
     merge: bool = _f(False, "Fold the sliced adapter into the sliced weights instead of writing OUTPUT/adapter/.")
     reconstruct: str | None = _f(None, "A calibrate output directory: refit the kept input columns of every o_proj and "
-                                       "down_proj by ridge least squares so each reproduces its unpruned output on "
-                                       "these blocks (beyond the paper; with --adapter only together with --merge).")
+                                       "down_proj by ridge least squares so each reproduces its output with every "
+                                       "column on these blocks (beyond the paper; with --adapter only together with "
+                                       "--merge).")
     reconstruct_damp: float = _f(0.01, "Ridge damping of --reconstruct, as a fraction of the mean diagonal of the "
                                        "kept inputs' Gram matrix.")
+    reconstruct_mode: str = _f("sequential", "How --reconstruct reads the activations it fits: sequential (layer by "
+                                            "layer, the pruned model's own inputs with every earlier refit in place) "
+                                            "or independent (the unpruned model's inputs, every layer in one pass).")
     max_shard_size: str = _f("5GB", "Largest safetensors shard (e.g. 5GB, 500MB); larger models are sharded.")
     output: str = _f("sliced", "Output model directory.")
     overwrite: bool = _f(False, "Replace an existing output directory.")

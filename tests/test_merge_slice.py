@@ -399,7 +399,8 @@ def test_ridge_refit_is_least_squares():
     assert err_fit < err_drop
 
 
-def test_slice_reconstruct_gets_closer_to_dense(runner, tiny_llama_dir, tiny_calib_dir, tmp_path):
+@pytest.mark.parametrize("mode", ["sequential", "independent"])
+def test_slice_reconstruct_gets_closer_to_dense(runner, tiny_llama_dir, tiny_calib_dir, tmp_path, mode):
     from lpt.stages import calibrate
 
     arch = describe(tiny_config())
@@ -409,9 +410,10 @@ def test_slice_reconstruct_gets_closer_to_dense(runner, tiny_llama_dir, tiny_cal
     masks.save(tmp_path / "m.json")
     ok(runner, ["slice", tiny_llama_dir, "--masks", tmp_path / "m.json", "--dtype", "float32", "-o", tmp_path / "a"])
     ok(runner, ["slice", tiny_llama_dir, "--masks", tmp_path / "m.json", "--dtype", "float32",
-                "--reconstruct", tiny_calib_dir, "-o", tmp_path / "b"])
+                "--reconstruct", tiny_calib_dir, "--reconstruct-mode", mode, "-o", tmp_path / "b"])
     prov = json.loads((tmp_path / "b" / artifacts.PROVENANCE).read_text())
     assert prov["config"]["reconstruct"] == str(tiny_calib_dir)
+    assert prov["config"]["reconstruct_mode"] == mode
     ids = calibrate.load(tiny_calib_dir).tensors["input_ids"][:8]
     with torch.no_grad():
         dense = load(tiny_llama_dir)(ids).logits
@@ -426,15 +428,108 @@ def test_slice_reconstruct_gets_closer_to_dense(runner, tiny_llama_dir, tiny_cal
     assert r.exit_code == 2 and "--merge" in r.output and not (tmp_path / "c").exists()
 
 
+@pytest.mark.parametrize("mode", ["sequential", "independent"])
 def test_reconstruct_with_nothing_pruned_and_no_damping_is_the_plain_merge(runner, tiny_llama_dir, tiny_calib_dir,
-                                                                           tmp_path):
+                                                                           tmp_path, mode):
     """With every column kept and no damping the refit must return the merged weight itself (W0 + s·B·A): a check
     that the base weight is never changed in place and that LoRA's delta is counted once."""
     d, _ = make_prune_dir(tiny_llama_dir, tmp_path / "p", "kv-groups", [[], []], [lambda c: c < 0, lambda c: c < 0])
     base = ["slice", tiny_llama_dir, "--masks", d / artifacts.MASKS, "--adapter", d, "--merge", "--dtype", "float32"]
     ok(runner, [*base, "-o", tmp_path / "plain"])
-    ok(runner, [*base, "--reconstruct", tiny_calib_dir, "--reconstruct-damp", "0", "-o", tmp_path / "refit"])
+    ok(runner, [*base, "--reconstruct", tiny_calib_dir, "--reconstruct-damp", "0", "--reconstruct-mode", mode,
+                "-o", tmp_path / "refit"])
     a, b = weights(tmp_path / "plain"), weights(tmp_path / "refit")
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=1e-3, atol=1e-4)
+
+
+def _masked_tiny(layers: int = 3, seed: int = 0):
+    from conftest import build_model
+
+    from lpt import models
+
+    cfg = tiny_config(layers=layers)
+    arch = describe(cfg)
+    heads = [torch.tensor([i % 2 == 0, i % 2 == 1]) for i in range(layers)]
+    chans = [(torch.arange(96) + i) % 3 == 0 for i in range(layers)]
+    masks = groups.Masks.from_pruned(arch, heads, chans, "kv-groups")
+    model = build_model(cfg, seed=seed)
+    models.attach(model, arch, masks=masks)
+    return model, arch, masks, build_model(cfg, seed=seed)
+
+
+def _batches(n: int = 12, seq: int = 24, bs: int = 4):
+    ids = torch.randint(3, 200, (n, seq), generator=torch.Generator().manual_seed(1))
+    return [{"input_ids": ids[i:i + bs]} for i in range(0, n, bs)], ids
+
+
+def test_sequential_refit_first_layer_is_the_independent_fit_and_leaves_the_model_as_it_was():
+    """Layer 0's o_proj sees the same inputs in the pruned and the unpruned model, so the sequential and the
+    independent refit agree there; later layers see the pruned model's own inputs and differ. The model comes back
+    unchanged (modules, masks, outputs)."""
+    from lpt import reconstruct
+
+    model, arch, masks, _ = _masked_tiny()
+    batches, ids = _batches()
+    with torch.no_grad():
+        before = model(ids).logits
+    modules = {n: type(m) for n, m in model.named_modules()}
+    seq = reconstruct.sequential_refit(model, arch, batches, masks, damp=0.01)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, before, rtol=0, atol=0)
+    assert {n: type(m) for n, m in model.named_modules()} == modules
+    with lora.disabled(model):
+        grams = reconstruct.collect_grams(model, arch, batches, range(arch.num_layers))
+    ws = {k: lora.dense_weight(get(model, arch.module_path(*k)).base_layer) for k in seq}
+    ind = reconstruct.refit_weights(ws, grams, masks, arch, damp=0.01)
+    torch.testing.assert_close(seq[(0, "o_proj")], ind[(0, "o_proj")], rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(seq[(2, "down_proj")], ind[(2, "down_proj")], rtol=1e-3, atol=1e-4)
+    for (i, proj), w in seq.items():  # pruned columns stay zero
+        pruned = torch.ones(w.shape[1], dtype=torch.bool)
+        pruned[reconstruct.kept_columns(masks, arch, i, proj)] = False
+        assert w[:, pruned].abs().max() == 0
+
+
+def test_sequential_refit_is_least_squares_on_the_pruned_models_inputs():
+    """The refit of the last layer's down_proj is the least-squares fit of that projection's full output from its
+    kept inputs, both read from the pruned model with every earlier refit in place (checked against lstsq)."""
+    from lpt import reconstruct
+
+    model, arch, masks, _ = _masked_tiny()
+    batches, ids = _batches()
+    seq = reconstruct.sequential_refit(model, arch, batches, masks, damp=0.0)
+    last = arch.num_layers - 1
+    for (i, proj), w in seq.items():  # every refit but the last one in place: plain layers, masks as they were
+        if (i, proj) != (last, "down_proj"):
+            get(model, arch.module_path(i, proj)).base_layer.weight.data.copy_(w)
+    down = get(model, arch.module_path(last, "down_proj"))
+    got = {}
+    h = down.register_forward_pre_hook(lambda m, a: got.__setitem__("x", a[0].reshape(-1, a[0].shape[-1])))
+    with torch.no_grad():
+        model(ids)  # masked: the kept inputs
+        xk = got["x"][:, reconstruct.kept_columns(masks, arch, last, "down_proj")].double()
+        gate_up = [get(model, arch.module_path(last, p)) for p in ("gate_proj", "up_proj")]
+        for m in gate_up:
+            m._mask_out = False
+        model(ids)  # this layer's channels on: the full input
+        for m in gate_up:
+            m._mask_out = True
+    h.remove()
+    x = got["x"].double()
+    want = torch.linalg.lstsq(xk, x @ down.base_layer.weight.double().T).solution.T
+    keep = reconstruct.kept_columns(masks, arch, last, "down_proj")
+    torch.testing.assert_close(seq[(last, "down_proj")][:, keep].double(), want, rtol=1e-3, atol=1e-4)
+
+
+def get(model, path):
+    from lpt.arch import get_module
+
+    return get_module(model, path)
+
+
+def test_unknown_reconstruct_mode_is_one_line(runner, tiny_llama_dir, tiny_calib_dir, tmp_path):
+    d, _ = make_prune_dir(tiny_llama_dir, tmp_path / "p", "kv-groups", [[], []], [lambda c: c < 0, lambda c: c < 0])
+    r = invoke(runner, ["slice", tiny_llama_dir, "--masks", d / artifacts.MASKS, "--reconstruct", tiny_calib_dir,
+                        "--reconstruct-mode", "greedy", "-o", tmp_path / "s"])
+    assert r.exit_code == 2 and "unknown --reconstruct-mode 'greedy'" in r.output and not (tmp_path / "s").exists()

@@ -34,6 +34,7 @@ def slice_(
     merge: bool = opt(C, "merge"),
     reconstruct: str = opt(C, "reconstruct"),
     reconstruct_damp: float = opt(C, "reconstruct_damp"),
+    reconstruct_mode: str = opt(C, "reconstruct_mode"),
     output: str = opt(C, "output", "--output", "-o"),
     overwrite: bool = opt(C, "overwrite"),
     dtype: str = opt(C, "dtype"),

@@ -23,6 +23,7 @@ from lpt.config import SliceConfig  # noqa: F401  (configs live in lpt.config)
 from lpt.errors import LptError
 
 ADAPTER_SUBDIR = "adapter"
+RECONSTRUCT_MODES = ("sequential", "independent")
 
 
 def validate(cfg: SliceConfig) -> None:
@@ -39,6 +40,8 @@ def validate(cfg: SliceConfig) -> None:
         raise LptError(f"--reconstruct: calibrate output not found: {cfg.reconstruct}")
     if cfg.reconstruct_damp < 0:
         raise LptError(f"--reconstruct-damp must be >= 0 (got {cfg.reconstruct_damp})")
+    if cfg.reconstruct_mode not in RECONSTRUCT_MODES:
+        raise LptError(f"unknown --reconstruct-mode '{cfg.reconstruct_mode}' (use {', '.join(RECONSTRUCT_MODES)})")
 
 
 def expected_params(masks, params_before: int) -> int:
@@ -75,15 +78,18 @@ def run(cfg: SliceConfig) -> Path:
     bar, step = m.steps_bar("loading model", 4 if cfg.reconstruct else 3)
     with bar:
         loaded = m.load_source(cfg, dtype, adapter=cfg.adapter if cfg.merge else None,
-                               masks=masks if cfg.merge else None)
+                               masks=masks if cfg.merge or cfg.reconstruct else None)
         model, tok = loaded.model, loaded.tokenizer
         before = models.count_params(model) - lora.lora_param_count(model)
         refit = None
         if cfg.reconstruct:
             step("reconstructing")
-            refit = reconstruct_weights(loaded, masks, cfg.reconstruct, cfg.reconstruct_damp)
+            layers = bar.add_task(f"  {cfg.reconstruct_mode} refit, layer", total=loaded.arch.num_layers)
+            refit = reconstruct_weights(loaded, masks, cfg.reconstruct, cfg.reconstruct_damp,
+                                        mode=cfg.reconstruct_mode,
+                                        on_layer=lambda i: bar.update(layers, completed=i + 1))
         step("slicing")
-        if cfg.merge:
+        if loaded.layers:  # the adapter (--merge) and / or the masks' rank-0 carriers (--reconstruct)
             lora.merge_lora(model, dtype=dtype)
         if refit is not None:
             set_weights(model, loaded.arch, refit)
@@ -112,12 +118,14 @@ def run(cfg: SliceConfig) -> Path:
     return out
 
 
-def reconstruct_weights(loaded, masks, calib_dir: str, damp: float) -> dict:
-    """Refitted full-width o_proj / down_proj weights (pruned columns zero) from the unpruned model's inputs on the
-    blocks in ``calib_dir`` (``lpt.reconstruct``). With LoRA layers the target is the base weight with LoRA's change
-    on the kept columns (``W0 + s·B·A`` there; the pruned columns as the base had them, since LoRA never saw them)."""
-    from contextlib import nullcontext
+def reconstruct_weights(loaded, masks, calib_dir: str, damp: float, mode: str = "sequential", on_layer=None) -> dict:
+    """Refitted full-width o_proj / down_proj weights (pruned columns zero) on the blocks in ``calib_dir``
+    (``lpt.reconstruct``); ``loaded`` carries the masks (and the adapter with --merge).
 
+    ``sequential``: layer by layer on the pruned model's own inputs (``reconstruct.sequential_refit``).
+    ``independent``: every layer from the unpruned model's inputs in one pass; with LoRA layers the target is the
+    base weight with LoRA's change on the kept columns (``W0 + s·B·A`` there; the pruned columns as the base had
+    them, since LoRA never saw them). ``on_layer(i)`` is called as each layer is done (sequential)."""
     from lpt import lora, reconstruct
     from lpt.arch import get_module
     from lpt.stages import calibrate
@@ -125,8 +133,10 @@ def reconstruct_weights(loaded, masks, calib_dir: str, damp: float) -> dict:
     data = calibrate.load(calib_dir, loaded.tokenizer)
     batches = ({k: v[i:i + 4] for k, v in data.tensors.items()} for i in range(0, data.nsamples, 4))
     arch, model = loaded.arch, loaded.model
+    if mode == "sequential":
+        return reconstruct.sequential_refit(model, arch, batches, masks, damp, on_layer=on_layer)
     layers = range(arch.num_layers)
-    with lora.disabled(model) if loaded.layers else nullcontext():  # dense inputs: no LoRA, no masks
+    with lora.disabled(model):  # dense inputs: no LoRA, no masks
         grams = reconstruct.collect_grams(model, arch, batches, layers)
     weights = {}
     for i in layers:
