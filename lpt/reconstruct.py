@@ -162,7 +162,7 @@ def sequential_refit(model, arch: Arch, batches: Iterable[Mapping[str, torch.Ten
 
     ``model`` carries the masks in ``lpt.lora.LoraLinear`` layers (``lpt.models.attach``). Returns the new full-width
     weights (pruned columns zero); ``model`` is left as it was. Memory: the hidden states of every calibration block
-    and one projection's ``C`` and ``G``; time: three forwards of each layer per block.
+    and one projection's ``C`` and ``G``; time: about two forwards of each layer per block.
     """
     from lpt import lora
     from lpt.arch import ATTN_IN, ATTN_OUT, MLP_IN, MLP_OUT, get_module, set_module
@@ -183,13 +183,19 @@ def sequential_refit(model, arch: Arch, batches: Iterable[Mapping[str, torch.Ten
                 scope = [m for m in scope if isinstance(m, lora.LoraLinear)]
                 keep = kept_columns(masks, arch, i, proj).to(dev)
                 C = G = None
+                # heads and channels do not see each other, so the kept columns of X are X_K' -- except where a
+                # norm spans every head (OLMo 2's q/k norms): there the masked pass is run too
+                coupled = proj == "o_proj" and arch.family.qk_norm == "full"
                 for b, h in enumerate(hidden):
                     call = calls[shapes[b]][i]
                     with _unmasked(scope):
                         _, x = _layer_call(layer, h, call, mod, stop=True)
-                    _, xp = _layer_call(layer, h, call, mod, stop=True)
                     x = x.reshape(-1, x.shape[-1]).float()
-                    xk = xp.reshape(-1, xp.shape[-1]).float()[:, keep]
+                    if coupled:
+                        _, xp = _layer_call(layer, h, call, mod, stop=True)
+                        xk = xp.reshape(-1, xp.shape[-1]).float()[:, keep]
+                    else:
+                        xk = x[:, keep]
                     c, g = (x.T @ xk).double().cpu(), (xk.T @ xk).double().cpu()
                     C, G = (c, g) if C is None else (C + c, G + g)
                 W = lora.dense_weight(mod.base_layer).float().clone()

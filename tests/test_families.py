@@ -251,3 +251,72 @@ def test_uniform_counts_can_keep_a_round_to_32_channels():
         assert abs(chans32 - chans) <= 16
     assert groups.uniform_counts(arch, 0.2, "kv-groups")[1] == 1536 - 1297
     assert groups.uniform_counts(arch, 0.0, "kv-groups", round_to=32) == (0, 0)
+
+
+@pytest.mark.parametrize("model_type", supported_model_types())
+def test_sequential_reconstruction_runs_on_every_family(model_type):
+    """The layer-by-layer refit calls each decoder layer on its own with the arguments the model gave it (rotary
+    embeddings, sliding-window masks, multipliers): on every family it must bring the pruned model closer to the
+    unpruned one on the blocks it was fitted on, and give the weights back when nothing is pruned."""
+    from lpt import models, reconstruct
+    from lpt.arch import get_module
+
+    cfg = family_config(model_type, **EXTRA.get(model_type, {}))
+    arch = describe(cfg)
+    ids = torch.randint(3, VOCAB, (8, 12), generator=torch.Generator().manual_seed(0))
+    batches = [{"input_ids": ids[i:i + 4]} for i in (0, 4)]
+    with torch.no_grad():
+        dense = build(cfg)(ids).logits
+    model = build(cfg)
+    masks = make_masks(arch, "kv-groups", [[1], [0]], "uniform")
+    models.attach(model, arch, masks=masks)
+    with torch.no_grad():
+        plain = model(ids).logits
+    refit = reconstruct.sequential_refit(model, arch, batches, masks, damp=1e-3)
+    for (i, proj), w in refit.items():
+        get_module(model, arch.module_path(i, proj)).base_layer.weight.data.copy_(w)
+    with torch.no_grad():
+        fitted = model(ids).logits
+    assert ((fitted - dense) ** 2).mean() < 0.8 * ((plain - dense) ** 2).mean()
+
+    model = build(cfg)
+    nothing = groups.Masks.from_pruned(arch, [torch.zeros(arch.num_kv_heads, dtype=torch.bool)] * arch.num_layers,
+                                       [torch.zeros(arch.intermediate_size, dtype=torch.bool)] * arch.num_layers,
+                                       "kv-groups")
+    models.attach(model, arch, masks=nothing)
+    refit = reconstruct.sequential_refit(model, arch, batches, nothing, damp=0.0)
+    for (i, proj), w in refit.items():
+        torch.testing.assert_close(w, get_module(model, arch.module_path(i, proj)).base_layer.weight,
+                                   rtol=1e-4, atol=1e-5)
+
+
+
+def test_sequential_reconstruction_regresses_on_the_masked_inputs_where_a_norm_couples_heads():
+    """OLMo 2 normalises q and k over every head, so a head's attention output changes when others are masked: the
+    refit must regress the full output on the *masked* pass's kept columns (lstsq on both passes' activations)."""
+    from lpt import models, reconstruct
+    from lpt.arch import ATTN_IN, ATTN_OUT, get_module
+
+    cfg = family_config("olmo2", **EXTRA["olmo2"])
+    arch = describe(cfg)
+    ids = torch.randint(3, VOCAB, (8, 12), generator=torch.Generator().manual_seed(0))
+    model = build(cfg)
+    masks = make_masks(arch, "kv-groups", [[1], [0]], "uniform")
+    models.attach(model, arch, masks=masks)
+    refit = reconstruct.sequential_refit(model, arch, [{"input_ids": ids[:4]}, {"input_ids": ids[4:]}], masks,
+                                         damp=0.0)
+    o = get_module(model, arch.module_path(0, "o_proj"))
+    got = []
+    h = o.register_forward_pre_hook(lambda m, a: got.append(a[0].reshape(-1, a[0].shape[-1]).double()))
+    attn = [get_module(model, arch.module_path(0, p)) for p in ATTN_OUT + ATTN_IN]
+    with torch.no_grad():
+        model(ids)
+        for m in attn:
+            m._mask_in = m._mask_out = False
+        model(ids)
+    h.remove()
+    keep = reconstruct.kept_columns(masks, arch, 0, "o_proj")
+    x_masked, x_full = got[0][:, keep], got[1]
+    assert not torch.allclose(x_masked, x_full[:, keep], rtol=1e-3, atol=1e-6)  # the heads are coupled
+    want = torch.linalg.lstsq(x_masked, x_full @ o.base_layer.weight.double().T).solution.T
+    torch.testing.assert_close(refit[(0, "o_proj")][:, keep].double(), want, rtol=1e-3, atol=1e-4)
