@@ -13,7 +13,8 @@ local pruning (``global_pruning=False``), ``num_heads`` for q/k/v, ``prune_num_h
 comparable with lpt's:
 - the embeddings are ignored too, so the hidden size is never pruned (lpt prunes heads and MLP channels only);
 - the ratio means what it means in lpt: the fraction of the transformer blocks' linear-layer parameters
-  (q, k, v, o, gate, up, down) removed. The head and channel counts are lpt's (``groups.uniform_counts``) and the
+  (q, k, v, o, gate, up, down) removed. The head and channel counts are lpt's (``groups.uniform_counts``; ``--heads``
+  fixes the attention units per layer as ``lpt prune --balance N`` does) and the
   ratios handed to Torch-Pruning are chosen so that its rounding lands exactly on them (no ``round_to``);
 - grouped-query attention: ``--gqa query-heads`` is the example's own handling (the same number of query heads
   cut in every key/value group, key/value heads kept); ``--gqa kv-groups`` (default, lpt's default) declares the
@@ -64,17 +65,19 @@ class TpPeerConfig:
     importance: str = "l2"
     gqa: str = "kv-groups"
     nsamples: int = 8
+    heads: int | None = None
     device: str = "auto"
     seed: int = 0
     overwrite: bool = False
 
 
 # ------------------------------------------------------------------------------------------------ counts
-def target_counts(arch, ratio: float, gqa: str) -> tuple[int, int]:
-    """(attention units, MLP channels) pruned per layer: exactly what lpt's uniform layout prunes."""
+def target_counts(arch, ratio: float, gqa: str, heads: int | None = None) -> tuple[int, int]:
+    """(attention units, MLP channels) pruned per layer: exactly what lpt's uniform layout prunes with ``heads``
+    attention units per layer (``lpt prune --balance N``; None: the proportional balance)."""
     from lpt import groups
 
-    return groups.uniform_counts(arch, ratio, gqa)
+    return groups.uniform_counts(arch, ratio, gqa, heads=heads)
 
 
 def tp_ratios(arch, n_units: int, n_channels: int, gqa: str) -> tuple[float, float]:
@@ -393,7 +396,7 @@ def run(cfg: TpPeerConfig) -> dict[str, Any]:
     dev = models.model_device(model)
     example = blocks["input_ids"][:1, :min(64, data.seq_len)].to(dev)
     check_ids = blocks["input_ids"][:1].to(dev)
-    n_units, n_channels = target_counts(arch, cfg.ratio, cfg.gqa)
+    n_units, n_channels = target_counts(arch, cfg.ratio, cfg.gqa, cfg.heads)
     head_ratio, channel_ratio = tp_ratios(arch, n_units, n_channels, cfg.gqa)
 
     params_before = models.count_params(model)
@@ -508,12 +511,16 @@ def parse_args(argv: list[str] | None = None) -> TpPeerConfig:
                     help="kv-groups: prune whole key/value groups (lpt's default); query-heads: the same number of "
                          "query heads in every group, k/v kept (Torch-Pruning's own GQA handling)")
     ap.add_argument("--nsamples", type=int, default=8, help="calibration blocks for --importance taylor (default 8)")
+    ap.add_argument("--heads", type=int, default=None,
+                    help="attention units pruned per layer, the rest from the MLP (as lpt prune --balance N; default: "
+                         "the proportional balance); e.g. the count lpt's --balance search chose, for equal widths")
     ap.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N (default auto)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     a = ap.parse_args(argv)
     return TpPeerConfig(model=a.model, ratio=a.ratio, calib=a.calib, output=a.output, importance=a.importance,
-                        gqa=a.gqa, nsamples=a.nsamples, device=a.device, seed=a.seed, overwrite=a.overwrite)
+                        gqa=a.gqa, nsamples=a.nsamples, heads=a.heads, device=a.device, seed=a.seed,
+                        overwrite=a.overwrite)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -100,6 +100,12 @@ class PruneConfig(ModelOptions, DataOptions):
     gqa: str = _f("auto", "Grouped-query attention: kv-groups (prune whole key/value groups), query-heads (prune the "
                           "same number of query heads inside every group), or auto (kv-groups, except query-heads for "
                           "a model with a single key/value head, where kv-groups could prune no attention).")
+    balance: str = _f("search", "How --ratio is divided between attention and MLP in every layer: search (beyond the "
+                                "paper: at the first mask update, prune each candidate -- 0, 1, ... attention units, "
+                                "the MLP channels making up the rest -- all the way to the target and keep the one "
+                                "with the lowest loss on that step's batch), proportional (attention units and MLP "
+                                "channels in the same proportion, to the nearest unit: lpt 0.2), or N (prune N "
+                                "attention units per layer).")
     layout: str = _f("uniform", "uniform (every layer keeps the same widths: a standard config) or per-layer.")
     skip_layers: str = _f("", "Layers never pruned: comma list / ranges (e.g. 0-2,31), or 'paper' for the first 10% "
                               "and the last layer. Implies --layout per-layer.")

@@ -24,6 +24,7 @@ from lpt.errors import LptError, MismatchError
 
 GQA_MODES = ("kv-groups", "query-heads")
 LAYOUTS = ("uniform", "per-layer")
+BALANCES = ("search", "proportional")
 
 
 # ------------------------------------------------------------------------------------------------ group sums
@@ -98,23 +99,73 @@ def round_channels(n_pruned: int, intermediate: int, round_to: int = 1) -> int:
     return intermediate - kept
 
 
-def uniform_counts(arch: Arch, ratio: float, gqa: str, round_to: int = 1) -> tuple[int, int]:
+def _channels_for(arch: Arch, target: float, n_heads: int, p_head: int, p_chan: int, round_to: int) -> int | None:
+    """MLP channels that make up ``target`` block parameters after ``n_heads`` attention units (nearest channel,
+    then ``round_to``); None when the MLP cannot make it up (it would need more channels than all but one, or
+    fewer than none by more than half a channel)."""
+    n_chan = int(math.floor((target - n_heads * p_head) / p_chan + 0.5))
+    if n_chan < 0 or n_chan >= arch.intermediate_size:
+        return None
+    return round_channels(n_chan, arch.intermediate_size, round_to)
+
+
+def uniform_counts(arch: Arch, ratio: float, gqa: str, round_to: int = 1, heads: int | None = None
+                   ) -> tuple[int, int]:
     """Attention units and MLP channels to prune in every layer so that ``ratio`` of the block parameters goes.
 
-    Heads are rounded to the nearest unit; channels then make up the difference (nearest channel). With
-    ``round_to`` N > 1 the kept MLP width is a multiple of N (:func:`round_channels`), so the achieved ratio is
-    within one step of N channels (``N · 3 · hidden`` parameters per layer) of ``ratio``. Head counts are never
-    rounded: a layer has a few dozen heads at most, and a head is already ``head_dim`` (64-128) rows wide.
+    ``heads``: attention units per layer (see :func:`balance_candidates`); None for the proportional balance, where
+    heads are pruned in the proportion ``ratio`` (nearest unit) -- lpt 0.2's only balance. Channels then make up the
+    difference (nearest channel). With ``round_to`` N > 1 the kept MLP width is a multiple of N
+    (:func:`round_channels`), so the achieved ratio is within one step of N channels (``N · 3 · hidden`` parameters
+    per layer) of ``ratio``. Head counts are never rounded: a layer has a few dozen heads at most, and a head is
+    already ``head_dim`` (64-128) rows wide.
     """
     if not 0.0 <= ratio < 1.0:
         raise LptError(f"--ratio must be in [0, 1) (got {ratio})")
     units = head_units(arch, gqa)
     p_head, p_chan = unit_params(arch, gqa)
     target = ratio * arch.block_linear_params(0)
-    n_heads = min(units - 1, int(math.floor(ratio * units + 0.5)))
-    n_chan = int(math.floor((target - n_heads * p_head) / p_chan + 0.5))
-    n_chan = max(0, min(arch.intermediate_size - 1, n_chan))
-    return n_heads, round_channels(n_chan, arch.intermediate_size, round_to)
+    if heads is None:
+        heads = min(units - 1, int(math.floor(ratio * units + 0.5)))
+    elif not 0 <= heads < units:
+        raise LptError(f"--balance {heads}: a layer has {units} attention units under --gqa {gqa}; prune 0 to "
+                       f"{units - 1} of them")
+    n_chan = _channels_for(arch, target, heads, p_head, p_chan, round_to)
+    if n_chan is None:  # clamp: the MLP cannot make up the difference exactly
+        n_chan = int(math.floor((target - heads * p_head) / p_chan + 0.5))
+        n_chan = round_channels(max(0, min(arch.intermediate_size - 1, n_chan)), arch.intermediate_size, round_to)
+    return heads, n_chan
+
+
+def balance_candidates(arch: Arch, ratio: float, gqa: str, round_to: int = 1) -> list[tuple[int, int]]:
+    """Every uniform way to remove ``ratio`` of the block parameters: ``(attention units, MLP channels)`` per layer,
+    one for each number of attention units from none to all but one, the MLP channels making up the rest. Counts
+    the MLP cannot make up are left out; with ``ratio`` 0 the only candidate is ``(0, 0)``."""
+    if ratio <= 0:
+        return [(0, 0)]
+    p_head, p_chan = unit_params(arch, gqa)
+    target = ratio * arch.block_linear_params(0)
+    out = []
+    for h in range(head_units(arch, gqa)):
+        c = _channels_for(arch, target, h, p_head, p_chan, round_to)
+        if c is not None:
+            out.append((h, c))
+    return out or [uniform_counts(arch, ratio, gqa, round_to)]
+
+
+def parse_balance(spec: str | int) -> int | None:
+    """``--balance``: 'search' / 'proportional' -> None (decided elsewhere), 'N' -> N attention units per layer."""
+    spec = str(spec).strip()
+    if spec in BALANCES:
+        return None
+    try:
+        n = int(spec)
+    except ValueError:
+        raise LptError(f"unknown --balance '{spec}' (use {', '.join(BALANCES)}, or a number of attention units "
+                       "per layer)") from None
+    if n < 0:
+        raise LptError(f"--balance {n}: the number of attention units must be 0 or more")
+    return n
 
 
 def round_to_violations(masks: "Masks") -> list[int]:

@@ -73,8 +73,14 @@ class Pruner:
         self.ema_channels: list[torch.Tensor | None] = [None] * arch.num_layers
         self.step, self.target_sparsity, self.sparsity = 0, 0.0, 0.0
         self.ramp = schedule.ramp_bounds(total_steps, cfg.warmup, cfg.cooldown)
-        self.final = groups.uniform_counts(arch, groups.layer_ratio(arch, cfg.ratio, self.prunable), cfg.gqa,
-                                           round_to=cfg.round_to)
+        self.layer_ratio = groups.layer_ratio(arch, cfg.ratio, self.prunable)
+        # the per-layer (attention units, MLP channels) at the target; --balance search decides it at the first
+        # mask update (choose_balance), when the scores exist
+        self.final: tuple[int, int] | None = (0, 0) if self.estimator is None else None
+        self.balance_losses: list[dict[str, Any]] | None = None
+        if self.estimator is not None and cfg.balance != "search":
+            self.final = groups.uniform_counts(arch, self.layer_ratio, cfg.gqa, round_to=cfg.round_to,
+                                               heads=groups.parse_balance(cfg.balance))
         self.device = self.params[0].device
         self.distributed = distributed.is_initialized() and distributed.world_size() > 1
         if self.distributed:  # every rank starts from rank 0's LoRA factors (as DDP does)
@@ -98,16 +104,44 @@ class Pruner:
 
     def prune_to(self, sparsity: float) -> None:
         """Grow the pruned sets (never shrink them) towards ``sparsity`` of the block parameters."""
+        if self.final is None:
+            raise RuntimeError("--balance search: choose_balance(batch) decides the target before the first prune_to")
         frac = min(1.0, sparsity / self.cfg.ratio) if self.cfg.ratio > 0 else 0.0
+        self.heads_pruned, self.channels_pruned = self._grown(frac, self.final)
+        self._apply_masks()
+
+    def _grown(self, frac: float, final: tuple[int, int]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """The pruned sets at ``frac`` of the way to ``final`` counts, by the moving-average scores."""
         kv = self.arch.num_kv_heads
-        counts = groups.step_counts(frac, self.final, self.layout, self.prunable, self.arch.num_layers,
+        counts = groups.step_counts(frac, final, self.layout, self.prunable, self.arch.num_layers,
                                     self.ema_heads, self.ema_channels, self.heads_pruned, self.channels_pruned,
                                     kv if self.cfg.gqa == "query-heads" else None, round_to=self.cfg.round_to,
                                     intermediate=self.arch.intermediate_size)
-        self.heads_pruned, self.channels_pruned = groups.grow_masks(
-            counts, self.prunable, self.ema_heads, self.ema_channels, self.heads_pruned, self.channels_pruned,
-            self.cfg.gqa, kv)
-        self._apply_masks()
+        return groups.grow_masks(counts, self.prunable, self.ema_heads, self.ema_channels, self.heads_pruned,
+                                 self.channels_pruned, self.cfg.gqa, kv)
+
+    @torch.no_grad()
+    def choose_balance(self, batch: dict[str, torch.Tensor]) -> None:
+        """``--balance search`` (beyond the paper): how the target is divided between attention and MLP.
+
+        Every candidate of ``groups.balance_candidates`` (0, 1, ... attention units per layer, the MLP channels
+        making up the rest) is pruned all the way to the target by the current scores, and the model's loss on
+        ``batch`` measured (no gradient, no dropout); the candidate with the lowest loss becomes the target. The
+        masks are then restored, and the schedule grows them towards that target as usual. Costs one forward pass
+        of ``batch`` per candidate, once.
+        """
+        cands = groups.balance_candidates(self.arch, self.layer_ratio, self.cfg.gqa, self.cfg.round_to)
+        losses = []
+        if len(cands) > 1:
+            for final in cands:
+                hp, cp = self._grown(1.0, final)
+                groups.apply_masks(self.model, self._masks(hp, cp))
+                losses.append(self.mean_loss(batch))
+            self._apply_masks()
+        best = min(range(len(cands)), key=losses.__getitem__) if losses else 0
+        self.final = cands[best]
+        self.balance_losses = [{"attention_units": h, "mlp_channels": c, "loss": round(v, 6)}
+                               for (h, c), v in zip(cands, losses)]
 
     def _apply_masks(self) -> None:
         masks = self.masks()
@@ -116,8 +150,19 @@ class Pruner:
         self.sparsity = 1.0 - after / before
 
     def masks(self) -> groups.Masks:
-        return groups.Masks.from_pruned(self.arch, self.heads_pruned, self.channels_pruned, self.cfg.gqa,
-                                        layout=self.layout, model=self.model_name)
+        return self._masks(self.heads_pruned, self.channels_pruned)
+
+    def _masks(self, heads_pruned, channels_pruned) -> groups.Masks:
+        return groups.Masks.from_pruned(self.arch, heads_pruned, channels_pruned, self.cfg.gqa, layout=self.layout,
+                                        model=self.model_name)
+
+    def balance_info(self) -> dict[str, Any]:
+        """What ``masks.json`` records of the attention/MLP balance."""
+        h, c = self.final or (0, 0)
+        out: dict[str, Any] = {"mode": self.cfg.balance, "attention_units": h, "mlp_channels": c}
+        if self.balance_losses:
+            out["candidates"] = self.balance_losses
+        return out
 
     # ---------------------------------------------------------------- training
     def loss(self, mb: dict[str, torch.Tensor], distill: bool) -> torch.Tensor:
@@ -130,27 +175,47 @@ class Pruner:
         kl = losses.kl_distill(out.logits, teacher, mb["labels"], self.cfg.distill_temperature)
         return losses.mixed(out.loss, kl, self.cfg.distill_weight)
 
-    def forward_backward(self, batch: dict[str, torch.Tensor], distill: bool | None = None) -> float:
-        """Accumulate gradients over the micro-batches of ``batch``; returns the mean loss.
+    def _micro_batches(self, batch: dict[str, torch.Tensor]) -> tuple[list[dict[str, torch.Tensor]], int]:
+        """This rank's micro-batches of ``batch`` (on the device) and the number of micro-batches of all ranks.
 
-        Under torch.distributed each rank runs only its contiguous share of the micro-batches, each scaled by
-        1 / (all micro-batches), so the gradients summed over the ranks are those of the same global batch.
+        Under torch.distributed each rank runs only its contiguous share of the micro-batches, so sums over the
+        ranks of per-micro-batch values divided by that number are those of the same global batch.
         """
-        distill = self.cfg.distill if distill is None else distill
         mbs = self.cfg.micro_batch_size
         chunks = max(1, math.ceil(batch["input_ids"].shape[0] / mbs))
+        mine = distributed.shard(chunks) if self.distributed else range(chunks)
+        return [{key: v[k * mbs:(k + 1) * mbs].to(self.device) for key, v in batch.items()} for k in mine], chunks
+
+    def _sum_ranks(self, value: float) -> float:
+        if not self.distributed:
+            return value
+        t = torch.tensor([value], dtype=torch.float64, device=self.device)
+        distributed.all_reduce_sum_([t])
+        return float(t)
+
+    def forward_backward(self, batch: dict[str, torch.Tensor], distill: bool | None = None) -> float:
+        """Accumulate gradients over the micro-batches of ``batch`` (each scaled by 1 / all micro-batches, so the
+        gradients summed over the ranks are those of the global batch); returns the mean loss."""
+        distill = self.cfg.distill if distill is None else distill
+        mbs, chunks = self._micro_batches(batch)
         total = 0.0
         self.model.train()
-        for k in (distributed.shard(chunks) if self.distributed else range(chunks)):
-            mb = {key: v[k * mbs:(k + 1) * mbs].to(self.device) for key, v in batch.items()}
+        for mb in mbs:
             loss = self.loss(mb, distill)
             (loss / chunks).backward()
             total += float(loss.detach())
-        if self.distributed:
-            t = torch.tensor([total], dtype=torch.float64, device=self.device)
-            distributed.all_reduce_sum_([t])
-            total = float(t)
-        return total / chunks
+        return self._sum_ranks(total) / chunks
+
+    @torch.no_grad()
+    def mean_loss(self, batch: dict[str, torch.Tensor]) -> float:
+        """Mean LM loss of ``batch`` over its micro-batches and the ranks, in eval mode (no dropout, no gradient)."""
+        mbs, chunks = self._micro_batches(batch)
+        self.model.eval()
+        try:
+            total = sum(float(self.model(**mb).loss) for mb in mbs)
+        finally:
+            self.model.train()
+        return self._sum_ranks(total) / chunks
 
     def reduce_gradients(self) -> None:
         """Sum LoRA gradients and what the estimator observed over all ranks (a no-op for one process)."""
@@ -182,6 +247,8 @@ class Pruner:
             if not self.estimator.needs_backward:  # weights-only scores: read them when the masks grow
                 self.update_ema(self.group_importance())
             self.target_sparsity = schedule.cubic_sparsity(self.step, self.cfg.ratio, start, end)
+            if self.final is None:
+                self.choose_balance(batch)
             self.prune_to(self.target_sparsity)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)  # honest per-step seconds on a GPU
@@ -190,7 +257,9 @@ class Pruner:
                 "seconds": round(time.perf_counter() - t0, 4), "peak_memory_bytes": peak_memory_bytes(self.device)}
 
     def one_shot(self, batches: Iterable[dict[str, torch.Tensor]]) -> None:
-        """Score once over ``batches`` (LM loss, gradients summed, no update) and prune to the target at once."""
+        """Score once over ``batches`` (LM loss, gradients summed, no update) and prune to the target at once; the
+        balance search (``--balance search``) measures its candidates on the first batch."""
+        batches = list(batches)
         if self.estimator.needs_backward:
             for batch in batches:
                 self.forward_backward(batch, distill=False)
@@ -201,6 +270,8 @@ class Pruner:
         for i in self.prunable:
             self.ema_heads[i], self.ema_channels[i] = scores[i]
         self.target_sparsity = self.cfg.ratio
+        if self.final is None:
+            self.choose_balance(batches[0])
         self.prune_to(self.cfg.ratio)
 
     # ---------------------------------------------------------------- state
@@ -214,7 +285,8 @@ class Pruner:
                           ("ema_heads", self.ema_heads), ("ema_channels", self.ema_channels)):
             t.update({f"{name}.{i}": v for i, v in enumerate(seq) if v is not None})
         return t, {"step": self.step, "target_sparsity": self.target_sparsity, "optimizer": opt_plain,
-                   "scheduler": self.scheduler.state_dict()}
+                   "scheduler": self.scheduler.state_dict(), "final": self.final,
+                   "balance_losses": self.balance_losses}
 
     def load_state(self, t: dict[str, torch.Tensor], plain: dict[str, Any]) -> None:
         with torch.no_grad():
@@ -225,6 +297,9 @@ class Pruner:
         self.optimizer.load_state_dict(checkpoint.unflatten_optimizer(t, plain["optimizer"]))
         self.scheduler.load_state_dict(plain["scheduler"])
         self.step, self.target_sparsity = int(plain["step"]), float(plain["target_sparsity"])
+        if plain.get("final") is not None:  # the balance chosen before the checkpoint
+            self.final = tuple(int(x) for x in plain["final"])
+            self.balance_losses = plain.get("balance_losses")
         n = self.arch.num_layers
         self.heads_pruned = [t[f"heads_pruned.{i}"] for i in range(n)]
         self.channels_pruned = [t[f"channels_pruned.{i}"] for i in range(n)]

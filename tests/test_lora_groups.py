@@ -6,6 +6,7 @@ import torch
 from conftest import build_model, tiny_config
 from lpt import groups, lora
 from lpt.arch import describe
+from lpt.errors import LptError
 
 
 @pytest.mark.parametrize("gqa", [True, False])
@@ -69,6 +70,52 @@ def test_uniform_counts_round_to(shape):
                 assert abs(removed - plain_removed) < n * p_chan  # less than one rounding step moved
                 if abs(plain_removed - ratio * before) <= p_chan / 2 + 1:  # the target is reachable at this shape
                     assert abs(removed - ratio * before) <= n * p_chan  # within one rounding step of the target
+
+
+@pytest.mark.parametrize("shape", [
+    dict(hidden_size=2048, intermediate_size=5632, num_attention_heads=32, num_key_value_heads=4, head_dim=64),  # TinyLlama
+    dict(hidden_size=576, intermediate_size=1536, num_attention_heads=9, num_key_value_heads=3, head_dim=64),  # SmolLM2
+    dict(hidden_size=64, intermediate_size=100, num_attention_heads=4, num_key_value_heads=4, head_dim=16),
+])
+def test_balance_candidates_hit_ratio(shape):
+    arch = describe(tiny_config(num_hidden_layers=1, **shape))
+    before = arch.block_linear_params(0)
+    p_chan = 3 * arch.hidden_size
+    for gqa in ("kv-groups", "query-heads"):
+        p_head = groups.unit_params(arch, gqa)[0]
+        units = groups.head_units(arch, gqa)
+        for ratio in (0.1, 0.2, 0.5, 0.7):
+            for n in (1, 8):
+                cands = groups.balance_candidates(arch, ratio, gqa, round_to=n)
+                heads = [h for h, _ in cands]
+                assert heads == sorted(set(heads)) and all(0 <= h < units for h in heads)
+                for h, c in cands:
+                    assert 0 <= c < arch.intermediate_size
+                    assert groups.uniform_counts(arch, ratio, gqa, round_to=n, heads=h) == (h, c)
+                    if abs(h * p_head + c * p_chan - ratio * before) > n * p_chan:  # every one hits the ratio ...
+                        # ... unless none can (one query head per group at 70%): then the clamped proportional one
+                        assert cands == [groups.uniform_counts(arch, ratio, gqa, round_to=n)]
+                # the proportional balance is one of them whenever the MLP can make up its difference
+                prop = groups.uniform_counts(arch, ratio, gqa, round_to=n)
+                if abs(prop[0] * p_head + prop[1] * p_chan - ratio * before) <= p_chan / 2 + n * p_chan:
+                    assert prop in cands
+        assert groups.balance_candidates(arch, 0.0, gqa) == [(0, 0)]
+    # SmolLM2 at 20%: no attention, one or two key/value groups; at 50% all three counts are possible
+    smol = describe(tiny_config(num_hidden_layers=1, hidden_size=576, intermediate_size=1536, num_attention_heads=9,
+                                num_key_value_heads=3, head_dim=64))
+    assert [h for h, _ in groups.balance_candidates(smol, 0.5, "kv-groups", 8)] == [0, 1, 2]
+    assert groups.balance_candidates(smol, 0.2, "kv-groups", 8)[0] == (0, 1536 - 1128)
+
+
+def test_parse_balance():
+    assert groups.parse_balance("search") is None and groups.parse_balance("proportional") is None
+    assert groups.parse_balance("2") == 2 and groups.parse_balance(0) == 0
+    for bad in ("many", "-1", "1.5"):
+        with pytest.raises(LptError, match="--balance"):
+            groups.parse_balance(bad)
+    arch = describe(tiny_config())
+    with pytest.raises(LptError, match="--balance 2"):
+        groups.uniform_counts(arch, 0.5, "kv-groups", heads=2)  # 2 key/value groups: prune 0 or 1
 
 
 def test_round_channels_and_violations():

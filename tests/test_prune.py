@@ -18,7 +18,7 @@ FAST = ["--max-steps", "6", "--batch-size", "4", "--micro-batch-size", "2", "--p
 def _pruner(gqa_model=True, **kw):
     cfg = tiny_config(gqa=gqa_model)
     model = build_model(cfg)
-    pc = PruneConfig(lora_r=4, lora_alpha=8, lora_dropout=0.0, **kw)
+    pc = PruneConfig(lora_r=4, lora_alpha=8, lora_dropout=0.0, **{"balance": "proportional", **kw})  # fixed targets
     return prune.Pruner(model, describe(cfg), pc, total_steps=10), cfg
 
 
@@ -86,6 +86,68 @@ def test_masked_forward_equals_zeroed_heads_and_channels(gqa, mode):
             mlp.down_proj.weight[:, drop] = 0
         want = ref(x).logits
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("layout", ["uniform", "per-layer"])
+def test_balance_search_keeps_the_candidate_with_the_lowest_loss(layout):
+    p, cfg = _pruner(gqa_model=False, gqa="kv-groups", layout=layout, ratio=0.5, balance="search")  # 0..3 heads
+    g = torch.Generator().manual_seed(3)
+    p.ema_heads = [torch.rand(4, generator=g) for _ in range(cfg.num_hidden_layers)]
+    p.ema_channels = [torch.rand(cfg.intermediate_size, generator=g) for _ in range(cfg.num_hidden_layers)]
+    batch = _batch(cfg, n=4, seq=24, seed=5)
+    before = p.model(batch["input_ids"]).logits.detach()
+    assert p.final is None  # decided at the first mask update
+    p.choose_balance(batch)
+    cands = p.balance_losses
+    assert [(c["attention_units"], c["mlp_channels"]) for c in cands] == \
+        groups.balance_candidates(p.arch, 0.5, "kv-groups", p.cfg.round_to)
+    assert len(cands) >= 3
+    # the same losses, computed here from the candidates' masks by hand
+    ref = build_model(cfg)
+    arch = describe(cfg)
+    lora.inject(ref, arch, r=4, alpha=8)
+    for c in cands:
+        counts = groups.step_counts(1.0, (c["attention_units"], c["mlp_channels"]), layout, [0, 1], 2,
+                                    p.ema_heads, p.ema_channels, p.heads_pruned, p.channels_pruned, None,
+                                    round_to=p.cfg.round_to, intermediate=arch.intermediate_size)
+        hp, cp = groups.grow_masks(counts, [0, 1], p.ema_heads, p.ema_channels, p.heads_pruned, p.channels_pruned,
+                                   "kv-groups", arch.num_kv_heads)
+        groups.apply_masks(ref, groups.Masks.from_pruned(arch, hp, cp, "kv-groups", layout=layout))
+        with torch.no_grad():
+            want = float(ref(**batch).loss)
+        assert c["loss"] == pytest.approx(want, rel=1e-4, abs=1e-5)
+    best = min(cands, key=lambda c: c["loss"])
+    assert p.final == (best["attention_units"], best["mlp_channels"])
+    assert len({round(c["loss"], 4) for c in cands}) > 1  # the candidates do differ
+    # nothing is left pruned by the search itself
+    torch.testing.assert_close(p.model(batch["input_ids"]).logits.detach(), before, rtol=1e-5, atol=1e-6)
+    p.prune_to(0.5)
+    assert all(int(h.sum()) == p.final[0] for h in p.heads_pruned) or layout == "per-layer"
+    assert sum(int(h.sum()) for h in p.heads_pruned) == 2 * p.final[0]
+
+
+@pytest.mark.parametrize("balance, heads_left", [("0", 4), ("1", 3), ("proportional", 2)])
+def test_balance_fixed_counts(tmp_path, runner, tiny_mha_dir, tiny_calib_dir, balance, heads_left):
+    out = tmp_path / "out"
+    r = invoke(runner, ["prune", tiny_mha_dir, "--calib", tiny_calib_dir, "--ratio", "0.5", "--balance", balance,
+                        *FAST, "-o", out])
+    assert r.exit_code == 0, r.output
+    doc = json.loads((out / artifacts.MASKS).read_text())
+    assert [len(layer["attention_heads"]) for layer in doc["layers"]] == [heads_left] * 2
+    assert doc["info"]["balance"]["mode"] == balance and "candidates" not in doc["info"]["balance"]
+    assert abs(doc["ratio"]["blocks"] - 0.5) < 0.05
+
+
+def test_balance_search_is_recorded(tmp_path, runner, tiny_mha_dir, tiny_calib_dir):
+    out = tmp_path / "out"
+    r = invoke(runner, ["prune", tiny_mha_dir, "--calib", tiny_calib_dir, "--ratio", "0.5", *FAST, "-o", out])
+    assert r.exit_code == 0, r.output
+    doc = json.loads((out / artifacts.MASKS).read_text())
+    b = doc["info"]["balance"]
+    assert b["mode"] == "search" and [c["attention_units"] for c in b["candidates"]] == [0, 1, 2, 3]
+    best = min(b["candidates"], key=lambda c: c["loss"])
+    assert (b["attention_units"], b["mlp_channels"]) == (best["attention_units"], best["mlp_channels"])
+    assert [len(layer["attention_heads"]) for layer in doc["layers"]] == [4 - b["attention_units"]] * 2
 
 
 @pytest.mark.parametrize("ratio", [0.2, 0.5])
@@ -228,6 +290,8 @@ def test_skip_layers(tmp_path, runner, tiny_llama_dir, tiny_calib_dir):
     (["--skip-layers", "7"], "does not exist"),
     (["--targets", "q_proj,foo"], "foo"),
     (["--resume"], "no checkpoint"),
+    (["--balance", "many"], "--balance"),
+    (["--balance", "3"], "--balance 3"),
 ])
 def test_bad_input_is_one_line(tmp_path, runner, tiny_llama_dir, tiny_calib_dir, args, message):
     out = tmp_path / "bad"
@@ -355,7 +419,8 @@ def test_pickled_checkpoint_is_refused_not_loaded(tmp_path, runner, tiny_llama_d
 def test_gqa_auto_prunes_query_heads_with_a_single_key_value_head():
     """With one key/value head, kv-groups could prune no attention: auto picks query-heads and says so."""
     cfg = tiny_config(num_attention_heads=4, num_key_value_heads=1)
-    p = prune.Pruner(build_model(cfg), describe(cfg), PruneConfig(lora_r=4, ratio=0.5), total_steps=4)
+    p = prune.Pruner(build_model(cfg), describe(cfg), PruneConfig(lora_r=4, ratio=0.5, balance="proportional"),
+                     total_steps=4)
     assert p.cfg.gqa == "query-heads" and "single key/value head" in p.note
     p.ema_heads = [torch.rand(4) for _ in range(cfg.num_hidden_layers)]
     p.ema_channels = [torch.rand(cfg.intermediate_size) for _ in range(cfg.num_hidden_layers)]

@@ -19,6 +19,8 @@ EPILOG = """[b]Examples[/b]
 
   lpt prune smollm2-135m --criterion fisher --distill --ratio 0.2 -o smol-fisher-20/
 
+  lpt prune smollm2-135m --balance proportional --ratio 0.5 -o smol-50-proportional/
+
   torchrun --nproc_per_node 8 -m lpt prune meta-llama/Llama-2-13b-hf --recipe recipes/llama-7b-50.yaml -o l13b-50/
 
   lpt prune meta-llama/Llama-2-70b-hf --device-map auto --8bit --ratio 0.2 -o l70b-20/
@@ -51,6 +53,7 @@ def prune(
     normalize: bool = opt(C, "normalize"),
     normalize_by: str = opt(C, "normalize_by"),
     gqa: str = opt(C, "gqa"),
+    balance: str = opt(C, "balance"),
     layout: str = opt(C, "layout"),
     skip_layers: str = opt(C, "skip_layers"),
     ema: float = opt(C, "ema"),

@@ -395,7 +395,8 @@ def measure_prune_step(entry: dict[str, Any], proto: dict[str, Any], run: dict[s
                      batch_size=proto["batch_size"], micro_batch_size=proto["micro_batch_size"],
                      gradient_checkpointing=proto.get("gradient_checkpointing", False),
                      distill=proto.get("distill", False),
-                     load_8bit=run["load_8bit"], warmup=0.0, cooldown=0.0, max_steps=total, seed=proto["seed"])
+                     load_8bit=run["load_8bit"], warmup=0.0, cooldown=0.0, max_steps=total, seed=proto["seed"],
+                     balance="proportional")  # the per-step cost: --balance search's one-time forwards are not timed
     prune.validate(pc)
     pruner = Pruner(model, arch, pc, total_steps=total, model_name=info["label"])
     gen = torch.Generator().manual_seed(proto["seed"])

@@ -67,6 +67,7 @@ def validate(cfg: PruneConfig) -> None:
               and importance.ESTIMATORS[cfg.criterion].needs_backward),
          f"--distill-weight 1 leaves --criterion {cfg.criterion} no gradient to score with (the KL's gradient is "
          f"zero while the student equals the teacher); use a weight below 1 or --one-shot")
+    groups.parse_balance(cfg.balance)  # a one-line error for anything but search, proportional or a count
     need(cfg.round_to >= 1, f"--round-to must be a positive number of channels (got {cfg.round_to})")
     bad = [t for t in targets(cfg) if t not in PROJECTIONS]
     need(not bad, f"unknown --targets {', '.join(bad)} (choose from {PROJECTION_LIST})")
@@ -174,6 +175,7 @@ def _run(cfg: PruneConfig, world: distributed.World, device_map: str | dict | No
         "criterion": pruner.criterion, "score": cfg.score, "normalize": cfg.normalize,
         "one_shot": cfg.one_shot, "steps": total, "skip_layers": pruner.skip,
         **({"round_to": cfg.round_to} if cfg.round_to > 1 else {}),
+        **({"balance": pruner.balance_info()} if pruner.estimator is not None else {}),
         "ratio": {"requested": cfg.ratio, "model": (before - after) / params_before},
         "params": {"model_before": params_before, "model_after": params_before - (before - after)},
     }
