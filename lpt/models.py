@@ -92,6 +92,77 @@ def resolve_dtype(dtype: str, device: str):
     return getattr(torch, dtype)
 
 
+# ------------------------------------------------------------------------------------------------ GGUF cache
+# transformers re-reads a GGUF file's whole header (for SmolLM2, ~600k tokenizer fields) for the config, again for
+# the tokenizer and again for the weights, and de-quantizes every tensor: ~30 s per load on 2 CPU cores, paid by
+# every stage. The first float32 load of a small GGUF file therefore also writes its de-quantized model and
+# tokenizer as a plain Hugging Face directory, and later loads read that (same weights, same tokenizer).
+GGUF_CACHE_MAX_BYTES = 2**30  # GGUF files up to 1 GiB (a ~1B-parameter model; its float32 copy is ~4-8x larger)
+GGUF_CACHE_VERSION = 1
+
+
+def cache_dir() -> Path:
+    """``$LPT_CACHE_DIR``, else ``$XDG_CACHE_HOME/lpt``, else ``~/.cache/lpt``."""
+    import os
+
+    if os.environ.get("LPT_CACHE_DIR"):
+        return Path(os.environ["LPT_CACHE_DIR"]).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "lpt"
+
+
+def gguf_cache_path(ref: ModelRef) -> Path | None:
+    """Where the de-quantized copy of ``ref``'s GGUF file lives (keyed by the file's path, size and modification
+    time, and the transformers version that de-quantized it); None when it is not cached (not a GGUF file, over
+    ``GGUF_CACHE_MAX_BYTES``, or ``LPT_GGUF_CACHE=0``)."""
+    import hashlib
+    import os
+
+    import transformers
+
+    if not ref.gguf_file or os.environ.get("LPT_GGUF_CACHE", "1") == "0":
+        return None
+    f = Path(ref.path) / ref.gguf_file
+    st = f.stat()
+    if st.st_size > GGUF_CACHE_MAX_BYTES:
+        return None
+    key = f"{f.resolve()}|{st.st_size}|{st.st_mtime_ns}|{transformers.__version__}|{GGUF_CACHE_VERSION}"
+    return cache_dir() / "gguf" / f"{f.stem}-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
+
+
+def _source(ref: ModelRef) -> ModelRef:
+    """The directory to read ``ref`` from: its GGUF cache when complete, else ``ref`` itself."""
+    d = gguf_cache_path(ref)
+    if d is not None and (d / "config.json").is_file() and (d / "tokenizer_config.json").is_file():
+        return ModelRef(ref.name, str(d), local=True)
+    return ref
+
+
+def _write_gguf_cache(ref: ModelRef, model, tokenizer) -> None:
+    """Save the de-quantized float32 ``model`` and ``tokenizer`` of ``ref`` into its cache directory, atomically (a
+    concurrent writer's copy is kept). A cache that cannot be written is skipped: it only saves time."""
+    import os
+    import shutil
+    import tempfile
+
+    d = gguf_cache_path(ref)
+    if d is None or d.exists():
+        return
+    try:
+        d.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{d.name}.", dir=d.parent))
+        try:
+            model.save_pretrained(tmp, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
+            os.replace(tmp, d)
+        except OSError:
+            if not d.exists():
+                raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    except OSError:
+        pass
+
+
 def _hub_error(ref: ModelRef, what: str, e: Exception) -> LptError:
     first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     hint = "" if ref.local else " (is it a valid hub id, and is the hub reachable? local directories and .gguf files work offline)"
@@ -102,8 +173,9 @@ def load_config(model: str | ModelRef, trust_remote_code: bool = False, revision
     from transformers import AutoConfig
 
     ref = model if isinstance(model, ModelRef) else resolve(model)
+    src = _source(ref)
     try:
-        return AutoConfig.from_pretrained(ref.path, trust_remote_code=trust_remote_code, revision=revision, **ref.kwargs())
+        return AutoConfig.from_pretrained(src.path, trust_remote_code=trust_remote_code, revision=revision, **src.kwargs())
     except (OSError, ValueError, KeyError) as e:
         raise _hub_error(ref, "the model config", e) from None
 
@@ -200,9 +272,10 @@ def load_tokenizer(model: str | ModelRef, revision: str | None = None, trust_rem
     from transformers import AutoTokenizer
 
     ref = model if isinstance(model, ModelRef) else resolve(model)
+    src = _source(ref)
     try:
         tok = AutoTokenizer.from_pretrained(
-            ref.path, revision=revision, trust_remote_code=trust_remote_code, **ref.kwargs()
+            src.path, revision=revision, trust_remote_code=trust_remote_code, **src.kwargs()
         )
     except (OSError, ValueError, KeyError) as e:
         raise _hub_error(ref, "the tokenizer", e) from None
@@ -231,6 +304,7 @@ def load_model(
     A directory sliced with per-layer widths is built with ``lpt.modeling``'s classes (imported from this package:
     the modeling file copied into the directory is never executed, so no ``trust_remote_code`` is needed).
     """
+    import torch
     from transformers import AutoModelForCausalLM
 
     from lpt import modeling
@@ -247,16 +321,19 @@ def load_model(
     kwargs: dict[str, Any] = dict(dtype=torch_dtype, revision=revision, trust_remote_code=trust_remote_code)
     if device_map is not None:
         kwargs["device_map"] = device_map
+    src = _source(ref)
     try:
-        m = cls.from_pretrained(ref.path, **kwargs, **ref.kwargs())
+        m = cls.from_pretrained(src.path, **kwargs, **src.kwargs())
     except (OSError, ValueError, KeyError) as e:
         raise _hub_error(ref, "the model", e) from None
-    if ref.gguf_file:
+    if src.gguf_file:
         # A GGUF checkpoint is de-quantized on load; drop the marker so a saved copy is a plain HF model.
         if hasattr(m.config, "quantization_config"):
             del m.config.quantization_config
         m.hf_quantizer = None
         m.is_quantized = False
+        if torch_dtype == torch.float32 and device_map is None and gguf_cache_path(ref) is not None:
+            _write_gguf_cache(ref, m, load_tokenizer(ref, revision=revision, trust_remote_code=trust_remote_code))
     if device_map is None:
         m.to(dev)
     m.eval()

@@ -10,6 +10,13 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+if "LPT_CACHE_DIR" not in os.environ:  # lpt's GGUF cache in a throw-away directory, not the user's ~/.cache
+    import atexit
+    import shutil
+    import tempfile
+
+    os.environ["LPT_CACHE_DIR"] = tempfile.mkdtemp(prefix="lpt-test-cache-")
+    atexit.register(shutil.rmtree, os.environ["LPT_CACHE_DIR"], True)
 
 VOCAB = 384
 

@@ -100,6 +100,30 @@ def test_smollm2_gguf_header_agrees_with_gguf_reader(smollm2_path):
     assert models.check_architecture(models.resolve("smollm2-135m")) is None
 
 
+@pytest.mark.smollm2
+def test_gguf_cache_gives_the_same_model_and_tokenizer(smollm2_path, tmp_path, monkeypatch):
+    import torch
+
+    monkeypatch.setenv("LPT_CACHE_DIR", str(tmp_path / "cache"))
+    ref = models.resolve("smollm2-135m")
+    where = models.gguf_cache_path(ref)
+    assert where is not None and where.parent.parent == tmp_path / "cache" and not where.exists()
+    m1, t1 = models.load_model(ref)  # from the GGUF file; writes the cache
+    assert (where / "config.json").is_file() and (where / "model.safetensors").is_file()
+    assert not [p for p in where.parent.iterdir() if p.name.startswith(".")]  # no temporary directory left
+    m2, t2 = models.load_model(ref)  # from the cache
+    a, b = m1.state_dict(), m2.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert t1.get_vocab() == t2.get_vocab() and t1.pad_token_id == t2.pad_token_id
+    text = "def f(x):\n    return x ** 2  # squares"
+    assert t1(text)["input_ids"] == t2(text)["input_ids"]
+    assert m2.config.to_dict() | {"_name_or_path": ""} == m1.config.to_dict() | {"_name_or_path": ""}
+    assert models.load_config(ref).num_hidden_layers == 30
+    assert m2.lpt_ref == ref  # provenance still names the GGUF file
+    monkeypatch.setenv("LPT_GGUF_CACHE", "0")
+    assert models.gguf_cache_path(ref) is None
+
+
 def test_config_json_kept_as_is(tmp_path):
     d = _gpt2_dir(tmp_path)
     assert json.loads((d / "config.json").read_text())["model_type"] == "gpt2"
