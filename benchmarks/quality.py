@@ -8,17 +8,20 @@ Every training run goes through the real CLI (one subprocess per stage) with the
 batch, learning rate, seed and LoRA budget. Sections, in priority order (an interrupted study keeps the first ones;
 finished runs are reused when the study is started again):
 
-1. criterion only: score the unpruned model once (``lpt.importance.score`` over every calibration block, LoRA
+1. criterion only: score the unpruned model once (``lpt.importance.score`` over the first scoring blocks, LoRA
    injected with B = 0, so nothing is trained), keep the weakest groups of every layer (uniform layout), and
-   evaluate the masked dense model (``lpt eval --masks``, no adapter): fisher, lora, vanilla, magnitude. Isolates
-   the criterion. Also the overlap of the groups each criterion prunes with those vanilla prunes (Fig. 4).
-2. main command: the candidate for the README's first command (``lpt prune smollm2-135m --ratio 0.2 --criterion
-   fisher`` on builtin:pydoc:train, a budget that fits in minutes), evaluated on builtin:pydoc:test, wall time.
+   evaluate the masked dense model (``lpt eval --masks``, no adapter): fisher, lora, vanilla, magnitude, each with
+   both balances between attention and MLP (``--balance search`` and ``proportional``). Isolates the criterion.
+   Also every candidate of fisher's balance search (its calibration loss and held-out perplexity), and the overlap
+   of the groups each criterion prunes with those vanilla prunes (Fig. 4).
+2. main command (only with ``--sections ...,main-command``; ``benchmarks/main_command.py`` times the README's
+   command itself): a candidate for it (``lpt prune smollm2-135m --ratio 0.2 --criterion fisher`` on
+   builtin:pydoc:train, a budget that fits in minutes), evaluated on builtin:pydoc:test, wall time.
 3. main table at 20% and 50%: ``--criterion fisher``, ``lora``, ``vanilla`` (iterative pruning with joint LoRA
    fine-tuning), and Torch-Pruning's Taylor importance (``benchmarks/tp_peer.py``) followed by the same LoRA budget
-   (``lpt prune PRUNED --ratio 0``).
+   (``lpt prune PRUNED --ratio 0``), at the per-layer widths lpt's fisher row chose (``tp_peer.py --heads``).
 4. ablations at 50% of the best lpt row of the main table: ``--distill``, ``--one-shot`` (score once, prune, then
-   fine-tune), ``--layout per-layer``; and the normalisation scope (``--normalize-by projection`` against the main
+   fine-tune), ``--layout per-layer``, ``--balance proportional``; and the normalisation scope (``--normalize-by projection`` against the main
    table's ``group``) on ``lora``: for fisher both scopes are the same thing (one score vector per group kind).
 5. reconstruction (beyond the paper): ``lpt slice --reconstruct`` (``--reconstruct-mode sequential`` and
    ``independent``) of fisher's criterion-only masks and of fisher's main-table row (``--adapter --merge``), and the
@@ -131,13 +134,17 @@ def ppl_of(path: Path, source: str) -> float:
 
 # ------------------------------------------------------------------------------------------------ criterion only
 def criterion_masks(calib: Path, ratios: list[float], criteria: tuple[str, ...], out: Path, batch_size: int,
-                    blocks: int, gqa: str = "kv-groups") -> dict:
-    """Score the unpruned model once per criterion (no training) and write one masks.json per (criterion, ratio).
+                    blocks: int, gqa: str = "kv-groups", round_to: int = 8) -> tuple[dict, dict]:
+    """Score the unpruned model once per criterion (no training) and write the masks of every (criterion, ratio).
 
     Public API only: ``lpt.lora.inject`` (rank 8, B = 0: the state ``lpt prune`` starts from), ``lpt.importance
-    .score`` over the first ``blocks`` calibration blocks, ``lpt.groups`` for the counts, the selection (the
-    weakest groups of every layer, as ``lpt prune --one-shot`` with the uniform layout) and ``masks.json``.
-    Returns the overlap of each criterion's pruned groups with vanilla's (Fig. 4 of the paper).
+    .score`` over the first ``blocks`` calibration blocks, ``lpt.groups`` for the candidates, the selection (the
+    weakest groups of every layer, as ``lpt prune --one-shot`` with the uniform layout) and ``masks.json``. Two
+    balances between attention and MLP, as ``lpt prune --balance``: ``crit-C-rR`` is ``search`` (every candidate of
+    ``groups.balance_candidates`` pruned, the one with the lowest loss on the scoring blocks kept; every fisher
+    candidate is also written, as ``crit-fisher-rR-hH``), ``crit-C-rR-prop`` is ``proportional``.
+    Returns (the overlap of each criterion's pruned groups with vanilla's, Fig. 4 of the paper; the calibration
+    loss of every candidate per criterion and ratio).
     """
     import torch
 
@@ -157,7 +164,26 @@ def criterion_masks(calib: Path, ratios: list[float], criteria: tuple[str, ...],
         for i in range(0, n, batch_size):
             yield {k: v[i:i + batch_size] for k, v in data.tensors.items()}
 
+    @torch.no_grad()
+    def loss_of(masks) -> float:
+        groups.apply_masks(model, masks)
+        try:
+            losses = [float(model(**b).loss) for b in batches()]
+        finally:
+            groups.apply_masks(model, groups.Masks.full(arch))
+        return sum(losses) / len(losses)
+
+    def save(masks, c: str, r: float, name: str, balance: dict) -> None:
+        before, after = masks.block_params()
+        masks.info = {"criterion": c, "one_shot": True, "steps": 0, "scoring": f"{n} calibration blocks, no "
+                      "training", "round_to": round_to, "balance": balance,
+                      "ratio": {"requested": r, "blocks": (before - after) / before}}
+        d = out / name
+        d.mkdir(parents=True, exist_ok=True)
+        masks.save(d / "masks.json")
+
     pruned: dict[tuple[str, float], list[tuple[torch.Tensor, torch.Tensor]]] = {}
+    cand_losses: dict = {}
     units = groups.head_units(arch, gqa)
     for c in criteria:
         t0 = time.time()
@@ -167,18 +193,31 @@ def criterion_masks(calib: Path, ratios: list[float], criteria: tuple[str, ...],
         else:
             scores = importance.score(model, batches(), c, arch=arch, gqa=gqa, normalize="group")
             torch.save(scores, cache)
-        for r in ratios:
-            nh, nc = groups.uniform_counts(arch, r, gqa)
+
+        def masks_for(nh: int, nc: int):
             hp = [groups.prune_lowest(s[0], torch.zeros(units, dtype=torch.bool), nh) for s in scores]
             cp = [groups.prune_lowest(s[1], torch.zeros(arch.intermediate_size, dtype=torch.bool), nc) for s in scores]
-            pruned[(c, r)] = list(zip(hp, cp))
-            masks = groups.Masks.from_pruned(arch, hp, cp, gqa, layout="uniform", model=MODEL)
-            before, after = masks.block_params()
-            masks.info = {"criterion": c, "one_shot": True, "steps": 0, "scoring": f"{n} calibration blocks, no "
-                          "training", "ratio": {"requested": r, "blocks": (before - after) / before}}
-            d = out / f"crit-{c}-r{r}"
-            d.mkdir(parents=True, exist_ok=True)
-            masks.save(d / "masks.json")
+            return hp, cp, groups.Masks.from_pruned(arch, hp, cp, gqa, layout="uniform", model=MODEL)
+
+        for r in ratios:
+            cands = groups.balance_candidates(arch, r, gqa, round_to)
+            table = []
+            for nh, nc in cands:
+                hp, cp, masks = masks_for(nh, nc)
+                table.append({"attention_units": nh, "mlp_channels": nc, "loss": round(loss_of(masks), 6)})
+                if c == "fisher":
+                    save(masks, c, r, f"crit-{c}-r{r}-h{nh}", {"mode": str(nh), "attention_units": nh,
+                                                              "mlp_channels": nc})
+            best = min(table, key=lambda row: row["loss"])
+            save(masks_for(best["attention_units"], best["mlp_channels"])[2], c, r, f"crit-{c}-r{r}",
+                 {"mode": "search", "attention_units": best["attention_units"], "mlp_channels": best["mlp_channels"],
+                  "candidates": table})
+            nh, nc = groups.uniform_counts(arch, r, gqa, round_to)
+            hp, cp, masks = masks_for(nh, nc)
+            pruned[(c, r)] = list(zip(hp, cp))  # the overlap is read at equal counts: the proportional balance
+            save(masks, c, r, f"crit-{c}-r{r}-prop", {"mode": "proportional", "attention_units": nh,
+                                                       "mlp_channels": nc})
+            cand_losses.setdefault(c, {})[str(r)] = table
         print(f"  {time.time() - t0:7.1f}s  scored {c} over {n} blocks", flush=True)
     agreement = {}
     if "vanilla" in criteria:
@@ -194,7 +233,7 @@ def criterion_masks(calib: Path, ratios: list[float], criteria: tuple[str, ...],
                             shares.append(float((a[k] & b[k]).sum()) / float(b[k].sum()))
                     res[kind] = round(sum(shares) / len(shares), 4) if shares else None
                 agreement.setdefault(c, {})[str(r)] = res
-    return agreement
+    return agreement, cand_losses
 
 
 # ------------------------------------------------------------------------------------------------ study
@@ -209,13 +248,18 @@ def main() -> None:
     ap.add_argument("--nsamples", type=int, default=None, help="calibration blocks (default: two epochs' worth)")
     ap.add_argument("--score-blocks", type=int, default=None,
                     help="calibration blocks the criterion-only scores are summed over (default 8; quick: 4)")
-    ap.add_argument("--lr", type=float, default=5e-4)
+    ap.add_argument("--lr", type=float, default=2e-3,
+                    help="peak learning rate of every training row (default 2e-3; the ablations include 5e-4, the "
+                         "previous protocol's)")
     ap.add_argument("--corpus", choices=["auto", "pydoc"], default="auto")
     ap.add_argument("--eval-seq-len", type=int, default=None, help="default 2048; quick: 512")
     ap.add_argument("--eval-segments", type=int, default=None,
                     help="segments of held-out text evaluated (0: all; default 4; quick: 1)")
-    ap.add_argument("--sections", default="criterion,main-command,main,ablations,reconstruct",
-                    help="comma list of sections to run (criterion, main-command, main, ablations, reconstruct)")
+    ap.add_argument("--sections", default="criterion,main,ablations,reconstruct",
+                    help="comma list of sections to run (criterion, main-command, main, ablations, reconstruct; "
+                         "main-command is off by default: benchmarks/main_command.py times the README's command)")
+    ap.add_argument("--reconstruct-modes", default="sequential",
+                    help="comma list of lpt slice --reconstruct-mode values in section 5 (sequential, independent)")
     ap.add_argument("--no-peer", action="store_true", help="skip the Torch-Pruning peer")
     ap.add_argument("--criteria", default=",".join(MAIN_CRITERIA),
                     help="comma list of lpt criteria in the main table (default fisher,lora,vanilla)")
@@ -263,12 +307,13 @@ def main() -> None:
         "batch_size": bs, "training_tokens": steps * bs * seq, "criterion_only_scoring_blocks": score_blocks, "lr": a.lr, "prune_freq": prune_freq,
         "eval": f"perplexity on {test_src}, the first {a.eval_segments or 'all'} non-overlapping "
                 f"{a.eval_seq_len}-token segments (lpt eval)", "quick": quick},
-        "criterion_only": {}, "main_command": {}, "rows": {}, "ablations": {}, "reconstruct": {}}
+        "criterion_only": {}, "criterion_only_proportional": {}, "balance": {}, "main_command": {}, "rows": {},
+        "ablations": {}, "reconstruct": {}}
     old = out / "results.json"
     if old.exists():  # keep sections measured by an earlier invocation (e.g. with other --sections)
         prev = json.loads(old.read_text())
-        for k in ("criterion_only", "main_command", "rows", "ablations", "mask_agreement", "ablation_base",
-                  "reconstruct"):
+        for k in ("criterion_only", "criterion_only_proportional", "balance", "main_command", "rows", "ablations",
+                  "mask_agreement", "ablation_base", "reconstruct"):
             if prev.get(k) and prev.get("protocol", {}).get("quick") == quick:
                 results[k] = prev[k]
 
@@ -299,7 +344,8 @@ def main() -> None:
         row = evaluate(name, model, ["--adapter", d] + (["--masks", d / "masks.json"] if pruned else []), source,
                        evflags)
         row.update({"ratio_blocks": masks["ratio"]["blocks"], "ratio_model": masks["ratio"].get("model"),
-                    "seconds": st.seconds(name), "command": st.command(name)})
+                    "balance": masks.get("info", {}).get("balance"), "seconds": st.seconds(name),
+                    "command": st.command(name)})
         return row
 
     def attempt(label: str, fn):
@@ -318,30 +364,45 @@ def main() -> None:
     # 1. criterion only ------------------------------------------------------------------------------------------
     if "criterion" in sections:
         crits = ("fisher", "vanilla") if quick else CRITERION_ONLY
-        need = [(c, r) for c in crits for r in ratios if not (out / f"crit-{c}-r{r}.eval.json").exists()]
-        agreement = out / "crit-agreement.json"
-        if (need or not agreement.exists()) and not a.report_only:
+        names = [f"crit-{c}-r{r}{sfx}" for c in crits for r in ratios for sfx in ("", "-prop")]
+        need = [nm for nm in names if not (out / f"{nm}.eval.json").exists()]
+        agreement, cands = out / "crit-agreement.json", out / "crit-balance.json"
+        if (need or not agreement.exists() or not cands.exists()) and not a.report_only:
             t0 = time.time()
-            agreement.write_text(json.dumps(criterion_masks(calib, ratios, crits, out, min(bs, 4), score_blocks),
-                                            indent=2, sort_keys=True) + "\n")
+            agr, table = criterion_masks(calib, ratios, crits, out, min(bs, 4), score_blocks)
+            agreement.write_text(json.dumps(agr, indent=2, sort_keys=True) + "\n")
+            cands.write_text(json.dumps(table, indent=2, sort_keys=True) + "\n")
             if st.seconds("criterion-scoring") is None:  # not when only reloaded from the scores' cache
                 st.record("criterion-scoring", round(time.time() - t0, 1), "lpt.importance.score (in process)")
         if agreement.exists():
             results["mask_agreement"] = json.loads(agreement.read_text())
         for r in ratios:
             for c in crits:
-                name = f"crit-{c}-r{r}"
-                if not (out / name / "masks.json").exists():
-                    results.setdefault("unfinished", []).append(f"criterion only {c} {r}")
-                    continue
-                masks = json.loads((out / name / "masks.json").read_text())
-                row = attempt(f"criterion only {c} {r}",
-                              lambda: evaluate(name, MODEL, ["--masks", out / name / "masks.json"]))
-                if row is None:
-                    continue
-                row["ratio_blocks"] = masks["ratio"]["blocks"]
-                results["criterion_only"].setdefault(str(r), {})[c] = row
-                print(f"criterion only {r} {c}: ppl {row['ppl']:.3f}")
+                for sfx, key in (("", "criterion_only"), ("-prop", "criterion_only_proportional")):
+                    name = f"crit-{c}-r{r}{sfx}"
+                    if not (out / name / "masks.json").exists():
+                        results.setdefault("unfinished", []).append(f"criterion only {c} {r}{sfx}")
+                        continue
+                    masks = json.loads((out / name / "masks.json").read_text())
+                    row = attempt(f"criterion only {c} {r}{sfx}",
+                                  lambda: evaluate(name, MODEL, ["--masks", out / name / "masks.json"]))
+                    if row is None:
+                        continue
+                    row["ratio_blocks"] = masks["ratio"]["blocks"]
+                    row["balance"] = {k: v for k, v in masks["info"]["balance"].items() if k != "candidates"}
+                    results[key].setdefault(str(r), {})[c] = row
+                    print(f"criterion only {r} {c}{sfx}: ppl {row['ppl']:.3f}")
+                    save()
+            # the balance search, seen from the held-out text: every fisher candidate's loss and perplexity
+            if cands.exists() and "fisher" in crits:
+                rows = []
+                for cand in json.loads(cands.read_text())["fisher"][str(r)]:
+                    name = f"crit-fisher-r{r}-h{cand['attention_units']}"
+                    row = attempt(f"balance fisher {r} {cand['attention_units']}",
+                                  lambda: evaluate(name, MODEL, ["--masks", out / name / "masks.json"]))
+                    if row is not None:
+                        rows.append({**cand, "ppl": row["ppl"]})
+                results["balance"][str(r)] = rows
                 save()
         results["criterion_only_scoring_seconds"] = st.seconds("criterion-scoring")
 
@@ -393,9 +454,13 @@ def main() -> None:
 
                 def peer_run(r=r, pruned=pruned) -> dict:
                     if not pruned.exists():
+                        # the same per-layer widths as lpt's fisher row: the attention units its balance search chose
+                        fisher = out / f"r{r}-fisher" / "masks.json"
+                        chosen = json.loads(fisher.read_text())["info"]["balance"] if fisher.exists() else None
+                        heads = ["--heads", str(chosen["attention_units"])] if chosen else []
                         st.sh(pruned.name, [sys.executable, str(ROOT / "benchmarks" / "tp_peer.py"), MODEL,
                                             "--ratio", str(r), "--calib", str(calib), "--importance", "taylor",
-                                            "--nsamples", str(nsamples), "-o", str(pruned)])
+                                            "--nsamples", str(nsamples), *heads, "-o", str(pruned)])
                     return lpt_run(f"r{r}-tp-taylor", ["--ratio", "0"], model=pruned)
 
                 row = attempt(f"Torch-Pruning taylor {r}", peer_run)
@@ -424,6 +489,8 @@ def main() -> None:
             f"{best} --distill": base + ["--distill"],
             f"{best} --one-shot": base + ["--one-shot"],
             f"{best} --layout per-layer": base + ["--layout", "per-layer"],
+            f"{best} --balance proportional": base + ["--balance", "proportional"],
+            f"{best} --lr 5e-4": base + ["--lr", "5e-4"],
             "lora --normalize-by projection": ["--ratio", r, "--criterion", "lora", "--normalize-by", "projection"],
         }
         if quick:
@@ -456,7 +523,7 @@ def main() -> None:
             rec = results["reconstruct"].setdefault(str(r), {})
             crit_masks = out / f"crit-{c}-r{r}" / "masks.json"
             joint = out / f"r{r}-{c}"
-            for mode in ("sequential", "independent"):
+            for mode in a.reconstruct_modes.split(","):
                 if crit_masks.exists():
                     row = attempt(f"reconstruct criterion only {r} {mode}", lambda: sliced_eval(
                         f"rec-crit-{c}-r{r}-{mode}", ["--masks", crit_masks, "--reconstruct-mode", mode]))
@@ -503,22 +570,46 @@ def markdown(res: dict) -> str:
              f"tokens; every training run: {p['steps']} steps of batch {p['batch_size']} ({p['training_tokens']:,} "
              f"tokens), lr {p['lr']}, prune-freq {p['prune_freq']}, seed 0; {p['eval']}. "
              f"Dense perplexity {res['dense_ppl']:.2f}.", ""]
-    co = res.get("criterion_only") or {}
+    co, cp = res.get("criterion_only") or {}, res.get("criterion_only_proportional") or {}
     if co:
         ratios = list(co)
+
+        def cell(table: dict, r: str, c: str) -> str:
+            row = table.get(r, {}).get(c)
+            if not row:
+                return "–"
+            b = row.get("balance") or {}
+            return f"{row['ppl']:.2f}" + (f" ({b['attention_units']})" if "attention_units" in b else "")
+
         lines += [f"Criterion only (no fine-tuning: the unpruned model scored once over the first "
                   f"{p.get('criterion_only_scoring_blocks')} calibration blocks with `lpt.importance.score`, LoRA "
                   f"injected with B = 0; the weakest groups of every layer masked; `lpt eval --masks`, no adapter; "
-                  f"scoring took {_mins(res.get('criterion_only_scoring_seconds'))} min for all criteria):",
-                  "", "| criterion | " + " | ".join(f"ppl @ {float(r):.0%}" for r in ratios) + " |",
-                  "|---|" + "---|" * len(ratios)]
+                  f"scoring took {_mins(res.get('criterion_only_scoring_seconds'))} min for all criteria). Two "
+                  "balances between attention and MLP, as `lpt prune --balance`: search (the candidate with the "
+                  "lowest loss on the scoring blocks) and proportional (lpt 0.2's); in brackets the key/value groups "
+                  "pruned per layer:", "",
+                  "| criterion | " + " | ".join(f"ppl @ {float(r):.0%} search | ppl @ {float(r):.0%} proportional"
+                                               for r in ratios) + " |",
+                  "|---|" + "---|---|" * len(ratios)]
         for c in dict.fromkeys(c for r in ratios for c in co[r]):
-            lines.append(f"| {c} | " + " | ".join(f"{co[r][c]['ppl']:.2f}" if c in co[r] else "–" for r in ratios)
-                         + " |")
+            lines.append(f"| {c} | " + " | ".join(f"{cell(co, r, c)} | {cell(cp, r, c)}" for r in ratios) + " |")
+        lines.append("")
+    bal = res.get("balance") or {}
+    if any(bal.values()):
+        lines += ["The balance search seen from the held-out text (fisher, criterion only): every candidate's loss "
+                  "on the scoring blocks, which the search minimises, and its held-out perplexity:", "",
+                  "| ratio | key/value groups pruned per layer | MLP channels pruned per layer | calibration loss | "
+                  "held-out ppl |", "|---|---|---|---|---|"]
+        for r, rows in bal.items():
+            low = min((row["loss"] for row in rows), default=None)
+            for row in rows:
+                mark = " (chosen)" if row["loss"] == low else ""
+                lines.append(f"| {float(r):.0%} | {row['attention_units']}{mark} | {row['mlp_channels']} | "
+                             f"{row['loss']:.4f} | {row['ppl']:.2f} |")
         lines.append("")
     if res.get("mask_agreement"):
-        lines += ["Overlap with vanilla's pruned groups (criterion only; share of the groups vanilla prunes that the "
-                  "criterion prunes too):", "", "| criterion | ratio | attention (kv groups) | MLP channels |",
+        lines += ["Overlap with vanilla's pruned groups (criterion only, proportional balance so that the counts are "
+                  "equal; share of the groups vanilla prunes that the criterion prunes too):", "", "| criterion | ratio | attention (kv groups) | MLP channels |",
                   "|---|---|---|---|"]
         for c, per in res["mask_agreement"].items():
             for r, v in per.items():
@@ -529,14 +620,17 @@ def markdown(res: dict) -> str:
         ratios = list(rows)
         lines += ["Main table (pruning with joint LoRA fine-tuning, the same budget for every row; Torch-Pruning "
                   "prunes once, then `lpt prune PRUNED --ratio 0` fine-tunes LoRA with the same budget):", "",
-                  "| method | " + " | ".join(f"ppl @ {float(r):.0%} (achieved; prune min)" for r in ratios) + " |",
+                  "| method | " + " | ".join(f"ppl @ {float(r):.0%} (achieved; kv groups pruned; prune min)"
+                                            for r in ratios) + " |",
                   "|---|" + "---|" * len(ratios)]
         for n in dict.fromkeys(n for r in ratios for n in rows[r]):
             cells = []
             for r in ratios:
                 row = rows[r].get(n)
                 t = (row.get("seconds") or 0) + (row.get("peer_seconds") or 0) if row else 0
-                cells.append(f"{row['ppl']:.2f} ({row['ratio_blocks']:.1%}; {_mins(t)})" if row else "–")
+                b = (row or {}).get("balance") or {}
+                kv = f"{b['attention_units']}; " if "attention_units" in b else ""
+                cells.append(f"{row['ppl']:.2f} ({row['ratio_blocks']:.1%}; {kv}{_mins(t)})" if row else "–")
             lines.append(f"| {n} | " + " | ".join(cells) + " |")
         lines.append("")
     if res.get("ablations"):
