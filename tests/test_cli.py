@@ -51,6 +51,27 @@ def test_ci_runs_the_readme_test_command():
     assert command in ci, command
 
 
+def test_main_command_benchmark_reads_the_readme(runner):
+    """benchmarks/main_command.py times the README's main command: every stage parses, every lpt stage's options
+    exist, and the recipe it names is there."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("main_command", ROOT / "benchmarks" / "main_command.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    stages = mod.main_command(ROOT / "README.md")
+    assert [s[0] for s in stages if s[0] != "pip"] and all(s[0] in ("pip", "lpt") for s in stages)
+    lpt_stages = [s for s in stages if s[0] == "lpt"]
+    assert [s[1] for s in lpt_stages] == ["prune", "calibrate", "slice", "eval", "eval", "eval"]
+    for s in lpt_stages:
+        opts = [a.split("=")[0] for a in s[2:] if a.startswith("-")]
+        help_text = invoke(runner, [s[1], "--help"]).output
+        assert all(o in help_text for o in opts), (s, opts)
+        if "--recipe" in s:
+            assert (ROOT / s[s.index("--recipe") + 1]).is_file()
+    assert mod.outputs(lpt_stages[0]) == ["runs/smollm2-20"]
+
+
 def test_errors_are_one_line_unless_debug(runner, tmp_path):
     r = invoke(runner, ["calibrate", tmp_path / "nope", "-o", tmp_path / "o"])
     assert r.exit_code == 2 and "Traceback" not in r.output
