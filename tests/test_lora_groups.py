@@ -31,6 +31,13 @@ def test_masked_unmerged_equals_merged_with_zeroed_weights(gqa):
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
+SHAPES = [
+    dict(hidden_size=2048, intermediate_size=5632, num_attention_heads=32, num_key_value_heads=4, head_dim=64),  # TinyLlama
+    dict(hidden_size=576, intermediate_size=1536, num_attention_heads=9, num_key_value_heads=3, head_dim=64),  # SmolLM2
+    dict(hidden_size=64, intermediate_size=100, num_attention_heads=4, num_key_value_heads=4, head_dim=16),
+]
+
+
 def test_uniform_counts_hit_ratio():
     arch = describe(tiny_config(gqa=False, intermediate_size=256))
     for ratio in (0.2, 0.5):
@@ -44,11 +51,7 @@ def test_uniform_counts_hit_ratio():
         assert abs((before - after) - ratio * before) <= p_chan / 2 + 1
 
 
-@pytest.mark.parametrize("shape", [
-    dict(hidden_size=2048, intermediate_size=5632, num_attention_heads=32, num_key_value_heads=4, head_dim=64),  # TinyLlama
-    dict(hidden_size=576, intermediate_size=1536, num_attention_heads=9, num_key_value_heads=3, head_dim=64),  # SmolLM2
-    dict(hidden_size=64, intermediate_size=100, num_attention_heads=4, num_key_value_heads=4, head_dim=16),
-])
+@pytest.mark.parametrize("shape", SHAPES)
 def test_uniform_counts_round_to(shape):
     arch = describe(tiny_config(num_hidden_layers=1, **shape))
     before = arch.block_linear_params(0)
@@ -72,11 +75,7 @@ def test_uniform_counts_round_to(shape):
                     assert abs(removed - ratio * before) <= n * p_chan  # within one rounding step of the target
 
 
-@pytest.mark.parametrize("shape", [
-    dict(hidden_size=2048, intermediate_size=5632, num_attention_heads=32, num_key_value_heads=4, head_dim=64),  # TinyLlama
-    dict(hidden_size=576, intermediate_size=1536, num_attention_heads=9, num_key_value_heads=3, head_dim=64),  # SmolLM2
-    dict(hidden_size=64, intermediate_size=100, num_attention_heads=4, num_key_value_heads=4, head_dim=16),
-])
+@pytest.mark.parametrize("shape", SHAPES)
 def test_balance_candidates_hit_ratio(shape):
     arch = describe(tiny_config(num_hidden_layers=1, **shape))
     before = arch.block_linear_params(0)
