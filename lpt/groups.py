@@ -99,14 +99,10 @@ def round_channels(n_pruned: int, intermediate: int, round_to: int = 1) -> int:
     return intermediate - kept
 
 
-def _channels_for(arch: Arch, target: float, n_heads: int, p_head: int, p_chan: int, round_to: int) -> int | None:
-    """MLP channels that make up ``target`` block parameters after ``n_heads`` attention units (nearest channel,
-    then ``round_to``); None when the MLP cannot make it up (it would need more channels than all but one, or
-    fewer than none by more than half a channel)."""
-    n_chan = int(math.floor((target - n_heads * p_head) / p_chan + 0.5))
-    if n_chan < 0 or n_chan >= arch.intermediate_size:
-        return None
-    return round_channels(n_chan, arch.intermediate_size, round_to)
+def _channels_for(target: float, n_heads: int, p_head: int, p_chan: int) -> int:
+    """MLP channels that make up ``target`` block parameters after ``n_heads`` attention units (nearest channel; may
+    be negative or more than the layer has)."""
+    return int(math.floor((target - n_heads * p_head) / p_chan + 0.5))
 
 
 def uniform_counts(arch: Arch, ratio: float, gqa: str, round_to: int = 1, heads: int | None = None
@@ -130,11 +126,8 @@ def uniform_counts(arch: Arch, ratio: float, gqa: str, round_to: int = 1, heads:
     elif not 0 <= heads < units:
         raise LptError(f"--balance {heads}: a layer has {units} attention units under --gqa {gqa}; prune 0 to "
                        f"{units - 1} of them")
-    n_chan = _channels_for(arch, target, heads, p_head, p_chan, round_to)
-    if n_chan is None:  # clamp: the MLP cannot make up the difference exactly
-        n_chan = int(math.floor((target - heads * p_head) / p_chan + 0.5))
-        n_chan = round_channels(max(0, min(arch.intermediate_size - 1, n_chan)), arch.intermediate_size, round_to)
-    return heads, n_chan
+    n_chan = max(0, min(arch.intermediate_size - 1, _channels_for(target, heads, p_head, p_chan)))
+    return heads, round_channels(n_chan, arch.intermediate_size, round_to)
 
 
 def balance_candidates(arch: Arch, ratio: float, gqa: str, round_to: int = 1) -> list[tuple[int, int]]:
@@ -147,9 +140,9 @@ def balance_candidates(arch: Arch, ratio: float, gqa: str, round_to: int = 1) ->
     target = ratio * arch.block_linear_params(0)
     out = []
     for h in range(head_units(arch, gqa)):
-        c = _channels_for(arch, target, h, p_head, p_chan, round_to)
-        if c is not None:
-            out.append((h, c))
+        c = _channels_for(target, h, p_head, p_chan)
+        if 0 <= c < arch.intermediate_size:
+            out.append((h, round_channels(c, arch.intermediate_size, round_to)))
     return out or [uniform_counts(arch, ratio, gqa, round_to)]
 
 
