@@ -162,6 +162,23 @@ def test_query_heads_taylor(tp_peer, tiny_llama_dir, tiny_calib_dir, tmp_path):
     assert torch.allclose(logits(pruned, ids), ref, atol=1e-5)
 
 
+def test_heads_fixes_the_attention_units(tp_peer, tiny_llama_dir, tiny_calib_dir, tmp_path):
+    """--heads 0: Torch-Pruning cuts MLP channels only, as many as lpt's --balance 0 would, and nothing else."""
+    from lpt import groups
+    from lpt.arch import describe
+
+    out = tmp_path / "tp-h0"
+    assert tp_peer.main([str(tiny_llama_dir), "--ratio", "0.3", "--calib", str(tiny_calib_dir), "--heads", "0",
+                         "-o", str(out)]) == 0
+    cfg = json.loads((out / "config.json").read_text())
+    arch = describe(dense(tiny_llama_dir).config)
+    n_heads, n_ch = groups.uniform_counts(arch, 0.3, "kv-groups", heads=0)
+    assert n_heads == 0 and groups.uniform_counts(arch, 0.3, "kv-groups")[0] == 1  # without --heads: one group
+    assert (cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["intermediate_size"]) == (4, 2, 96 - n_ch)
+    rec = json.loads((out / "tp_peer.json").read_text())
+    assert rec["ratio_blocks"] == pytest.approx(rec["lpt_ratio_blocks"]) and abs(rec["ratio_blocks"] - 0.3) < 0.02
+
+
 def test_bad_input_one_line_nothing_written(tp_peer, tiny_llama_dir, tiny_calib_dir, tmp_path, capsys):
     out = tmp_path / "o"
     assert tp_peer.main([str(tiny_llama_dir), "--ratio", "1.5", "--calib", str(tiny_calib_dir), "-o", str(out)]) == 2
