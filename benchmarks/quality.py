@@ -21,8 +21,10 @@ finished runs are reused when the study is started again):
    fine-tuning), and Torch-Pruning's Taylor importance (``benchmarks/tp_peer.py``) followed by the same LoRA budget
    (``lpt prune PRUNED --ratio 0``), at the per-layer widths lpt's fisher row chose (``tp_peer.py --heads``).
 4. ablations at 50% of the best lpt row of the main table: ``--distill``, ``--one-shot`` (score once, prune, then
-   fine-tune), ``--layout per-layer``, ``--balance proportional``; and the normalisation scope (``--normalize-by projection`` against the main
-   table's ``group``) on ``lora``: for fisher both scopes are the same thing (one score vector per group kind).
+   fine-tune), ``--layout per-layer``, ``--balance proportional``, ``--lr 5e-4`` (the previous protocol's); the
+   normalisation scope (``--normalize-by projection`` against the main table's ``group``) on ``lora``: for fisher
+   both scopes are the same thing (one score vector per group kind); 1.5x the steps without ``--distill`` (about
+   the wall time ``--distill`` takes: is distillation better than training longer?); ``--distill`` at 20% too.
 5. reconstruction (beyond the paper): ``lpt slice --reconstruct`` (``--reconstruct-mode sequential`` and
    ``independent``) of fisher's criterion-only masks and of fisher's main-table row (``--adapter --merge``), and the
    pipeline *prune once, reconstruct, then recover*: fisher's criterion-only masks -> ``lpt slice --reconstruct`` ->
@@ -38,6 +40,7 @@ import argparse
 import hashlib
 import json
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -492,14 +495,19 @@ def main() -> None:
             f"{best} --balance proportional": base + ["--balance", "proportional"],
             f"{best} --lr 5e-4": base + ["--lr", "5e-4"],
             "lora --normalize-by projection": ["--ratio", r, "--criterion", "lora", "--normalize-by", "projection"],
+            # --distill costs about 1.5x the wall time of a step: the same time spent on more plain steps instead
+            f"{best} --max-steps {round(steps * 1.5)}": base + ["--max-steps", round(steps * 1.5)],
         }
+        for other in (x for x in ratios if x != r):  # does distillation help at the other ratio too?
+            abl[f"{best} --distill @ {other:.0%}"] = ["--ratio", other, "--criterion", best, "--distill"]
         if quick:
             abl = dict(list(abl.items())[:1])
         for label, extra in abl.items():
-            name = f"abl-r{r}-" + label.replace(" --", "-").replace(" ", "_")
+            name = re.sub(r"[^\w.-]+", "_", f"abl-r{r}-" + label.replace(" --", "-").replace(" ", "_"))
             row = attempt(label, lambda: lpt_run(name, extra))
             if row is None:
                 continue
+            row["ratio"] = float(extra[extra.index("--ratio") + 1])
             results["ablations"][label] = row
             print(f"ablation {label}: ppl {results['ablations'][label]['ppl']:.3f}")
             save()
@@ -641,6 +649,7 @@ def markdown(res: dict) -> str:
                   "`--normalize-by group` and `projection` are the same thing):", "",
                   "| setting | ppl | reference row | achieved | min |", "|---|---|---|---|---|"]
         for n, row in res["ablations"].items():
+            ref = rows.get(str(row.get("ratio", b.get("ratio"))), {})
             refname = "lora" if n.startswith("lora") else b.get("criterion")
             refppl = f"{ref[refname]['ppl']:.2f} ({refname})" if refname in ref else "–"
             lines.append(f"| {n} | {row['ppl']:.2f} | {refppl} | {row['ratio_blocks']:.1%} | {_mins(row.get('seconds'))} |")

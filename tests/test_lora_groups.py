@@ -38,6 +38,12 @@ SHAPES = [
 ]
 
 
+def _one_block(shape: dict):
+    """A one-block arch of ``shape``, its block's linear parameters, and the parameters of one MLP channel."""
+    arch = describe(tiny_config(num_hidden_layers=1, **shape))
+    return arch, arch.block_linear_params(0), 3 * arch.hidden_size
+
+
 def test_uniform_counts_hit_ratio():
     arch = describe(tiny_config(gqa=False, intermediate_size=256))
     for ratio in (0.2, 0.5):
@@ -53,9 +59,7 @@ def test_uniform_counts_hit_ratio():
 
 @pytest.mark.parametrize("shape", SHAPES)
 def test_uniform_counts_round_to(shape):
-    arch = describe(tiny_config(num_hidden_layers=1, **shape))
-    before = arch.block_linear_params(0)
-    p_chan = 3 * arch.hidden_size
+    arch, before, p_chan = _one_block(shape)
     for gqa in ("kv-groups", "query-heads"):
         p_head = groups.unit_params(arch, gqa)[0]
         for ratio in (0.0, 0.1, 0.2, 0.3, 0.5, 0.7):
@@ -77,9 +81,7 @@ def test_uniform_counts_round_to(shape):
 
 @pytest.mark.parametrize("shape", SHAPES)
 def test_balance_candidates_hit_ratio(shape):
-    arch = describe(tiny_config(num_hidden_layers=1, **shape))
-    before = arch.block_linear_params(0)
-    p_chan = 3 * arch.hidden_size
+    arch, before, p_chan = _one_block(shape)
     for gqa in ("kv-groups", "query-heads"):
         p_head = groups.unit_params(arch, gqa)[0]
         units = groups.head_units(arch, gqa)
