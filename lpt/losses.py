@@ -12,24 +12,57 @@ import torch.nn.functional as F
 IGNORE = -100
 
 
-def _shifted(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits of positions that predict a label, flattened to ``[n, vocab]``, and the matching valid-token mask."""
-    logits = logits[:, :-1].reshape(-1, logits.shape[-1])
-    valid = labels[:, 1:].reshape(-1) != IGNORE
-    return logits, valid
+def _predicting_rows(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Rows of ``logits.reshape(-1, vocab)`` whose position predicts a label (the next token's label is not
+    ``IGNORE``): the positions the LM loss counts, without copying the logits."""
+    nxt = torch.full_like(labels, IGNORE)
+    nxt[:, :-1] = labels[:, 1:]
+    return (nxt.reshape(-1) != IGNORE).nonzero().squeeze(1).to(logits.device)
 
 
-def kl_distill(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0
-               ) -> torch.Tensor:
+class _ChunkedKL(torch.autograd.Function):
+    """``Σ_rows KL(softmax(t/T) ‖ softmax(s/T))`` over ``rows`` of ``[n, vocab]`` logits, ``chunk`` rows at a time.
+
+    Saves only the two logits tensors (which exist anyway) and computes the gradient ``(softmax(s/T) −
+    softmax(t/T)) / T`` chunk by chunk in the backward pass, so no vocabulary-sized intermediate of the whole batch
+    (shifted copies, log-probabilities, the elementwise KL) is ever held."""
+
+    @staticmethod
+    def forward(ctx, s, t, rows, temperature: float, chunk: int):
+        total = torch.zeros((), dtype=torch.float32, device=s.device)
+        for i in range(0, rows.numel(), chunk):
+            r = rows[i:i + chunk]
+            ls = F.log_softmax(s.index_select(0, r).float() / temperature, -1)
+            lt = F.log_softmax(t.index_select(0, r).float() / temperature, -1)
+            total += (lt.exp() * (lt - ls)).sum()
+        ctx.save_for_backward(s, t, rows)
+        ctx.temperature, ctx.chunk = temperature, chunk
+        return total
+
+    @staticmethod
+    def backward(ctx, grad):
+        s, t, rows = ctx.saved_tensors
+        T = ctx.temperature
+        out = torch.zeros_like(s)
+        for i in range(0, rows.numel(), ctx.chunk):
+            r = rows[i:i + ctx.chunk]
+            d = F.softmax(s.index_select(0, r).float() / T, -1) - F.softmax(t.index_select(0, r).float() / T, -1)
+            out.index_copy_(0, r, (d * (grad / T)).to(s.dtype))
+        return out, None, None, None, None
+
+
+def kl_distill(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0,
+               chunk: int = 256) -> torch.Tensor:
     """``T² · KL(softmax(teacher/T) ‖ softmax(student/T))`` per predicted token, averaged over the tokens that carry
-    a label (the positions the LM loss counts). Computed in float32."""
-    s, valid = _shifted(student, labels)
-    t, _ = _shifted(teacher, labels)
-    if not bool(valid.any()):
+    a label (the positions the LM loss counts). Computed in float32, ``chunk`` tokens at a time (``_ChunkedKL``):
+    beyond the two logits tensors it holds one chunk's vocabulary-sized temporaries and the student's gradient."""
+    rows = _predicting_rows(student, labels)
+    if rows.numel() == 0:
         return student.sum() * 0.0
-    s, t = s[valid].float() / temperature, t[valid].float() / temperature
-    kl = F.kl_div(F.log_softmax(s, -1), F.log_softmax(t, -1), log_target=True, reduction="batchmean")
-    return kl * temperature**2
+    vocab = student.shape[-1]
+    kl = _ChunkedKL.apply(student.reshape(-1, vocab), teacher.detach().reshape(-1, vocab), rows,
+                          float(temperature), int(chunk))
+    return kl * temperature**2 / rows.numel()
 
 
 def mixed(lm: torch.Tensor, kl: torch.Tensor, weight: float) -> torch.Tensor:

@@ -395,6 +395,30 @@ def test_kl_gradient_is_zero_while_student_equals_teacher():
     assert float(losses.kl_distill(logits, other, labels, 1.0).detach()) > 0
 
 
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_chunked_kl_equals_the_plain_formula(temperature):
+    """The chunked KL (value and gradient) equals F.kl_div over the shifted, label-carrying positions."""
+    import torch.nn.functional as F
+
+    from lpt import losses
+
+    g = torch.Generator().manual_seed(0)
+    s = torch.randn(2, 7, 13, generator=g, requires_grad=True)
+    t = torch.randn(2, 7, 13, generator=g)
+    labels = torch.randint(0, 13, (2, 7), generator=g)
+    labels[0, :4] = -100
+    labels[1, 6] = -100
+    kl = losses.kl_distill(s, t, labels, temperature, chunk=3)  # chunks smaller than the 8 counted positions
+    (grad,) = torch.autograd.grad(kl, s)
+    keep = labels[:, 1:].reshape(-1) != -100
+    ss, tt = s[:, :-1].reshape(-1, 13)[keep] / temperature, t[:, :-1].reshape(-1, 13)[keep] / temperature
+    ref = F.kl_div(F.log_softmax(ss, -1), F.log_softmax(tt, -1), log_target=True, reduction="batchmean")
+    ref = ref * temperature**2
+    (ref_grad,) = torch.autograd.grad(ref, s)
+    torch.testing.assert_close(kl, ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-4, atol=1e-6)
+
+
 def test_distill_cli_and_refused_weight(tmp_path, runner, tiny_llama_dir, tiny_calib_dir):
     base = ["prune", tiny_llama_dir, "--calib", tiny_calib_dir, "--ratio", "0.5", *FAST]
     r = invoke(runner, [*base, "--distill", "--distill-weight", "1", "-o", tmp_path / "bad"])
