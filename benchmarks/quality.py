@@ -643,7 +643,6 @@ def markdown(res: dict) -> str:
         lines.append("")
     if res.get("ablations"):
         b = res.get("ablation_base", {})
-        ref = rows.get(str(b.get("ratio")), {})
         lines += [f"Ablations at {b.get('ratio', 0.5):.0%} (base: the main table's best lpt row, "
                   f"`--criterion {b.get('criterion')}`; the normalisation scope on lora, because for fisher "
                   "`--normalize-by group` and `projection` are the same thing):", "",

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-IGNORE = -100
+from lpt.data import IGNORE_INDEX as IGNORE
 
 
 def _predicting_rows(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -28,12 +28,17 @@ class _ChunkedKL(torch.autograd.Function):
     (shifted copies, log-probabilities, the elementwise KL) is ever held."""
 
     @staticmethod
-    def forward(ctx, s, t, rows, temperature: float, chunk: int):
-        total = torch.zeros((), dtype=torch.float32, device=s.device)
+    def _chunks(rows: torch.Tensor, chunk: int, T: float, *logits: torch.Tensor):
+        """``(r, x[r].float() / T for x in logits)`` for every ``chunk`` rows ``r`` of ``rows``."""
         for i in range(0, rows.numel(), chunk):
             r = rows[i:i + chunk]
-            ls = F.log_softmax(s.index_select(0, r).float() / temperature, -1)
-            lt = F.log_softmax(t.index_select(0, r).float() / temperature, -1)
+            yield r, *(x.index_select(0, r).float() / T for x in logits)
+
+    @staticmethod
+    def forward(ctx, s, t, rows, temperature: float, chunk: int):
+        total = torch.zeros((), dtype=torch.float32, device=s.device)
+        for _, sr, tr in _ChunkedKL._chunks(rows, chunk, temperature, s, t):
+            ls, lt = F.log_softmax(sr, -1), F.log_softmax(tr, -1)
             total += (lt.exp() * (lt - ls)).sum()
         ctx.save_for_backward(s, t, rows)
         ctx.temperature, ctx.chunk = temperature, chunk
@@ -42,12 +47,10 @@ class _ChunkedKL(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         s, t, rows = ctx.saved_tensors
-        T = ctx.temperature
         out = torch.zeros_like(s)
-        for i in range(0, rows.numel(), ctx.chunk):
-            r = rows[i:i + ctx.chunk]
-            d = F.softmax(s.index_select(0, r).float() / T, -1) - F.softmax(t.index_select(0, r).float() / T, -1)
-            out.index_copy_(0, r, (d * (grad / T)).to(s.dtype))
+        for r, sr, tr in _ChunkedKL._chunks(rows, ctx.chunk, ctx.temperature, s, t):
+            d = F.softmax(sr, -1) - F.softmax(tr, -1)
+            out.index_copy_(0, r, (d * (grad / ctx.temperature)).to(s.dtype))
         return out, None, None, None, None
 
 
