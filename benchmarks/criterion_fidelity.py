@@ -21,7 +21,7 @@ import json
 import torch
 
 from lpt import criteria, importance, lora
-from lpt.arch import PROJECTIONS
+from lpt.arch import FAN_IN, PROJECTIONS
 
 
 def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -48,7 +48,7 @@ class GradientVariant(importance.Importance):
             A, B = layer.lora_A.weight.float(), layer.lora_B.weight.float()
             G = self.estimate(A, B, layer.lora_A.weight.grad.float(), layer.lora_B.weight.grad.float())
             W = lora.dense_weight(layer.base_layer) + layer.delta()
-            out[proj] = criteria.reduce((G * W) ** 2, proj in importance.FAN_IN)
+            out[proj] = criteria.reduce((G * W) ** 2, proj in FAN_IN)
         return out
 
 
@@ -62,9 +62,8 @@ def main() -> None:
     ap.add_argument("-o", "--output", default=None)
     a = ap.parse_args()
 
-    from lpt import models
+    from lpt import calibration, models
     from lpt.arch import describe
-    from lpt.stages import calibrate
 
     torch.manual_seed(0)
     model, tok = models.load_model(a.model)
@@ -73,7 +72,7 @@ def main() -> None:
     params = [p for layer in lora.lora_layers(model).values() if layer.r
               for p in (layer.lora_A.weight, layer.lora_B.weight)]
     optimizer = torch.optim.AdamW(params, lr=a.lr)
-    data = calibrate.load(a.calib, tok)
+    data = calibration.load(a.calib, tok)
     n = data.nsamples
     checkpoints = sorted(int(s) for s in a.steps.split(","))
 

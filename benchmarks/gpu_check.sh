@@ -59,7 +59,7 @@ fi
 
 echo "== 1. prune-step cost ($SHAPE, $DTYPE, $DEVICE)"
 CRIT=(--criterion lora --criterion vanilla)
-if $PY -c "import sys; from lpt import criteria; sys.exit(0 if 'fisher' in criteria.CRITERIA else 1)"; then
+if $PY -c "import sys; from lpt import importance; sys.exit(0 if 'fisher' in importance.CRITERIA else 1)"; then
   CRIT+=(--criterion fisher)
 fi
 EIGHT=()

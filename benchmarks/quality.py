@@ -151,16 +151,15 @@ def criterion_masks(calib: Path, ratios: list[float], criteria: tuple[str, ...],
     """
     import torch
 
-    from lpt import groups, importance, lora, models
+    from lpt import calibration, groups, importance, lora, models, selection
     from lpt.arch import describe
-    from lpt.stages import calibrate
 
     torch.manual_seed(0)
     model, tok = models.load_model(MODEL)
     model.eval()  # no dropout while scoring
     arch = describe(model.config)
     lora.inject(model, arch, r=8, alpha=16)
-    data = calibrate.load(calib, tok)
+    data = calibration.load(calib, tok)
     n = min(blocks, data.nsamples)
 
     def batches():
@@ -198,8 +197,8 @@ def criterion_masks(calib: Path, ratios: list[float], criteria: tuple[str, ...],
             torch.save(scores, cache)
 
         def masks_for(nh: int, nc: int):
-            hp = [groups.prune_lowest(s[0], torch.zeros(units, dtype=torch.bool), nh) for s in scores]
-            cp = [groups.prune_lowest(s[1], torch.zeros(arch.intermediate_size, dtype=torch.bool), nc) for s in scores]
+            hp = [selection.prune_lowest(s[0], torch.zeros(units, dtype=torch.bool), nh) for s in scores]
+            cp = [selection.prune_lowest(s[1], torch.zeros(arch.intermediate_size, dtype=torch.bool), nc) for s in scores]
             return hp, cp, groups.Masks.from_pruned(arch, hp, cp, gqa, layout="uniform", model=MODEL)
 
         for r in ratios:

@@ -69,7 +69,7 @@ def magnitude_masks(model, arch, ratio: float, gqa: str, layout: str, name: str)
     """Masks from the lowest squared weight magnitude per group (a stand-in for prune's output)."""
     import torch
 
-    from lpt import groups
+    from lpt import groups, selection
     from lpt.arch import PROJECTIONS, get_module
 
     scores = []
@@ -85,16 +85,16 @@ def magnitude_masks(model, arch, ratio: float, gqa: str, layout: str, name: str)
         head_counts, chan_counts = [n_heads] * L, [n_chan] * L
     else:  # the same totals, split over layers by a global ranking of L2-normalised scores
         kv = arch.num_kv_heads if gqa == "query-heads" else None
-        head_counts = groups.global_counts([groups.sorted_unit_scores(groups.normalise(h), torch.zeros_like(
+        head_counts = selection.global_counts([selection.sorted_unit_scores(groups.normalize(h), torch.zeros_like(
             h, dtype=torch.bool), kv) for h, _ in scores], n_heads * L)
-        chan_counts = groups.global_counts([groups.sorted_unit_scores(groups.normalise(c), torch.zeros_like(
+        chan_counts = selection.global_counts([selection.sorted_unit_scores(groups.normalize(c), torch.zeros_like(
             c, dtype=torch.bool), None) for _, c in scores], n_chan * L)
     hp, cp = [], []
     for (h, c), nh, nc in zip(scores, head_counts, chan_counts):
         none_h, none_c = torch.zeros_like(h, dtype=torch.bool), torch.zeros_like(c, dtype=torch.bool)
-        hp.append(groups.prune_lowest(h, none_h, nh) if gqa == "kv-groups"
-                  else groups.prune_query_heads(h, none_h, nh, arch.num_kv_heads))
-        cp.append(groups.prune_lowest(c, none_c, nc))
+        hp.append(selection.prune_lowest(h, none_h, nh) if gqa == "kv-groups"
+                  else selection.prune_query_heads(h, none_h, nh, arch.num_kv_heads))
+        cp.append(selection.prune_lowest(c, none_c, nc))
     masks = groups.Masks.from_pruned(arch, hp, cp, gqa, model=name)
     before, after = masks.block_params()
     total = sum(p.numel() for p in model.parameters())

@@ -292,7 +292,7 @@ def rewrite_config(model, arch) -> dict[str, int]:
 
 def kept_masks(arch, history: list, gqa: str, model_name: str):
     """lpt ``Masks`` of what Torch-Pruning kept, read from its pruning history (root: o_proj columns, up_proj rows)."""
-    from lpt.groups import LayerMask, Masks
+    from lpt.masks import LayerMask, Masks
 
     removed_q: dict[int, set[int]] = {i: set() for i in range(arch.num_layers)}
     removed_ch: dict[int, set[int]] = {i: set() for i in range(arch.num_layers)}
@@ -367,13 +367,12 @@ def run(cfg: TpPeerConfig) -> dict[str, Any]:
     from transformers import AutoModelForCausalLM
 
     import lpt
-    from lpt import artifacts, models
+    from lpt import artifacts, calibration, models
     from lpt.arch import describe
     from lpt.errors import LptError
+    from lpt.models import write_model_dir
     from lpt.progress import console, progress_bar
     from lpt.slicing import linear_block_params
-    from lpt.stages import calibrate
-    from lpt.stages.merge import write_model_dir
 
     validate(cfg)
     try:
@@ -385,10 +384,10 @@ def run(cfg: TpPeerConfig) -> dict[str, Any]:
     torch.manual_seed(cfg.seed)
     ref = models.resolve(cfg.model)
     arch = describe(models.load_config(ref))
-    if arch.layer_heads or arch.layer_kv_heads or arch.layer_intermediate:
+    if arch.per_layer:
         raise LptError(f"{cfg.model} has per-layer widths; prune the original model")
     tok = models.load_tokenizer(ref)
-    data = calibrate.load(cfg.calib, tok)
+    data = calibration.load(cfg.calib, tok)
     if data.nsamples == 0:
         raise LptError(f"{cfg.calib} holds no calibration blocks")
     model, _ = models.load_model(ref, dtype="float32", device=cfg.device, tokenizer=False)

@@ -20,6 +20,17 @@ ATTN_IN = ("o_proj",)  # fan-in: a head is a block of input columns
 MLP_OUT = ("gate_proj", "up_proj")
 MLP_IN = ("down_proj",)
 PROJECTIONS = ATTN_OUT + ATTN_IN + MLP_OUT + MLP_IN
+FAN_OUT = ATTN_OUT + MLP_OUT  # a unit is a block of output rows
+FAN_IN = ATTN_IN + MLP_IN  # a unit is a block of input columns
+# the config lists of a model sliced with per-layer widths, one entry per block (lpt/modeling/modeling_lpt.py keeps
+# its own copy: it is copied next to the weights and must stand alone)
+LAYER_FIELDS = ("lpt_layer_num_attention_heads", "lpt_layer_num_key_value_heads", "lpt_layer_intermediate_size")
+
+
+def has_layer_widths(config: Any) -> bool:
+    """Whether a model config (an object, or the dict of a ``config.json``) lists per-layer widths."""
+    get = config.get if isinstance(config, dict) else (lambda f: getattr(config, f, None))
+    return any(get(f) for f in LAYER_FIELDS)
 
 
 @dataclass(frozen=True)
@@ -101,6 +112,11 @@ class Arch:
     @property
     def name(self) -> str:
         return self.family.name
+
+    @property
+    def per_layer(self) -> bool:
+        """Whether the model was already sliced with per-layer widths (its config lists every layer's widths)."""
+        return bool(self.layer_heads or self.layer_kv_heads or self.layer_intermediate)
 
     @property
     def group_size(self) -> int:
@@ -220,9 +236,9 @@ def describe(config: Any) -> Arch:
         qkv_bias=qkv_bias,
         o_bias=qkv_bias if fam.o_bias is None else fam.o_bias,
         mlp_bias=_bias(fam.mlp_bias, config, "mlp_bias"),
-        layer_heads=_tuple("lpt_layer_num_attention_heads"),
-        layer_kv_heads=_tuple("lpt_layer_num_key_value_heads"),
-        layer_intermediate=_tuple("lpt_layer_intermediate_size"),
+        layer_heads=_tuple(LAYER_FIELDS[0]),
+        layer_kv_heads=_tuple(LAYER_FIELDS[1]),
+        layer_intermediate=_tuple(LAYER_FIELDS[2]),
     )
 
 

@@ -141,6 +141,14 @@ def sha256_text(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
+def sha256_file(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 def tokenizer_fingerprint(tokenizer) -> str:
     """A short hash of the vocabulary (token -> id), stable across tokenizer classes and library versions."""
     vocab = tokenizer.get_vocab()
@@ -160,3 +168,30 @@ def versions() -> dict[str, str]:
         except md.PackageNotFoundError:
             pass
     return out
+
+
+# ------------------------------------------------------------------------------------------------ provenance
+def adapter_record(directory: str | os.PathLike) -> dict[str, Any]:
+    """What ``lpt_provenance.json`` records of an adapter directory (path, SHA-256 of the weights, LoRA settings)."""
+    d = Path(directory)
+    cfg = read_json(d / ADAPTER_CONFIG)
+    return {"path": str(directory), "sha256": sha256_file(d / ADAPTER_WEIGHTS),
+            "base_model": cfg.get("base_model_name_or_path"), "r": cfg.get("r"), "lora_alpha": cfg.get("lora_alpha"),
+            "target_modules": cfg.get("target_modules")}
+
+
+def masks_record(path: str | os.PathLike, masks) -> dict[str, Any]:
+    """What ``lpt_provenance.json`` records of a ``masks.json`` (``masks``: the parsed ``lpt.masks.Masks``)."""
+    doc = masks.to_json()
+    return {"path": str(path), "sha256": sha256_file(path), "gqa": masks.gqa, "layout": masks.width_layout(),
+            "params": doc["params"], "ratio": doc["ratio"], "made_for": masks.model or None}
+
+
+def provenance(stage: str, cfg: Any, **records: Any) -> dict[str, Any]:
+    """``lpt_provenance.json`` of a model directory written by ``stage`` from the config ``cfg``."""
+    import dataclasses
+
+    import lpt
+
+    return {"stage": stage, "lpt_version": lpt.__version__, "source_model": cfg.model,
+            "config": dataclasses.asdict(cfg), **records, "versions": versions()}

@@ -333,7 +333,3 @@ def build(cls: type, values: Mapping[str, Any], explicit: set[str] | None = None
         return cls(**kwargs)
     except TypeError as e:
         raise LptError(str(e)) from None
-
-
-def to_dict(cfg: Any) -> dict[str, Any]:
-    return dataclasses.asdict(cfg)

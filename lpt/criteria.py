@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import torch
 
-CRITERIA = ("lora", "vanilla", "fisher", "magnitude", "random")
 SCORES = ("square", "abs")
 
 

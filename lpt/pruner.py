@@ -1,8 +1,10 @@
 """The pruning loop of ``lpt prune`` (Algorithm 1): LoRA training, when to score, when to grow the masks, state.
 
-How a group is scored lives in ``lpt.importance`` (estimators) and ``lpt.criteria`` (math); which groups are cut in
-``lpt.groups``; the sparsity schedule and moving average in ``lpt.schedule``; the losses in ``lpt.losses``. The
-stage around it (loading, calibration, outputs) is ``lpt.stages.prune``.
+How a group is scored lives in ``lpt.importance`` (estimators) and ``lpt.criteria`` (math); the budgets in
+``lpt.groups``, which units are cut in ``lpt.selection``, the masks in ``lpt.masks``; the sparsity schedule and
+moving average in ``lpt.schedule``; the losses in ``lpt.losses``. ``validate`` checks a ``PruneConfig`` (the stage
+and ``lpt bench prune-step`` call it). The stage around the loop (loading, calibration, outputs) is
+``lpt prune``'s.
 """
 
 from __future__ import annotations
@@ -14,10 +16,12 @@ from typing import Any, Iterable
 
 import torch
 
-from lpt import checkpoint, distributed, groups, importance, lora, losses, schedule
-from lpt.arch import Arch
+from lpt import checkpoint, criteria, distributed, groups, importance, lora, losses, schedule, selection
+from lpt.arch import PROJECTIONS, Arch
 from lpt.benchmarking.memory import peak_memory_bytes
-from lpt.config import PruneConfig
+from lpt.config import PROJECTION_LIST, PruneConfig
+from lpt.errors import LptError
+from lpt.masks import Masks, apply_masks
 
 
 def resolve_gqa(arch: Arch, gqa: str) -> tuple[str, str | None]:
@@ -29,6 +33,46 @@ def resolve_gqa(arch: Arch, gqa: str) -> tuple[str, str | None]:
 
 def targets(cfg: PruneConfig) -> list[str]:
     return [t.strip() for t in cfg.targets.split(",") if t.strip()]
+
+
+def validate(cfg: PruneConfig) -> None:
+    """Every option of a pruning run, as one-line errors naming the flag (before anything is loaded)."""
+    def need(ok: bool, msg: str) -> None:
+        if not ok:
+            raise LptError(msg)
+
+    choices = (("criterion", importance.CRITERIA), ("score", criteria.SCORES), ("gqa", ("auto", *groups.GQA_MODES)),
+               ("layout", groups.LAYOUTS), ("normalize_by", importance.NORMALIZE))
+    for name, allowed in choices:
+        need(getattr(cfg, name) in allowed,
+             f"unknown --{name.replace('_', '-')} '{getattr(cfg, name)}' (use {', '.join(allowed)})")
+    groups.check_ratio(cfg.ratio)
+    importance.check_int8(cfg.criterion, cfg.load_8bit)
+    need(cfg.lora_r > 0, f"--lora-r must be positive (got {cfg.lora_r})")
+    need(cfg.batch_size > 0 and cfg.micro_batch_size > 0, "--batch-size and --micro-batch-size must be positive")
+    need(cfg.batch_size % cfg.micro_batch_size == 0,
+         f"--batch-size {cfg.batch_size} must be a multiple of --micro-batch-size {cfg.micro_batch_size}")
+    need(0.0 <= cfg.ema < 1.0, f"--ema must be in [0, 1) (got {cfg.ema})")
+    need(cfg.prune_freq > 0, f"--prune-freq must be positive (got {cfg.prune_freq})")
+    need(0.0 <= cfg.warmup < 1.0 and 0.0 <= cfg.cooldown < 1.0 and cfg.warmup + cfg.cooldown < 1.0,
+         "--warmup and --cooldown must be fractions in [0, 1) with warmup + cooldown < 1")
+    need(cfg.epochs > 0 or cfg.max_steps > 0, "give --epochs > 0 or --max-steps > 0")
+    need(cfg.lr > 0, f"--lr must be positive (got {cfg.lr})")
+    need(cfg.distill_temperature > 0, f"--distill-temperature must be positive (got {cfg.distill_temperature})")
+    need(0.0 <= cfg.distill_weight <= 1.0, f"--distill-weight must be in [0, 1] (got {cfg.distill_weight})")
+    need(not (cfg.distill and cfg.distill_weight == 1.0 and cfg.ratio > 0 and not cfg.one_shot
+              and importance.ESTIMATORS[cfg.criterion].needs_backward),
+         f"--distill-weight 1 leaves --criterion {cfg.criterion} no gradient to score with (the KL's gradient is "
+         f"zero while the student equals the teacher); use a weight below 1 or --one-shot")
+    groups.parse_balance(cfg.balance)  # a one-line error for anything but search, proportional or a count
+    need(cfg.round_to >= 1, f"--round-to must be a positive number of channels (got {cfg.round_to})")
+    bad = [t for t in targets(cfg) if t not in PROJECTIONS]
+    need(not bad, f"unknown --targets {', '.join(bad)} (choose from {PROJECTION_LIST})")
+
+
+def _state_field(name: str) -> property:
+    """A per-layer list of the pruner's ``selection.State``, read and assigned as an attribute of the pruner."""
+    return property(lambda self: getattr(self.state, name), lambda self, value: setattr(self.state, name, list(value)))
 
 
 class Pruner:
@@ -66,25 +110,29 @@ class Pruner:
             self.estimator = importance.make(self.criterion, score=cfg.score, seed=cfg.seed,
                                              normalize=cfg.normalize_by if cfg.normalize else None)
             self.estimator.attach(model, arch, gqa=cfg.gqa, layers=self.prunable)
-        n_units = groups.head_units(arch, cfg.gqa) if cfg.gqa == "kv-groups" else arch.num_heads
-        self.heads_pruned = [torch.zeros(n_units, dtype=torch.bool) for _ in range(arch.num_layers)]
-        self.channels_pruned = [torch.zeros(arch.intermediate_size, dtype=torch.bool) for _ in range(arch.num_layers)]
-        self.ema_heads: list[torch.Tensor | None] = [None] * arch.num_layers
-        self.ema_channels: list[torch.Tensor | None] = [None] * arch.num_layers
+        self.policy = selection.Policy.of(arch, layout=self.layout, prunable=self.prunable, gqa=cfg.gqa,
+                                          round_to=cfg.round_to)
+        self.state = selection.State.empty(arch, cfg.gqa)  # moving-average scores and pruned sets per layer
         self.step, self.target_sparsity, self.sparsity = 0, 0.0, 0.0
         self.ramp = schedule.ramp_bounds(total_steps, cfg.warmup, cfg.cooldown)
         self.layer_ratio = groups.layer_ratio(arch, cfg.ratio, self.prunable)
         # the per-layer (attention units, MLP channels) at the target; --balance search decides it at the first
         # mask update (choose_balance), when the scores exist
-        self.final: tuple[int, int] | None = (0, 0) if self.estimator is None else None
+        self.target_counts: tuple[int, int] | None = (0, 0) if self.estimator is None else None
         self.balance_losses: list[dict[str, Any]] | None = None
         if self.estimator is not None and cfg.balance != "search":
-            self.final = groups.uniform_counts(arch, self.layer_ratio, cfg.gqa, round_to=cfg.round_to,
-                                               heads=groups.parse_balance(cfg.balance))
+            self.target_counts = groups.uniform_counts(arch, self.layer_ratio, cfg.gqa, round_to=cfg.round_to,
+                                                       heads=groups.parse_balance(cfg.balance))
         self.device = self.params[0].device
         self.distributed = distributed.is_initialized() and distributed.world_size() > 1
         if self.distributed:  # every rank starts from rank 0's LoRA factors (as DDP does)
             distributed.broadcast_([p.detach() for p in self.params])
+
+    # ---------------------------------------------------------------- selection state, per layer (self.state)
+    heads_pruned = _state_field("heads_pruned")
+    channels_pruned = _state_field("channels_pruned")
+    ema_heads = _state_field("head_scores")  # moving-average scores
+    ema_channels = _state_field("channel_scores")
 
     # ---------------------------------------------------------------- scores and masks
     def group_importance(self) -> list[tuple[torch.Tensor, torch.Tensor] | None]:
@@ -104,21 +152,16 @@ class Pruner:
 
     def prune_to(self, sparsity: float) -> None:
         """Grow the pruned sets (never shrink them) towards ``sparsity`` of the block parameters."""
-        if self.final is None:
+        if self.target_counts is None:
             raise RuntimeError("--balance search: choose_balance(batch) decides the target before the first prune_to")
         frac = min(1.0, sparsity / self.cfg.ratio) if self.cfg.ratio > 0 else 0.0
-        self.heads_pruned, self.channels_pruned = self._grown(frac, self.final)
+        self.heads_pruned, self.channels_pruned = self._grown(frac, self.target_counts)
         self._apply_masks()
 
-    def _grown(self, frac: float, final: tuple[int, int]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """The pruned sets at ``frac`` of the way to ``final`` counts, by the moving-average scores."""
-        kv = self.arch.num_kv_heads
-        counts = groups.step_counts(frac, final, self.layout, self.prunable, self.arch.num_layers,
-                                    self.ema_heads, self.ema_channels, self.heads_pruned, self.channels_pruned,
-                                    kv if self.cfg.gqa == "query-heads" else None, round_to=self.cfg.round_to,
-                                    intermediate=self.arch.intermediate_size)
-        return groups.grow_masks(counts, self.prunable, self.ema_heads, self.ema_channels, self.heads_pruned,
-                                 self.channels_pruned, self.cfg.gqa, kv)
+    def _grown(self, frac: float, target: tuple[int, int]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """The pruned sets at ``frac`` of the way to the ``target`` counts, by the moving-average scores."""
+        counts = selection.step_counts(frac, target, self.policy, self.state)
+        return selection.grow(counts, self.policy, self.state)
 
     @torch.no_grad()
     def choose_balance(self, batch: dict[str, torch.Tensor]) -> None:
@@ -133,32 +176,32 @@ class Pruner:
         cands = groups.balance_candidates(self.arch, self.layer_ratio, self.cfg.gqa, self.cfg.round_to)
         losses = []
         if len(cands) > 1:
-            for final in cands:
-                hp, cp = self._grown(1.0, final)
-                groups.apply_masks(self.model, self._masks(hp, cp))
+            for target in cands:
+                hp, cp = self._grown(1.0, target)
+                apply_masks(self.model, self._masks(hp, cp))
                 losses.append(self.mean_loss(batch))
             self._apply_masks()
         best = min(range(len(cands)), key=losses.__getitem__) if losses else 0
-        self.final = cands[best]
+        self.target_counts = cands[best]
         self.balance_losses = [{"attention_units": h, "mlp_channels": c, "loss": round(v, 6)}
                                for (h, c), v in zip(cands, losses)]
 
     def _apply_masks(self) -> None:
-        masks = self.masks()
-        groups.apply_masks(self.model, masks)
-        before, after = masks.block_params()
+        current = self.masks()
+        apply_masks(self.model, current)
+        before, after = current.block_params()
         self.sparsity = 1.0 - after / before
 
-    def masks(self) -> groups.Masks:
+    def masks(self) -> Masks:
         return self._masks(self.heads_pruned, self.channels_pruned)
 
-    def _masks(self, heads_pruned, channels_pruned) -> groups.Masks:
-        return groups.Masks.from_pruned(self.arch, heads_pruned, channels_pruned, self.cfg.gqa, layout=self.layout,
-                                        model=self.model_name)
+    def _masks(self, heads_pruned, channels_pruned) -> Masks:
+        return Masks.from_pruned(self.arch, heads_pruned, channels_pruned, self.cfg.gqa, layout=self.layout,
+                                model=self.model_name)
 
     def balance_info(self) -> dict[str, Any]:
         """What ``masks.json`` records of the attention/MLP balance."""
-        h, c = self.final or (0, 0)
+        h, c = self.target_counts or (0, 0)
         out: dict[str, Any] = {"mode": self.cfg.balance, "attention_units": h, "mlp_channels": c}
         if self.balance_losses:
             out["candidates"] = self.balance_losses
@@ -247,7 +290,7 @@ class Pruner:
             if not self.estimator.needs_backward:  # weights-only scores: read them when the masks grow
                 self.update_ema(self.group_importance())
             self.target_sparsity = schedule.cubic_sparsity(self.step, self.cfg.ratio, start, end)
-            if self.final is None:
+            if self.target_counts is None:
                 self.choose_balance(batch)
             self.prune_to(self.target_sparsity)
         if self.device.type == "cuda":
@@ -270,7 +313,7 @@ class Pruner:
         for i in self.prunable:
             self.ema_heads[i], self.ema_channels[i] = scores[i]
         self.target_sparsity = self.cfg.ratio
-        if self.final is None:
+        if self.target_counts is None:
             self.choose_balance(batches[0])
         self.prune_to(self.cfg.ratio)
 
@@ -285,7 +328,7 @@ class Pruner:
                           ("ema_heads", self.ema_heads), ("ema_channels", self.ema_channels)):
             t.update({f"{name}.{i}": v for i, v in enumerate(seq) if v is not None})
         return t, {"step": self.step, "target_sparsity": self.target_sparsity, "optimizer": opt_plain,
-                   "scheduler": self.scheduler.state_dict(), "final": self.final,
+                   "scheduler": self.scheduler.state_dict(), "final": self.target_counts,
                    "balance_losses": self.balance_losses}
 
     def load_state(self, t: dict[str, torch.Tensor], plain: dict[str, Any]) -> None:
@@ -298,7 +341,7 @@ class Pruner:
         self.scheduler.load_state_dict(plain["scheduler"])
         self.step, self.target_sparsity = int(plain["step"]), float(plain["target_sparsity"])
         if plain.get("final") is not None:  # the balance chosen before the checkpoint
-            self.final = tuple(int(x) for x in plain["final"])
+            self.target_counts = tuple(int(x) for x in plain["final"])
             self.balance_losses = plain.get("balance_losses")
         n = self.arch.num_layers
         self.heads_pruned = [t[f"heads_pruned.{i}"] for i in range(n)]

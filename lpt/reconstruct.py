@@ -19,9 +19,9 @@ from typing import Iterable, Mapping
 import torch
 from torch import nn
 
-from lpt.arch import Arch
+from lpt.arch import FAN_IN, Arch
 
-FAN_IN = ("o_proj", "down_proj")
+MODES = ("sequential", "independent")  # lpt slice --reconstruct-mode
 
 
 def ridge_refit(W: torch.Tensor, G: torch.Tensor, keep: torch.Tensor, damp: float = 0.01) -> torch.Tensor:
@@ -82,6 +82,47 @@ def refit_weights(weights: Mapping[tuple[int, str], torch.Tensor], grams: Mappin
         new[:, keep] = ridge_refit(W.float().cpu(), grams[key], keep, damp).to(new.device)
         out[key] = new.to(W.dtype)
     return out
+
+
+def refit(model, arch: Arch, batches: Iterable[Mapping[str, torch.Tensor]], masks, damp: float = 0.01,
+          mode: str = "sequential", on_layer=None) -> dict[tuple[int, str], torch.Tensor]:
+    """Refitted full-width o_proj / down_proj weights (pruned columns zero) on ``batches``; ``model`` carries the
+    masks in LoRA layers (and the adapter, when it is merged afterwards): ``lpt slice --reconstruct``.
+
+    ``sequential``: layer by layer on the pruned model's own inputs (:func:`sequential_refit`).
+    ``independent``: every layer from the unpruned model's inputs in one pass; with LoRA layers the target is the
+    base weight with LoRA's change on the kept columns (``W0 + s·B·A`` there; the pruned columns as the base had
+    them, since LoRA never saw them). ``on_layer(i)`` is called as each layer is done (sequential)."""
+    from lpt import lora
+    from lpt.arch import get_module
+
+    if mode == "sequential":
+        return sequential_refit(model, arch, batches, masks, damp, on_layer=on_layer)
+    layers = range(arch.num_layers)
+    with lora.disabled(model):  # dense inputs: no LoRA, no masks
+        grams = collect_grams(model, arch, batches, layers)
+    weights = {}
+    for i in layers:
+        for proj in FAN_IN:
+            mod = get_module(model, arch.module_path(i, proj))
+            if isinstance(mod, lora.LoraLinear):  # LoRA's change on the kept columns; the pruned ones as trained on
+                keep = kept_columns(masks, arch, i, proj).to(mod.base_layer.weight.device)
+                w = lora.dense_weight(mod.base_layer).clone()  # never the base weight itself
+                w[:, keep] += mod.delta().to(w.device)[:, keep]
+            else:
+                w = mod.weight.detach().float()
+            weights[(i, proj)] = w
+    return refit_weights(weights, grams, masks, arch, damp)
+
+
+def set_weights(model, arch: Arch, weights: Mapping[tuple[int, str], torch.Tensor]) -> None:
+    """Copy refitted weights (``{(layer, projection): weight}``) into ``model``'s plain linear layers."""
+    from lpt.arch import get_module
+
+    with torch.no_grad():
+        for (i, proj), w in weights.items():
+            mod = get_module(model, arch.module_path(i, proj))
+            mod.weight.copy_(w.to(mod.weight.dtype))
 
 
 # ------------------------------------------------------------------------------------------------ layer by layer

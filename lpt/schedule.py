@@ -39,9 +39,7 @@ def is_prune_step(step: int, freq: int, start: int, end: int) -> bool:
 
 def ema(previous: torch.Tensor | None, current: torch.Tensor, lam: float) -> torch.Tensor:
     """Moving average ``Ḡ_t = λ·Ḡ_{t−1} + (1−λ)·Ĝ_t`` (Eq. 11), started at zero as in Algorithm 1 and the authors'
-    code: ``previous=None`` is ``Ḡ_0 = 0``, so the first observation gets weight ``1 − λ``, not 1 (lpt 0.1
-    started the average at the first observation, which gave the first step, where LoRA's B is still zero, ten
-    times its due weight at λ = 0.9)."""
+    code: ``previous=None`` is ``Ḡ_0 = 0``, so the first observation gets weight ``1 − λ``, not 1."""
     if not 0.0 <= lam < 1.0:
         raise ValueError(f"λ must be in [0, 1) (got {lam})")
     if previous is None:

@@ -23,13 +23,10 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from lpt.arch import ATTN_IN, ATTN_OUT, MLP_IN, MLP_OUT, PROJECTIONS, Arch, describe, get_module, set_module
+from lpt.arch import (FAN_IN, FAN_OUT, LAYER_FIELDS, MLP_IN, MLP_OUT, PROJECTIONS, Arch, describe, get_module,
+                      set_module)
 from lpt.errors import LptError, MismatchError
-from lpt.groups import Masks
-
-FAN_OUT = ATTN_OUT + MLP_OUT  # rows are cut
-FAN_IN = ATTN_IN + MLP_IN  # columns are cut
-LAYER_FIELDS = ("lpt_layer_num_attention_heads", "lpt_layer_num_key_value_heads", "lpt_layer_intermediate_size")
+from lpt.masks import Masks
 
 
 # ------------------------------------------------------------------------------------------------ indices
@@ -45,7 +42,7 @@ def layer_widths(masks: Masks) -> tuple[list[int], list[int], list[int]]:
 
 
 def check_sliceable(arch: Arch) -> None:
-    if arch.layer_heads or arch.layer_kv_heads or arch.layer_intermediate:
+    if arch.per_layer:
         raise LptError("this model was already sliced with per-layer widths; slice the original (unsliced) model "
                        "with the masks instead")
 

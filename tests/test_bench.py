@@ -158,10 +158,10 @@ def test_bad_shapes_are_refused(spec, msg):
 def test_entries_pair_models_adapters_and_labels():
     cfg = bench.BenchRuntimeConfig(models=["a/", "b"], random_init=["llama-7b@0.5"], adapter=["-", "x/ad", "random:8"])
     e = bench.build_entries(cfg)
-    assert [(x["model"], x["random_init"], x["adapter"]) for x in e] == [
+    assert [(x.model, x.random_init, x.adapter) for x in e] == [
         ("a/", None, None), ("b", None, "x/ad"), (None, "llama-7b@0.5", "random:8")]
-    assert [x["label"] for x in e] == ["a", "b + ad", "llama-7b@0.5 + LoRA r8"]
-    assert [x["label"] for x in bench.build_entries(bench.BenchRuntimeConfig(models=["m", "m"]))] == ["m", "m (2)"]
+    assert [x.label for x in e] == ["a", "b + ad", "llama-7b@0.5 + LoRA r8"]
+    assert [x.label for x in bench.build_entries(bench.BenchRuntimeConfig(models=["m", "m"]))] == ["m", "m (2)"]
     with pytest.raises(LptError, match="one --adapter per model"):
         bench.build_entries(bench.BenchRuntimeConfig(models=["a", "b"], adapter=["x"]))
     assert bench.int_list(["1,4", 16], "--batch-size") == [1, 4, 16]

@@ -169,3 +169,15 @@ def test_fisher_keeps_no_activation_alive_between_steps(gqa_mode):
     finally:
         gc.enable()
     assert after <= before + 2, (before, after)
+
+
+def test_the_criterion_names_come_from_the_estimator_registry():
+    from lpt.config import BenchPruneStepConfig, PruneConfig, help_of
+
+    assert importance.CRITERIA == tuple(importance.ESTIMATORS)
+    for cls in (PruneConfig, BenchPruneStepConfig):  # the help text names every registered criterion
+        assert all(c in help_of(cls, "criterion") for c in importance.CRITERIA), cls.__name__
+    assert [c for c in importance.CRITERIA if importance.int8_conflict(c)] == ["vanilla"]
+    with pytest.raises(LptError, match="--criterion vanilla needs the gradients of the base weights"):
+        importance.check_int8("vanilla", True)
+    importance.check_int8("vanilla", False)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from conftest import build_model, invoke, tiny_config
-from lpt import artifacts, groups, lora
+from lpt import artifacts, groups, lora, selection
 from lpt.arch import describe
 from lpt.config import PruneConfig
 from lpt.stages import prune
@@ -96,7 +96,7 @@ def test_balance_search_keeps_the_candidate_with_the_lowest_loss(layout):
     p.ema_channels = [torch.rand(cfg.intermediate_size, generator=g) for _ in range(cfg.num_hidden_layers)]
     batch = _batch(cfg, n=4, seq=24, seed=5)
     before = p.model(batch["input_ids"]).logits.detach()
-    assert p.final is None  # decided at the first mask update
+    assert p.target_counts is None  # decided at the first mask update
     p.choose_balance(batch)
     cands = p.balance_losses
     assert [(c["attention_units"], c["mlp_channels"]) for c in cands] == \
@@ -106,24 +106,23 @@ def test_balance_search_keeps_the_candidate_with_the_lowest_loss(layout):
     ref = build_model(cfg)
     arch = describe(cfg)
     lora.inject(ref, arch, r=4, alpha=8)
+    policy = selection.Policy.of(arch, layout=layout, prunable=[0, 1], gqa="kv-groups", round_to=p.cfg.round_to)
+    state = selection.State(p.ema_heads, p.ema_channels, p.heads_pruned, p.channels_pruned)
     for c in cands:
-        counts = groups.step_counts(1.0, (c["attention_units"], c["mlp_channels"]), layout, [0, 1], 2,
-                                    p.ema_heads, p.ema_channels, p.heads_pruned, p.channels_pruned, None,
-                                    round_to=p.cfg.round_to, intermediate=arch.intermediate_size)
-        hp, cp = groups.grow_masks(counts, [0, 1], p.ema_heads, p.ema_channels, p.heads_pruned, p.channels_pruned,
-                                   "kv-groups", arch.num_kv_heads)
+        counts = selection.step_counts(1.0, (c["attention_units"], c["mlp_channels"]), policy, state)
+        hp, cp = selection.grow(counts, policy, state)
         groups.apply_masks(ref, groups.Masks.from_pruned(arch, hp, cp, "kv-groups", layout=layout))
         with torch.no_grad():
             want = float(ref(**batch).loss)
         assert c["loss"] == pytest.approx(want, rel=1e-4, abs=1e-5)
     best = min(cands, key=lambda c: c["loss"])
-    assert p.final == (best["attention_units"], best["mlp_channels"])
+    assert p.target_counts == (best["attention_units"], best["mlp_channels"])
     assert len({round(c["loss"], 4) for c in cands}) > 1  # the candidates do differ
     # nothing is left pruned by the search itself
     torch.testing.assert_close(p.model(batch["input_ids"]).logits.detach(), before, rtol=1e-5, atol=1e-6)
     p.prune_to(0.5)
-    assert all(int(h.sum()) == p.final[0] for h in p.heads_pruned) or layout == "per-layer"
-    assert sum(int(h.sum()) for h in p.heads_pruned) == 2 * p.final[0]
+    assert all(int(h.sum()) == p.target_counts[0] for h in p.heads_pruned) or layout == "per-layer"
+    assert sum(int(h.sum()) for h in p.heads_pruned) == 2 * p.target_counts[0]
 
 
 @pytest.mark.parametrize("balance, heads_left", [("0", 4), ("1", 3), ("proportional", 2)])

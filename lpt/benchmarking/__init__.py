@@ -1,8 +1,11 @@
-"""Building blocks of ``lpt bench``: timing, memory, FLOP counting, random-weight models at real shapes, the
-results schema, tables and plots. The stage that puts them together is ``lpt.stages.bench``.
+"""Building blocks of ``lpt bench``: what to measure, the measurements, timing, memory, FLOP counting,
+random-weight models at real shapes, the results schema, tables and plots. The ``lpt bench`` stage validates its
+options, puts these together and writes the results.
 
-Modules: ``timing`` (trial statistics, synchronised timers), ``memory`` (peak allocator memory or process RSS),
-``flops`` (FLOPs per token, a pure function of the model's shapes), ``shapes`` (built-in configs and
-random-init models), ``schema`` (the JSON layout as TypedDicts and a checker), ``report`` (rich tables),
-``plot`` (PNG), ``env`` (hardware description), ``worker`` (the child process that measures one configuration).
+Modules: ``protocol`` (the typed measurement specs and the parsing of bench's lists), ``measure`` (loading a model
+and timing it, or timing ``lpt prune``'s step), ``worker`` (the child process that measures one configuration, and
+starting it), ``timing`` (trial statistics, synchronised timers), ``memory`` (peak allocator memory or process RSS),
+``flops`` (FLOPs per token, a pure function of the model's shapes), ``shapes`` (built-in configs and random-init
+models), ``schema`` (the JSON layout as TypedDicts and a checker), ``report`` (rich tables), ``plot`` (PNG), ``env``
+(hardware description), ``scaling`` (memory arithmetic at real shapes).
 """

@@ -111,8 +111,3 @@ def run_stage(fn: Callable[[], Any]) -> Any:
             traceback.print_exc(file=sys.stderr)
         msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
         fail(f"{type(e).__name__}: {msg} (run `lpt --debug ...` for the traceback)", 1)
-
-
-def not_implemented(stage: str, issue_hint: str) -> None:
-    fail(f"`lpt {stage}` is not implemented yet ({issue_hint}); its --help describes the planned inputs and outputs",
-         3)

@@ -7,8 +7,8 @@ from typing import List
 import typer
 
 from lpt.cli._common import make_config, opt, run_stage
-from lpt.stages.bench import BenchPruneStepConfig as P
-from lpt.stages.bench import BenchRuntimeConfig as R
+from lpt.config import BenchPruneStepConfig as P
+from lpt.config import BenchRuntimeConfig as R
 
 RUNTIME_EPILOG = """[b]Examples[/b]
 

@@ -8,7 +8,7 @@ import typer
 
 from lpt.cli._common import RECIPE_HELP, fail, make_config, opt, run_stage
 from lpt.config import default_of, help_of
-from lpt.stages.eval import EvalConfig as C
+from lpt.config import EvalConfig as C
 
 EPILOG = """[b]Examples[/b]
 

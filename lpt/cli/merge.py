@@ -5,7 +5,7 @@ from __future__ import annotations
 import typer
 
 from lpt.cli._common import RECIPE_HELP, arg, make_config, opt, run_stage
-from lpt.stages.merge import MergeConfig as C
+from lpt.config import MergeConfig as C
 
 EPILOG = """[b]Examples[/b]
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import typer
 
 from lpt.cli._common import RECIPE_HELP, arg, make_config, opt, run_stage
-from lpt.stages.slice import SliceConfig as C
+from lpt.config import SliceConfig as C
 
 EPILOG = """[b]Examples[/b]
 

