@@ -239,7 +239,7 @@ def criterion_masks(calib: Path, ratios: list[float], criteria: tuple[str, ...],
 
 
 # ------------------------------------------------------------------------------------------------ study
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("-o", "--output", default="runs/quality")
     ap.add_argument("--quick", action="store_true", help="a smoke run: one ratio, one row per section, a few steps")
@@ -275,53 +275,66 @@ def main() -> None:
                          "measured (the README's number); default: measure it")
     ap.add_argument("--report-only", action="store_true",
                     help="start nothing: rebuild results.json/.md/.png from the runs that finished")
-    a = ap.parse_args()
+    return ap.parse_args(argv)
 
-    quick = a.quick
-    ratios = [float(r) for r in (a.ratios or ("0.5" if quick else "0.2,0.5")).split(",")]
-    steps = a.steps or (2 if quick else 16)
-    bs = a.batch_size or (4 if quick else 8)
-    seq = a.seq_len or (128 if quick else 256)
-    nsamples = a.nsamples or (8 if quick else steps * bs // 2)  # every block seen twice
-    score_blocks = min(nsamples, a.score_blocks or (4 if quick else 8))
-    a.eval_seq_len = a.eval_seq_len or (512 if quick else 2048)
-    a.eval_segments = a.eval_segments if a.eval_segments is not None else (1 if quick else 4)
-    sections = set(a.sections.split(","))
-    out = Path(a.output)
-    out.mkdir(parents=True, exist_ok=True)
-    st = Study(out, a.report_only)
-    t_start = time.time()
 
-    train_src, test_src, corpus_desc = corpus(out, a.corpus)
-    print(f"corpus: {corpus_desc}")
-    calib = out / "calib"
-    if not calib.exists():
-        st.sh("calibrate", lpt("calibrate", MODEL, "--data", train_src, "-n", nsamples, "--seq-len", seq, "-o", calib))
+RESULT_SECTIONS = ("criterion_only", "criterion_only_proportional", "balance", "main_command", "rows", "ablations",
+                   "mask_agreement", "ablation_base", "reconstruct")
 
-    prune_freq = max(1, steps // 8)
-    common = ["--calib", calib, "--max-steps", steps, "--batch-size", bs, "--micro-batch-size", min(bs, 4),
-              "--lr", a.lr, "--prune-freq", prune_freq, "--seed", "0"]
-    ev = ["--ppl", test_src, "--seq-len", a.eval_seq_len] + (["--max-segments", a.eval_segments] if a.eval_segments
-                                                              else [])
 
-    results: dict = {"protocol": {
-        "model": MODEL, "corpus": corpus_desc, "calibration_blocks": nsamples, "seq_len": seq, "steps": steps,
-        "batch_size": bs, "training_tokens": steps * bs * seq, "criterion_only_scoring_blocks": score_blocks, "lr": a.lr, "prune_freq": prune_freq,
-        "eval": f"perplexity on {test_src}, the first {a.eval_segments or 'all'} non-overlapping "
-                f"{a.eval_seq_len}-token segments (lpt eval)", "quick": quick},
-        "criterion_only": {}, "criterion_only_proportional": {}, "balance": {}, "main_command": {}, "rows": {},
-        "ablations": {}, "reconstruct": {}}
-    old = out / "results.json"
-    if old.exists():  # keep sections measured by an earlier invocation (e.g. with other --sections)
-        prev = json.loads(old.read_text())
-        for k in ("criterion_only", "criterion_only_proportional", "balance", "main_command", "rows", "ablations",
-                  "mask_agreement", "ablation_base", "reconstruct"):
-            if prev.get(k) and prev.get("protocol", {}).get("quick") == quick:
-                results[k] = prev[k]
+class Run:
+    """One invocation of the study: the protocol from the arguments, the results so far, and the helpers every
+    section uses (``evaluate``, ``lpt_run``, ``attempt``, ``save``)."""
 
-    def save() -> None:  # after every row, so an interrupted study keeps what it measured
-        results["wall_time_s"] = round(time.time() - t_start, 1)
-        results["stages_wall_time_s"] = round(sum(v["seconds"] for v in st.read_times().values()), 1)
+    def __init__(self, a: argparse.Namespace):
+        self.a = a
+        quick = self.quick = a.quick
+        self.ratios = [float(r) for r in (a.ratios or ("0.5" if quick else "0.2,0.5")).split(",")]
+        steps = self.steps = a.steps or (2 if quick else 16)
+        bs = self.bs = a.batch_size or (4 if quick else 8)
+        seq = self.seq = a.seq_len or (128 if quick else 256)
+        nsamples = self.nsamples = a.nsamples or (8 if quick else steps * bs // 2)  # every block seen twice
+        self.score_blocks = min(nsamples, a.score_blocks or (4 if quick else 8))
+        a.eval_seq_len = a.eval_seq_len or (512 if quick else 2048)
+        a.eval_segments = a.eval_segments if a.eval_segments is not None else (1 if quick else 4)
+        self.sections = set(a.sections.split(","))
+        out = self.out = Path(a.output)
+        out.mkdir(parents=True, exist_ok=True)
+        self.st = Study(out, a.report_only)
+        self.t_start = time.time()
+
+        self.train_src, self.test_src, corpus_desc = corpus(out, a.corpus)
+        print(f"corpus: {corpus_desc}")
+        calib = self.calib = out / "calib"
+        if not calib.exists():
+            self.st.sh("calibrate", lpt("calibrate", MODEL, "--data", self.train_src, "-n", nsamples, "--seq-len", seq,
+                                        "-o", calib))
+
+        prune_freq = max(1, steps // 8)
+        self.common = ["--calib", calib, "--max-steps", steps, "--batch-size", bs, "--micro-batch-size", min(bs, 4),
+                       "--lr", a.lr, "--prune-freq", prune_freq, "--seed", "0"]
+        self.ev = ["--ppl", self.test_src, "--seq-len", a.eval_seq_len] + (
+            ["--max-segments", a.eval_segments] if a.eval_segments else [])
+
+        self.results: dict = {"protocol": {
+            "model": MODEL, "corpus": corpus_desc, "calibration_blocks": nsamples, "seq_len": seq, "steps": steps,
+            "batch_size": bs, "training_tokens": steps * bs * seq, "criterion_only_scoring_blocks": self.score_blocks,
+            "lr": a.lr, "prune_freq": prune_freq,
+            "eval": f"perplexity on {self.test_src}, the first {a.eval_segments or 'all'} non-overlapping "
+                    f"{a.eval_seq_len}-token segments (lpt eval)", "quick": quick},
+            "criterion_only": {}, "criterion_only_proportional": {}, "balance": {}, "main_command": {}, "rows": {},
+            "ablations": {}, "reconstruct": {}}
+        old = out / "results.json"
+        if old.exists():  # keep sections measured by an earlier invocation (e.g. with other --sections)
+            prev = json.loads(old.read_text())
+            for k in RESULT_SECTIONS:
+                if prev.get(k) and prev.get("protocol", {}).get("quick") == quick:
+                    self.results[k] = prev[k]
+
+    def save(self) -> None:  # after every row, so an interrupted study keeps what it measured
+        out, results = self.out, self.results
+        results["wall_time_s"] = round(time.time() - self.t_start, 1)
+        results["stages_wall_time_s"] = round(sum(v["seconds"] for v in self.st.read_times().values()), 1)
         (out / "results.json").write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
         (out / "results.md").write_text(markdown(results))
         try:
@@ -329,240 +342,267 @@ def main() -> None:
         except Exception as e:  # a missing plotting library must not lose measurements
             print(f"  (no plot: {e})")
 
-    def evaluate(name: str, model, extra: list, source: str = test_src, evflags: list | None = None) -> dict:
-        res = out / f"{name}.eval.json"
+    def evaluate(self, name: str, model, extra: list, source: str | None = None, evflags: list | None = None) -> dict:
+        source = self.test_src if source is None else source
+        res = self.out / f"{name}.eval.json"
         if not res.exists():
-            st.sh(f"{name}.eval", lpt("eval", model, *extra, *(ev if evflags is None else evflags), "-o", res))
-        return {"ppl": round(ppl_of(res, source), 4), "eval_seconds": st.seconds(f"{name}.eval"),
-                "eval_command": st.command(f"{name}.eval")}
+            self.st.sh(f"{name}.eval", lpt("eval", model, *extra, *(self.ev if evflags is None else evflags),
+                                           "-o", res))
+        return {"ppl": round(ppl_of(res, source), 4), "eval_seconds": self.st.seconds(f"{name}.eval"),
+                "eval_command": self.st.command(f"{name}.eval")}
 
-    def lpt_run(name: str, extra: list, model=MODEL, flags: list | None = None, source: str = test_src,
+    def lpt_run(self, name: str, extra: list, model=MODEL, flags: list | None = None, source: str | None = None,
                 evflags: list | None = None) -> dict:
-        d = out / name
+        d = self.out / name
         if not d.exists():
-            st.sh(name, lpt("prune", model, *(common if flags is None else flags), *extra, "-o", d))
+            self.st.sh(name, lpt("prune", model, *(self.common if flags is None else flags), *extra, "-o", d))
         masks = json.loads((d / "masks.json").read_text())
         pruned = masks["ratio"]["blocks"] > 0
-        row = evaluate(name, model, ["--adapter", d] + (["--masks", d / "masks.json"] if pruned else []), source,
-                       evflags)
+        row = self.evaluate(name, model, ["--adapter", d] + (["--masks", d / "masks.json"] if pruned else []), source,
+                            evflags)
         row.update({"ratio_blocks": masks["ratio"]["blocks"], "ratio_model": masks["ratio"].get("model"),
-                    "balance": masks.get("info", {}).get("balance"), "seconds": st.seconds(name),
-                    "command": st.command(name)})
+                    "balance": masks.get("info", {}).get("balance"), "seconds": self.st.seconds(name),
+                    "command": self.st.command(name)})
         return row
 
-    def attempt(label: str, fn):
+    def attempt(self, label: str, fn):
         """``fn()``, or None when a run it needs has not finished and ``--report-only`` forbids starting it."""
         try:
             return fn()
         except Unfinished:
-            results.setdefault("unfinished", []).append(label)
+            self.results.setdefault("unfinished", []).append(label)
             print(f"not finished: {label}")
             return None
 
-    results["dense_ppl"] = evaluate("dense", MODEL, [])["ppl"]
-    print(f"dense ppl {results['dense_ppl']:.3f}")
-    save()
 
-    # 1. criterion only ------------------------------------------------------------------------------------------
-    if "criterion" in sections:
-        crits = ("fisher", "vanilla") if quick else CRITERION_ONLY
-        names = [f"crit-{c}-r{r}{sfx}" for c in crits for r in ratios for sfx in ("", "-prop")]
-        need = [nm for nm in names if not (out / f"{nm}.eval.json").exists()]
-        agreement, cands = out / "crit-agreement.json", out / "crit-balance.json"
-        if (need or not agreement.exists() or not cands.exists()) and not a.report_only:
-            t0 = time.time()
-            agr, table = criterion_masks(calib, ratios, crits, out, min(bs, 4), score_blocks)
-            agreement.write_text(json.dumps(agr, indent=2, sort_keys=True) + "\n")
-            cands.write_text(json.dumps(table, indent=2, sort_keys=True) + "\n")
-            if st.seconds("criterion-scoring") is None:  # not when only reloaded from the scores' cache
-                st.record("criterion-scoring", round(time.time() - t0, 1), "lpt.importance.score (in process)")
-        if agreement.exists():
-            results["mask_agreement"] = json.loads(agreement.read_text())
-        for r in ratios:
-            for c in crits:
-                for sfx, key in (("", "criterion_only"), ("-prop", "criterion_only_proportional")):
-                    name = f"crit-{c}-r{r}{sfx}"
-                    if not (out / name / "masks.json").exists():
-                        results.setdefault("unfinished", []).append(f"criterion only {c} {r}{sfx}")
-                        continue
-                    masks = json.loads((out / name / "masks.json").read_text())
-                    row = attempt(f"criterion only {c} {r}{sfx}",
-                                  lambda: evaluate(name, MODEL, ["--masks", out / name / "masks.json"]))
-                    if row is None:
-                        continue
-                    row["ratio_blocks"] = masks["ratio"]["blocks"]
-                    row["balance"] = {k: v for k, v in masks["info"]["balance"].items() if k != "candidates"}
-                    results[key].setdefault(str(r), {})[c] = row
-                    print(f"criterion only {r} {c}{sfx}: ppl {row['ppl']:.3f}")
-                    save()
-            # the balance search, seen from the held-out text: every fisher candidate's loss and perplexity
-            if cands.exists() and "fisher" in crits:
-                rows = []
-                for cand in json.loads(cands.read_text())["fisher"][str(r)]:
-                    name = f"crit-fisher-r{r}-h{cand['attention_units']}"
-                    row = attempt(f"balance fisher {r} {cand['attention_units']}",
-                                  lambda: evaluate(name, MODEL, ["--masks", out / name / "masks.json"]))
-                    if row is not None:
-                        rows.append({**cand, "ppl": row["ppl"]})
-                results["balance"][str(r)] = rows
-                save()
-        results["criterion_only_scoring_seconds"] = st.seconds("criterion-scoring")
+# 1. criterion only ----------------------------------------------------------------------------------------------
+def criterion_section(run: Run) -> None:
+    a, out, st, results, ratios = run.a, run.out, run.st, run.results, run.ratios
+    crits = ("fisher", "vanilla") if run.quick else CRITERION_ONLY
+    names = [f"crit-{c}-r{r}{sfx}" for c in crits for r in ratios for sfx in ("", "-prop")]
+    need = [nm for nm in names if not (out / f"{nm}.eval.json").exists()]
+    agreement, cands = out / "crit-agreement.json", out / "crit-balance.json"
+    if (need or not agreement.exists() or not cands.exists()) and not a.report_only:
+        t0 = time.time()
+        agr, table = criterion_masks(run.calib, ratios, crits, out, min(run.bs, 4), run.score_blocks)
+        agreement.write_text(json.dumps(agr, indent=2, sort_keys=True) + "\n")
+        cands.write_text(json.dumps(table, indent=2, sort_keys=True) + "\n")
+        if st.seconds("criterion-scoring") is None:  # not when only reloaded from the scores' cache
+            st.record("criterion-scoring", round(time.time() - t0, 1), "lpt.importance.score (in process)")
+    if agreement.exists():
+        results["mask_agreement"] = json.loads(agreement.read_text())
+    for r in ratios:
+        for c in crits:
+            for sfx, key in (("", "criterion_only"), ("-prop", "criterion_only_proportional")):
+                name = f"crit-{c}-r{r}{sfx}"
+                if not (out / name / "masks.json").exists():
+                    results.setdefault("unfinished", []).append(f"criterion only {c} {r}{sfx}")
+                    continue
+                masks = json.loads((out / name / "masks.json").read_text())
+                row = run.attempt(f"criterion only {c} {r}{sfx}",
+                                  lambda: run.evaluate(name, MODEL, ["--masks", out / name / "masks.json"]))
+                if row is None:
+                    continue
+                row["ratio_blocks"] = masks["ratio"]["blocks"]
+                row["balance"] = {k: v for k, v in masks["info"]["balance"].items() if k != "candidates"}
+                results[key].setdefault(str(r), {})[c] = row
+                print(f"criterion only {r} {c}{sfx}: ppl {row['ppl']:.3f}")
+                run.save()
+        # the balance search, seen from the held-out text: every fisher candidate's loss and perplexity
+        if cands.exists() and "fisher" in crits:
+            rows = []
+            for cand in json.loads(cands.read_text())["fisher"][str(r)]:
+                name = f"crit-fisher-r{r}-h{cand['attention_units']}"
+                row = run.attempt(f"balance fisher {r} {cand['attention_units']}",
+                                  lambda: run.evaluate(name, MODEL, ["--masks", out / name / "masks.json"]))
+                if row is not None:
+                    rows.append({**cand, "ppl": row["ppl"]})
+            results["balance"][str(r)] = rows
+            run.save()
+    results["criterion_only_scoring_seconds"] = st.seconds("criterion-scoring")
 
-    # 2. main command -----------------------------------------------------------------------------------------
+
+# 2. main command ------------------------------------------------------------------------------------------------
+def main_command_budget(run: Run) -> tuple[list, list]:
+    """(the main-command candidate's budget flags, its evaluation flags)."""
+    a = run.a
     budget = a.main_command.split()
-    if quick:
+    if run.quick:
         budget = ["--nsamples", "8", "--seq-len", "128", "--max-steps", "2", "--batch-size", "4", "--lr", "5e-4",
                   "--prune-freq", "1"]
-    mc_ev = ["--ppl", "builtin:pydoc:test", "--seq-len", a.eval_seq_len] + (["--max-segments", "1"] if quick else [])
+    mc_ev = ["--ppl", "builtin:pydoc:test", "--seq-len", a.eval_seq_len] + (["--max-segments", "1"] if run.quick else [])
+    return budget, mc_ev
 
-    def main_command(v: str) -> None:
-        if a.pydoc_dense_ppl and not quick:
-            dense = {"ppl": a.pydoc_dense_ppl, "source": "given (--pydoc-dense-ppl)"}
-        else:
-            dense = attempt("dense on builtin:pydoc:test",
-                            lambda: evaluate("dense-pydoc", MODEL, [], "builtin:pydoc:test", mc_ev))
-            if dense is None:
-                return
-        results["main_command"]["dense"] = dense
-        extra = ["--ratio", "0.2", "--criterion", "fisher", "--data", "builtin:pydoc:train"] + \
-                (["--distill"] if v == "distill" else [])
-        row = attempt(f"main command {v}", lambda: lpt_run(f"main-cmd-{v}", extra, flags=budget,
-                                                           source="builtin:pydoc:test", evflags=mc_ev))
-        if row is None:
+
+def main_command_section(run: Run, v: str) -> None:
+    a, results = run.a, run.results
+    budget, mc_ev = main_command_budget(run)
+    if a.pydoc_dense_ppl and not run.quick:
+        dense = {"ppl": a.pydoc_dense_ppl, "source": "given (--pydoc-dense-ppl)"}
+    else:
+        dense = run.attempt("dense on builtin:pydoc:test",
+                            lambda: run.evaluate("dense-pydoc", MODEL, [], "builtin:pydoc:test", mc_ev))
+        if dense is None:
             return
-        row["x_dense"] = round(row["ppl"] / dense["ppl"], 3)
-        results["main_command"][v] = row
-        print(f"main command {v}: ppl {row['ppl']:.3f} ({row['x_dense']}x dense), {row['seconds']}s")
-        save()
+    results["main_command"]["dense"] = dense
+    extra = ["--ratio", "0.2", "--criterion", "fisher", "--data", "builtin:pydoc:train"] + \
+            (["--distill"] if v == "distill" else [])
+    row = run.attempt(f"main command {v}", lambda: run.lpt_run(f"main-cmd-{v}", extra, flags=budget,
+                                                               source="builtin:pydoc:test", evflags=mc_ev))
+    if row is None:
+        return
+    row["x_dense"] = round(row["ppl"] / dense["ppl"], 3)
+    results["main_command"][v] = row
+    print(f"main command {v}: ppl {row['ppl']:.3f} ({row['x_dense']}x dense), {row['seconds']}s")
+    run.save()
 
-    variants = [v for v in a.main_command_variants.split(",") if v]
-    if "main-command" in sections and variants:
-        main_command(variants[0])
 
-    # 3. main table -------------------------------------------------------------------------------------------
-    if "main" in sections:
-        crits = ("fisher",) if quick else [c for c in a.criteria.split(",") if c]
-        for c in crits:
-            for r in ratios:
-                row = attempt(f"{c} {r}", lambda: lpt_run(f"r{r}-{c}", ["--ratio", r, "--criterion", c]))
-                if row is None:
-                    continue
-                results["rows"].setdefault(str(r), {})[c] = row
-                print(f"ratio {r} {c}: ppl {row['ppl']:.3f}")
-                save()
-        if not a.no_peer and not quick:
-            for r in ratios:
-                pruned = out / f"r{r}-tp-taylor-pruned"
-
-                def peer_run(r=r, pruned=pruned) -> dict:
-                    if not pruned.exists():
-                        # the same per-layer widths as lpt's fisher row: the attention units its balance search chose
-                        fisher = out / f"r{r}-fisher" / "masks.json"
-                        chosen = json.loads(fisher.read_text())["info"]["balance"] if fisher.exists() else None
-                        heads = ["--heads", str(chosen["attention_units"])] if chosen else []
-                        st.sh(pruned.name, [sys.executable, str(ROOT / "benchmarks" / "tp_peer.py"), MODEL,
-                                            "--ratio", str(r), "--calib", str(calib), "--importance", "taylor",
-                                            "--nsamples", str(nsamples), *heads, "-o", str(pruned)])
-                    return lpt_run(f"r{r}-tp-taylor", ["--ratio", "0"], model=pruned)
-
-                row = attempt(f"Torch-Pruning taylor {r}", peer_run)
-                if row is None:
-                    continue
-                peer = json.loads((pruned / "tp_peer.json").read_text())
-                row.update({"ratio_blocks": peer["ratio_blocks"], "peer_seconds": st.seconds(pruned.name),
-                            "peer_command": st.command(pruned.name)})
-                results["rows"].setdefault(str(r), {})["Torch-Pruning taylor + LoRA"] = row
-                print(f"ratio {r} torch-pruning taylor: ppl {row['ppl']:.3f}")
-                save()
-
-    if "main-command" in sections and not quick:
-        for v in variants[1:]:
-            main_command(v)
-
-    # 4. ablations --------------------------------------------------------------------------------------------
-    if "ablations" in sections:
-        r = 0.5 if 0.5 in ratios else ratios[-1]
-        main_rows = results["rows"].get(str(r), {})
-        cands = {c: main_rows[c]["ppl"] for c in MAIN_CRITERIA if c in main_rows}
-        best = min(cands, key=cands.get) if cands else "fisher"
-        results["ablation_base"] = {"criterion": best, "ratio": r}
-        base = ["--ratio", r, "--criterion", best]
-        abl = {
-            f"{best} --distill": base + ["--distill"],
-            f"{best} --one-shot": base + ["--one-shot"],
-            f"{best} --layout per-layer": base + ["--layout", "per-layer"],
-            f"{best} --balance proportional": base + ["--balance", "proportional"],
-            f"{best} --lr 5e-4": base + ["--lr", "5e-4"],
-            "lora --normalize-by projection": ["--ratio", r, "--criterion", "lora", "--normalize-by", "projection"],
-            # --distill costs about 1.5x the wall time of a step: the same time spent on more plain steps instead
-            f"{best} --max-steps {round(steps * 1.5)}": base + ["--max-steps", round(steps * 1.5)],
-        }
-        for other in (x for x in ratios if x != r):  # does distillation help at the other ratio too?
-            abl[f"{best} --distill @ {other:.0%}"] = ["--ratio", other, "--criterion", best, "--distill"]
-        if quick:
-            abl = dict(list(abl.items())[:1])
-        for label, extra in abl.items():
-            name = re.sub(r"[^\w.-]+", "_", f"abl-r{r}-" + label.replace(" --", "-").replace(" ", "_"))
-            row = attempt(label, lambda: lpt_run(name, extra))
+# 3. main table --------------------------------------------------------------------------------------------------
+def main_table_section(run: Run) -> None:
+    a, out, st, results, ratios = run.a, run.out, run.st, run.results, run.ratios
+    crits = ("fisher",) if run.quick else [c for c in a.criteria.split(",") if c]
+    for c in crits:
+        for r in ratios:
+            row = run.attempt(f"{c} {r}", lambda: run.lpt_run(f"r{r}-{c}", ["--ratio", r, "--criterion", c]))
             if row is None:
                 continue
-            row["ratio"] = float(extra[extra.index("--ratio") + 1])
-            results["ablations"][label] = row
-            print(f"ablation {label}: ppl {results['ablations'][label]['ppl']:.3f}")
-            save()
-
-    # 5. reconstruction --------------------------------------------------------------------------------------
-    if "reconstruct" in sections:
-        c = "fisher"
-
-        def sliced_eval(name: str, extra: list, keep: bool = False) -> dict:
-            d = out / name
-            if not (out / f"{name}.eval.json").exists() and not (d / "config.json").exists():
-                st.sh(name, lpt("slice", MODEL, *extra, "--reconstruct", calib, "--dtype", "float32", "-o", d,
-                                "--overwrite"))
-            row = evaluate(name, d, [])
-            row.update({"seconds": st.seconds(name), "command": st.command(name)})
-            if not keep and d.exists():
-                shutil.rmtree(d)  # a full-precision copy of the model per row
-            return row
-
+            results["rows"].setdefault(str(r), {})[c] = row
+            print(f"ratio {r} {c}: ppl {row['ppl']:.3f}")
+            run.save()
+    if not a.no_peer and not run.quick:
         for r in ratios:
-            rec = results["reconstruct"].setdefault(str(r), {})
-            crit_masks = out / f"crit-{c}-r{r}" / "masks.json"
-            joint = out / f"r{r}-{c}"
-            for mode in a.reconstruct_modes.split(","):
-                if crit_masks.exists():
-                    row = attempt(f"reconstruct criterion only {r} {mode}", lambda: sliced_eval(
-                        f"rec-crit-{c}-r{r}-{mode}", ["--masks", crit_masks, "--reconstruct-mode", mode]))
-                    if row is not None:
-                        rec[f"{c} criterion only + reconstruct {mode}"] = row
-                        print(f"reconstruct {r} criterion only {mode}: ppl {row['ppl']:.3f}")
-                if (joint / "masks.json").exists():
-                    row = attempt(f"reconstruct joint {r} {mode}", lambda: sliced_eval(
-                        f"rec-{c}-r{r}-{mode}", ["--masks", joint / "masks.json", "--adapter", joint, "--merge",
-                                                 "--reconstruct-mode", mode]))
-                    if row is not None:
-                        rec[f"{c} joint + reconstruct {mode}"] = row
-                        print(f"reconstruct {r} joint {mode}: ppl {row['ppl']:.3f}")
-                save()
+            pruned = out / f"r{r}-tp-taylor-pruned"
+
+            def peer_run(r=r, pruned=pruned) -> dict:
+                if not pruned.exists():
+                    # the same per-layer widths as lpt's fisher row: the attention units its balance search chose
+                    fisher = out / f"r{r}-fisher" / "masks.json"
+                    chosen = json.loads(fisher.read_text())["info"]["balance"] if fisher.exists() else None
+                    heads = ["--heads", str(chosen["attention_units"])] if chosen else []
+                    st.sh(pruned.name, [sys.executable, str(ROOT / "benchmarks" / "tp_peer.py"), MODEL,
+                                        "--ratio", str(r), "--calib", str(run.calib), "--importance", "taylor",
+                                        "--nsamples", str(run.nsamples), *heads, "-o", str(pruned)])
+                return run.lpt_run(f"r{r}-tp-taylor", ["--ratio", "0"], model=pruned)
+
+            row = run.attempt(f"Torch-Pruning taylor {r}", peer_run)
+            if row is None:
+                continue
+            peer = json.loads((pruned / "tp_peer.json").read_text())
+            row.update({"ratio_blocks": peer["ratio_blocks"], "peer_seconds": st.seconds(pruned.name),
+                        "peer_command": st.command(pruned.name)})
+            results["rows"].setdefault(str(r), {})["Torch-Pruning taylor + LoRA"] = row
+            print(f"ratio {r} torch-pruning taylor: ppl {row['ppl']:.3f}")
+            run.save()
+
+
+# 4. ablations ---------------------------------------------------------------------------------------------------
+def ablations_section(run: Run) -> None:
+    results, ratios, steps = run.results, run.ratios, run.steps
+    r = 0.5 if 0.5 in ratios else ratios[-1]
+    main_rows = results["rows"].get(str(r), {})
+    cands = {c: main_rows[c]["ppl"] for c in MAIN_CRITERIA if c in main_rows}
+    best = min(cands, key=cands.get) if cands else "fisher"
+    results["ablation_base"] = {"criterion": best, "ratio": r}
+    base = ["--ratio", r, "--criterion", best]
+    abl = {
+        f"{best} --distill": base + ["--distill"],
+        f"{best} --one-shot": base + ["--one-shot"],
+        f"{best} --layout per-layer": base + ["--layout", "per-layer"],
+        f"{best} --balance proportional": base + ["--balance", "proportional"],
+        f"{best} --lr 5e-4": base + ["--lr", "5e-4"],
+        "lora --normalize-by projection": ["--ratio", r, "--criterion", "lora", "--normalize-by", "projection"],
+        # --distill costs about 1.5x the wall time of a step: the same time spent on more plain steps instead
+        f"{best} --max-steps {round(steps * 1.5)}": base + ["--max-steps", round(steps * 1.5)],
+    }
+    for other in (x for x in ratios if x != r):  # does distillation help at the other ratio too?
+        abl[f"{best} --distill @ {other:.0%}"] = ["--ratio", other, "--criterion", best, "--distill"]
+    if run.quick:
+        abl = dict(list(abl.items())[:1])
+    for label, extra in abl.items():
+        name = re.sub(r"[^\w.-]+", "_", f"abl-r{r}-" + label.replace(" --", "-").replace(" ", "_"))
+        row = run.attempt(label, lambda: run.lpt_run(name, extra))
+        if row is None:
+            continue
+        row["ratio"] = float(extra[extra.index("--ratio") + 1])
+        results["ablations"][label] = row
+        print(f"ablation {label}: ppl {results['ablations'][label]['ppl']:.3f}")
+        run.save()
+
+
+# 5. reconstruction ----------------------------------------------------------------------------------------------
+def reconstruct_section(run: Run) -> None:
+    a, out, st, results, calib = run.a, run.out, run.st, run.results, run.calib
+    c = "fisher"
+
+    def sliced_eval(name: str, extra: list, keep: bool = False) -> dict:
+        d = out / name
+        if not (out / f"{name}.eval.json").exists() and not (d / "config.json").exists():
+            st.sh(name, lpt("slice", MODEL, *extra, "--reconstruct", calib, "--dtype", "float32", "-o", d,
+                            "--overwrite"))
+        row = run.evaluate(name, d, [])
+        row.update({"seconds": st.seconds(name), "command": st.command(name)})
+        if not keep and d.exists():
+            shutil.rmtree(d)  # a full-precision copy of the model per row
+        return row
+
+    for r in run.ratios:
+        rec = results["reconstruct"].setdefault(str(r), {})
+        crit_masks = out / f"crit-{c}-r{r}" / "masks.json"
+        joint = out / f"r{r}-{c}"
+        for mode in a.reconstruct_modes.split(","):
             if crit_masks.exists():
-                def pipeline(r=r, crit_masks=crit_masks) -> dict:
-                    sliced = out / f"rec-crit-{c}-r{r}-sequential-model"
-                    if not (sliced / "config.json").exists():
-                        st.sh(sliced.name, lpt("slice", MODEL, "--masks", crit_masks, "--reconstruct", calib,
-                                               "--dtype", "float32", "-o", sliced, "--overwrite"))
-                    row = lpt_run(f"rec-pipeline-{c}-r{r}", ["--ratio", "0"], model=sliced)
-                    row["slice_seconds"] = st.seconds(sliced.name)
-                    row["ratio_blocks"] = json.loads(crit_masks.read_text())["ratio"]["blocks"]  # of the dense model
-                    return row
-
-                row = attempt(f"reconstruct pipeline {r}", pipeline)
+                row = run.attempt(f"reconstruct criterion only {r} {mode}", lambda: sliced_eval(
+                    f"rec-crit-{c}-r{r}-{mode}", ["--masks", crit_masks, "--reconstruct-mode", mode]))
                 if row is not None:
-                    rec[f"{c} once -> reconstruct sequential -> LoRA"] = row
-                    print(f"reconstruct {r} pipeline: ppl {row['ppl']:.3f}")
-                save()
+                    rec[f"{c} criterion only + reconstruct {mode}"] = row
+                    print(f"reconstruct {r} criterion only {mode}: ppl {row['ppl']:.3f}")
+            if (joint / "masks.json").exists():
+                row = run.attempt(f"reconstruct joint {r} {mode}", lambda: sliced_eval(
+                    f"rec-{c}-r{r}-{mode}", ["--masks", joint / "masks.json", "--adapter", joint, "--merge",
+                                             "--reconstruct-mode", mode]))
+                if row is not None:
+                    rec[f"{c} joint + reconstruct {mode}"] = row
+                    print(f"reconstruct {r} joint {mode}: ppl {row['ppl']:.3f}")
+            run.save()
+        if crit_masks.exists():
+            def pipeline(r=r, crit_masks=crit_masks) -> dict:
+                sliced = out / f"rec-crit-{c}-r{r}-sequential-model"
+                if not (sliced / "config.json").exists():
+                    st.sh(sliced.name, lpt("slice", MODEL, "--masks", crit_masks, "--reconstruct", calib,
+                                           "--dtype", "float32", "-o", sliced, "--overwrite"))
+                row = run.lpt_run(f"rec-pipeline-{c}-r{r}", ["--ratio", "0"], model=sliced)
+                row["slice_seconds"] = st.seconds(sliced.name)
+                row["ratio_blocks"] = json.loads(crit_masks.read_text())["ratio"]["blocks"]  # of the dense model
+                return row
 
-    save()
+            row = run.attempt(f"reconstruct pipeline {r}", pipeline)
+            if row is not None:
+                rec[f"{c} once -> reconstruct sequential -> LoRA"] = row
+                print(f"reconstruct {r} pipeline: ppl {row['ppl']:.3f}")
+            run.save()
+
+
+def main(argv: list[str] | None = None) -> None:
+    run = Run(parse_args(argv))
+    sections, results = run.sections, run.results
+    results["dense_ppl"] = run.evaluate("dense", MODEL, [])["ppl"]
+    print(f"dense ppl {results['dense_ppl']:.3f}")
+    run.save()
+    if "criterion" in sections:
+        criterion_section(run)
+    variants = [v for v in run.a.main_command_variants.split(",") if v]
+    if "main-command" in sections and variants:
+        main_command_section(run, variants[0])
+    if "main" in sections:
+        main_table_section(run)
+    if "main-command" in sections and not run.quick:
+        for v in variants[1:]:
+            main_command_section(run, v)
+    if "ablations" in sections:
+        ablations_section(run)
+    if "reconstruct" in sections:
+        reconstruct_section(run)
+    run.save()
     print(markdown(results))
 
 
