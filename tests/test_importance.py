@@ -173,6 +173,7 @@ def test_fisher_keeps_no_activation_alive_between_steps(gqa_mode):
 
 def test_the_criterion_names_come_from_the_estimator_registry():
     from lpt.config import BenchPruneStepConfig, PruneConfig, help_of
+    from lpt.errors import LptError
 
     assert importance.CRITERIA == tuple(importance.ESTIMATORS)
     for cls in (PruneConfig, BenchPruneStepConfig):  # the help text names every registered criterion

@@ -237,7 +237,8 @@ def measure_prune_step(entry: Entry, proto: PruneStepProtocol, run: StepRun) -> 
                      criterion="lora" if crit == "none" else crit, ratio=0.0 if crit == "none" else proto.ratio,
                      lora_r=proto.lora_r, lora_alpha=proto.lora_alpha, lora_dropout=0.0,
                      batch_size=proto.batch_size, micro_batch_size=proto.micro_batch_size,
-                     gradient_checkpointing=proto.gradient_checkpointing, distill=proto.distill,
+                     gradient_checkpointing=proto.gradient_checkpointing, loss_head=proto.loss_head,
+                     distill=proto.distill,
                      load_8bit=run.load_8bit, warmup=0.0, cooldown=0.0, max_steps=total, seed=proto.seed,
                      balance="proportional")  # the per-step cost: --balance search's one-time forwards are not timed
     pruner.validate(pc)

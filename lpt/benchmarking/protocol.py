@@ -70,6 +70,7 @@ class PruneStepProtocol:
     seed: int
     gradient_checkpointing: bool = False
     distill: bool = False
+    loss_head: bool = True
 
 
 @dataclass(frozen=True)

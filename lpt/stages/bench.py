@@ -203,7 +203,7 @@ def run_prune_step(cfg: BenchPruneStepConfig) -> Path:
     entry = Entry(auto_label(model_arg, cfg.random_init, None), model_arg, cfg.random_init)
     proto = PruneStepProtocol(cfg.dtype, device, cfg.revision, cfg.trust_remote_code, cfg.seq_len, cfg.batch_size,
                               micro, cfg.ratio, cfg.lora_r, cfg.lora_alpha, cfg.trials, cfg.warmup, cfg.threads,
-                              cfg.seed, cfg.gradient_checkpointing, cfg.distill)
+                              cfg.seed, cfg.gradient_checkpointing, cfg.distill, cfg.loss_head)
     rows = []
     for i, run in enumerate(runs, 1):
         console.print(f"[{i}/{len(runs)}] timing {escape(run.label)}", markup=True)
@@ -223,7 +223,7 @@ def run_prune_step(cfg: BenchPruneStepConfig) -> Path:
                             "no masks). 8-bit = bitsandbytes int8 base weights."),
             "seq_len": cfg.seq_len, "batch_size": cfg.batch_size, "micro_batch_size": micro, "warmup": cfg.warmup,
             "trials": cfg.trials, "ratio": cfg.ratio, "lora_r": cfg.lora_r,
-            "gradient_checkpointing": cfg.gradient_checkpointing, "distill": cfg.distill,
+            "gradient_checkpointing": cfg.gradient_checkpointing, "distill": cfg.distill, "loss_head": cfg.loss_head,
             "inputs": f"torch.randint(0, vocab_size) with seed {cfg.seed}; labels = inputs",
             "dtype": info["dtype"], "device": device, "timer": timing.TIMER, "memory": MemoryMeter(device).method,
             "isolation": _isolation(cfg.isolate), "reference": PAPER_TABLE4,
