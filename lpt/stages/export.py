@@ -114,7 +114,7 @@ def run(cfg: ExportConfig) -> Path:
 
     model, out = validate(cfg)
     for line in llamacpp.width_warnings(artifacts.read_json(model / "config.json"), cfg.outtype):
-        console.print(f"[yellow]warning:[/] {line}")
+        console.print(f"[yellow]warning:[/] {line}", soft_wrap=True)
     quantized = cfg.outtype in llamacpp.QUANTIZE_TYPES
     how = (f"llama.cpp's converter ({cfg.quantize_from}) and quantizer" if quantized else "llama.cpp's converter")
     with console.status(f"converting {model} to GGUF ({cfg.outtype}) with {how}"):
@@ -127,7 +127,7 @@ def run(cfg: ExportConfig) -> Path:
     size = out.stat().st_size
     console.print(f"exported {cfg.model} -> {out} ({cfg.outtype}, {size / 2**20:,.1f} MiB)")
     for line in llamacpp.report_lines(rep):
-        console.print(line, markup=False)
+        console.print(line, markup=False, soft_wrap=True)
     if cfg.report:
         Path(cfg.report).parent.mkdir(parents=True, exist_ok=True)
         artifacts.write_json(cfg.report, {**rep, "file": str(out), "bytes": size, "model": str(model)})
