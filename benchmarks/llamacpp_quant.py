@@ -40,7 +40,6 @@ import os
 import platform
 import shlex
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -48,6 +47,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from quality import corpus, shown  # noqa: E402  (the study's held-out text and command display)
+from slice_check import lpt, sh  # noqa: E402  (a CLI stage as a subprocess, logged)
 
 RESULTS = ROOT / "benchmarks" / "results"
 MODEL = "smollm2-135m"
@@ -59,19 +59,8 @@ DEFAULT_ROUND_TO = 8  # lpt prune's default
 
 
 def run(args: list, log: Path) -> None:
-    args = [str(a) for a in args]
-    t0 = time.time()
-    with log.open("a") as f:
-        f.write(f"$ {shown(args)}\n")
-        f.flush()
-        r = subprocess.run(args, stdout=f, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    if r.returncode:
-        raise SystemExit(f"failed ({r.returncode}): {shown(args)}\n" + "\n".join(log.read_text().splitlines()[-15:]))
-    print(f"  {time.time() - t0:7.1f}s  {shown(args)[:160]}", flush=True)
-
-
-def lpt(*args) -> list:
-    return [sys.executable, "-m", "lpt", *args]
+    dt = sh([str(a) for a in args], log)
+    print(f"  {dt:7.1f}s  {shown([str(a) for a in args])[:160]}", flush=True)
 
 
 # ------------------------------------------------------------------------------------------------ 1. models
@@ -154,13 +143,13 @@ def export_all(work: Path, models: dict[str, dict], outtypes: list[str], log: Pa
 def sources(work: Path) -> dict[str, tuple[str, int]]:
     """{name: (lpt eval --ppl source, max segments)}."""
     _, test, _ = corpus(work, "docs")
-    return {PYDOC: (PYDOC, 0), HELDOUT: (test, ARGS.heldout_segments)}
+    return {PYDOC: (PYDOC, ARGS.pydoc_segments), HELDOUT: (test, ARGS.heldout_segments)}
 
 
 def torch_ppl(work: Path, label: str, d: Path, srcs: dict, log: Path) -> dict[str, float]:
     out = {}
     for name, (src, nseg) in srcs.items():
-        f = work / "eval" / f"{d.name}-{name.replace(':', '_')}.json"
+        f = work / "eval" / f"{d.name}-{name.replace(':', '_')}-{nseg or 'all'}.json"
         if not f.exists():
             f.parent.mkdir(parents=True, exist_ok=True)
             run(lpt("eval", d, "--ppl", src, "--seq-len", ARGS.seq_len, "--max-segments", nseg, "--device", "cpu",
@@ -205,7 +194,8 @@ def llamacpp_ppl(gguf: Path, segments) -> dict:
 
 
 def all_llamacpp_ppl(files: dict, models: dict, srcs: dict) -> dict[str, dict[str, dict]]:
-    segs = {name: segments_of(models["dense"]["dir"], src, nseg) for name, (src, nseg) in srcs.items()}
+    segs = {f"{name}@{nseg or 'all'}": segments_of(models["dense"]["dir"], src, nseg)
+            for name, (src, nseg) in srcs.items()}
     out: dict[str, dict[str, dict]] = {}
     for label, by_type in files.items():
         for t, f in by_type.items():
@@ -217,7 +207,7 @@ def all_llamacpp_ppl(files: dict, models: dict, srcs: dict) -> dict[str, dict[st
                     cache.write_text(json.dumps(doc, indent=2) + "\n")
                     print(f"  llama.cpp ppl {label} {t} {name}: {doc[name]['ppl']:.3f} ({doc[name]['seconds']}s)",
                           flush=True)
-            out.setdefault(label, {})[t] = doc
+            out.setdefault(label, {})[t] = {name.split("@")[0]: doc[name] for name in segs}
     return out
 
 
@@ -296,8 +286,8 @@ def markdown(doc: dict) -> str:
     rows = doc["rows"]
     dense = {r["outtype"]: r for r in rows if r["model"] == "dense"}
     lines = [f"`{doc['command']}` (llama-cpp-python {doc['versions']['llama_cpp_python']}; perplexity: "
-             f"{s['seq_len']}-token segments, {PYDOC} all {doc['segments'][PYDOC]} segments, held-out Python docs "
-             f"first {doc['segments'][HELDOUT]}; speed: {s['threads']} thread(s), {s['prompt_tokens']}-token prompt, "
+             f"{s['seq_len']}-token segments, the first {doc['segments'][PYDOC]} of {PYDOC} and the first "
+             f"{doc['segments'][HELDOUT]} of the held-out Python docs; speed: {s['threads']} thread(s), {s['prompt_tokens']}-token prompt, "
              f"{s['gen_tokens']} generated greedily, median of {s['trials']} trials interleaved across models, load "
              f"average {min(doc['load_average']):.1f}-{max(doc['load_average']):.1f} on {doc['machine']['cpus']} "
              f"CPUs)", "",
@@ -445,6 +435,7 @@ def main() -> None:
                                                          "(comma list; '' for none)")
     ap.add_argument("--outtypes", default=",".join(OUTTYPES))
     ap.add_argument("--seq-len", type=int, default=2048)
+    ap.add_argument("--pydoc-segments", type=int, default=0, help="segments of builtin:pydoc:test (0: all 10)")
     ap.add_argument("--heldout-segments", type=int, default=4, help="segments of the held-out text (the study's 4)")
     ap.add_argument("--threads", type=int, default=1, help="llama.cpp threads of the speed trials")
     ap.add_argument("--ppl-threads", type=int, default=2, help="llama.cpp threads of the perplexity runs")
