@@ -287,10 +287,12 @@ def markdown(doc: dict) -> str:
     dense = {r["outtype"]: r for r in rows if r["model"] == "dense"}
     lines = [f"`{doc['command']}` (llama-cpp-python {doc['versions']['llama_cpp_python']}; perplexity: "
              f"{s['seq_len']}-token segments, the first {doc['segments'][PYDOC]} of {PYDOC} and the first "
-             f"{doc['segments'][HELDOUT]} of the held-out Python docs; speed: {s['threads']} thread(s), {s['prompt_tokens']}-token prompt, "
-             f"{s['gen_tokens']} generated greedily, median of {s['trials']} trials interleaved across models, load "
-             f"average {min(doc['load_average']):.1f}-{max(doc['load_average']):.1f} on {doc['machine']['cpus']} "
-             f"CPUs)", "",
+             f"{doc['segments'][HELDOUT]} of the held-out Python docs; "
+             + (f"speed: {s['threads']} thread(s), {s['prompt_tokens']}-token prompt, {s['gen_tokens']} generated "
+                f"greedily, median of {s['trials']} trials interleaved across models" if s["prompt_tokens"]
+                else "speed not measured (--skip-speed)")
+             + f"; load average {min(doc['load_average']):.1f}-{max(doc['load_average']):.1f} on "
+               f"{doc['machine']['cpus']} CPUs)", "",
              "| model | heads / kv / MLP | GGUF | MiB | ppl pydoc | ppl held-out | prompt tok/s | × dense | gen tok/s "
              "| × dense | tensors kept larger (row width) |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -328,8 +330,8 @@ def markdown(doc: dict) -> str:
     lines += ["", "Frontier on (MiB, perplexity on " + PYDOC + "): points no other point beats on both (smaller and "
               "lower): " + ", ".join(f"{p['model']} {p['outtype']} ({p['mib']:.1f} MiB, {p['ppl']:.2f})"
                                      for p in doc["frontier"][PYDOC]),
-              "", "Pruned points strictly better than every dense quantized point of the same or larger size "
-              "(smaller file and lower perplexity than a dense point): " +
+              "", "Pruned points that beat a dense point on both counts (a smaller file and a lower perplexity on "
+              + PYDOC + "): " +
               (", ".join(f"{p['model']} {p['outtype']} beats dense {p['beats']}" for p in doc["pruned_wins"][PYDOC])
                or "none")]
     return "\n".join(lines) + "\n"
