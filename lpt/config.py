@@ -140,6 +140,9 @@ class PruneConfig(ModelOptions, DataOptions):
     distill_weight: float = _f(0.5, "Share of the KL in the loss with --distill: (1 - w)·LM + w·KL. Below 1 while a "
                                     "gradient criterion scores: the KL's gradient is zero while the student equals the "
                                     "teacher.")
+    loss_head: bool = _f(True, "Compute the LM loss (and the distillation KL) from the last hidden states through the "
+                                "frozen output layer a chunk of tokens at a time, never holding the logits of a whole "
+                                "batch (--no-loss-head: from the model's logits, lpt 0.2's way; same numbers).")
     gradient_checkpointing: bool = _f(False, "Recompute each block's activations in the backward pass (less memory, "
                                              "about a third more compute).")
     load_8bit: bool = _f(False, "Freeze the base weights in bitsandbytes int8 (LLM.int8).")
@@ -291,6 +294,8 @@ class BenchPruneStepConfig(ModelOptions):
                                        "in `lpt bench runtime --random-init` (e.g. llama-7b).")
     criterion: list[str] = _f(["lora"], "Criterion to time; repeat the flag to compare (lora, fisher, vanilla, "
                                         "magnitude, random).")
+    loss_head: bool = _f(True, "Time the steps with lpt prune's chunked loss head (--no-loss-head: the LM loss and KL "
+                                "from the model's logits, as lpt 0.2 did).")
     gradient_checkpointing: bool = _f(False, "Time every configuration with activation checkpointing (as lpt prune "
                                              "--gradient-checkpointing).")
     distill: bool = _f(False, "Time every configuration with self-distillation (as lpt prune --distill).")

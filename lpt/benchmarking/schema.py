@@ -163,6 +163,7 @@ class PruneStepProtocol(TypedDict):
     lora_r: int
     gradient_checkpointing: bool
     distill: bool
+    loss_head: bool
     inputs: str
     dtype: str
     device: str

@@ -36,7 +36,8 @@ PANELS = {
     **dict.fromkeys(("ema", "prune_freq", "warmup", "cooldown", "one_shot"), SCHEDULE),
     **dict.fromkeys(("lora_r", "lora_alpha", "lora_dropout"), LORA),
     **dict.fromkeys(("lr", "lr_warmup", "weight_decay", "batch_size", "micro_batch_size", "epochs", "max_steps",
-                     "max_grad_norm", "distill", "distill_temperature", "distill_weight", "gradient_checkpointing"),
+                     "max_grad_norm", "distill", "distill_temperature", "distill_weight", "gradient_checkpointing",
+                     "loss_head"),
                     TRAIN),
     **dict.fromkeys(("output", "overwrite", "save_every", "resume", "log_every"), OUTPUT),
 }

@@ -121,6 +121,7 @@ def prune_step(
     micro_batch_size: int = opt(P, "micro_batch_size"),
     ratio: float = opt(P, "ratio"),
     gradient_checkpointing: bool = opt(P, "gradient_checkpointing"),
+    loss_head: bool = opt(P, "loss_head", "--loss-head/--no-loss-head"),
     distill: bool = opt(P, "distill"),
     lora_r: int = opt(P, "lora_r"),
     lora_alpha: float = opt(P, "lora_alpha"),

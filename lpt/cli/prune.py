@@ -80,6 +80,7 @@ def prune(
     distill_temperature: float = opt(C, "distill_temperature"),
     distill_weight: float = opt(C, "distill_weight"),
     gradient_checkpointing: bool = opt(C, "gradient_checkpointing"),
+    loss_head: bool = opt(C, "loss_head", "--loss-head/--no-loss-head"),
     load_8bit: bool = opt(C, "load_8bit", "--8bit"),
     int8_threshold: float = opt(C, "int8_threshold"),
     dtype: str = opt(C, "dtype"),

@@ -394,6 +394,7 @@ def measure_prune_step(entry: dict[str, Any], proto: dict[str, Any], run: dict[s
                      lora_r=proto["lora_r"], lora_alpha=proto["lora_alpha"], lora_dropout=0.0,
                      batch_size=proto["batch_size"], micro_batch_size=proto["micro_batch_size"],
                      gradient_checkpointing=proto.get("gradient_checkpointing", False),
+                     loss_head=proto.get("loss_head", True),
                      distill=proto.get("distill", False),
                      load_8bit=run["load_8bit"], warmup=0.0, cooldown=0.0, max_steps=total, seed=proto["seed"],
                      balance="proportional")  # the per-step cost: --balance search's one-time forwards are not timed
@@ -631,6 +632,7 @@ def run_prune_step(cfg: BenchPruneStepConfig) -> Path:
              "seq_len": cfg.seq_len, "batch_size": cfg.batch_size, "micro_batch_size": micro, "ratio": cfg.ratio,
              "lora_r": cfg.lora_r, "lora_alpha": cfg.lora_alpha, "trials": cfg.trials, "warmup": cfg.warmup,
              "threads": cfg.threads, "seed": cfg.seed, "gradient_checkpointing": cfg.gradient_checkpointing,
+             "loss_head": cfg.loss_head,
              "distill": cfg.distill}
     rows = []
     for i, run in enumerate(runs, 1):
@@ -651,7 +653,7 @@ def run_prune_step(cfg: BenchPruneStepConfig) -> Path:
                             "no masks). 8-bit = bitsandbytes int8 base weights."),
             "seq_len": cfg.seq_len, "batch_size": cfg.batch_size, "micro_batch_size": micro, "warmup": cfg.warmup,
             "trials": cfg.trials, "ratio": cfg.ratio, "lora_r": cfg.lora_r,
-            "gradient_checkpointing": cfg.gradient_checkpointing, "distill": cfg.distill,
+            "gradient_checkpointing": cfg.gradient_checkpointing, "distill": cfg.distill, "loss_head": cfg.loss_head,
             "inputs": f"torch.randint(0, vocab_size) with seed {cfg.seed}; labels = inputs",
             "dtype": info["dtype"], "device": device, "timer": timing.TIMER, "memory": MemoryMeter(device).method,
             "isolation": _isolation(cfg.isolate), "reference": PAPER_TABLE4,
