@@ -27,9 +27,9 @@ from typing import Any
 
 import torch
 
-from lpt import artifacts, checkpoint, criteria, distributed, groups, importance, lora, schedule
+from lpt import artifacts, checkpoint, criteria, distributed, groups, importance, llamacpp, lora, schedule
 from lpt.arch import PROJECTIONS
-from lpt.config import PROJECTION_LIST, CalibrateConfig, PruneConfig
+from lpt.config import PROJECTION_LIST, CalibrateConfig, PruneConfig, round_to_channels
 from lpt.errors import LptError
 from lpt.pruner import Pruner, targets
 from lpt.schedule import batch_indices
@@ -68,7 +68,7 @@ def validate(cfg: PruneConfig) -> None:
          f"--distill-weight 1 leaves --criterion {cfg.criterion} no gradient to score with (the KL's gradient is "
          f"zero while the student equals the teacher); use a weight below 1 or --one-shot")
     groups.parse_balance(cfg.balance)  # a one-line error for anything but search, proportional or a count
-    need(cfg.round_to >= 1, f"--round-to must be a positive number of channels (got {cfg.round_to})")
+    cfg.round_to = round_to_channels(cfg.round_to)  # a preset name becomes its channel count (as masks.json records)
     bad = [t for t in targets(cfg) if t not in PROJECTIONS]
     need(not bad, f"unknown --targets {', '.join(bad)} (choose from {PROJECTION_LIST})")
 
@@ -141,6 +141,9 @@ def _run(cfg: PruneConfig, world: distributed.World, device_map: str | dict | No
     pruner = Pruner(model, arch, cfg, total, model_name=cfg.model)
     if pruner.note and world.main:
         console.print(f"note: {pruner.note}")
+    hidden_note = llamacpp.round_to_note(arch.hidden_size, cfg.round_to)
+    if hidden_note and world.main:
+        console.print(f"note: {hidden_note}")
     resolved = {**asdict(cfg), "data": cfg.data if cfg.calib else default_data(cfg)}
     if cfg.resume:
         tensors, meta = checkpoint.load(ckpt)
