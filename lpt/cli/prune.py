@@ -79,6 +79,7 @@ def prune(
     gradient_checkpointing: bool = opt(C, "gradient_checkpointing"),
     load_8bit: bool = opt(C, "load_8bit", "--8bit"),
     int8_threshold: float = opt(C, "int8_threshold"),
+    int8_backend: str = opt(C, "int8_backend"),
     dtype: str = opt(C, "dtype"),
     device: str = opt(C, "device"),
     device_map: str = opt(C, "device_map"),
