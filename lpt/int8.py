@@ -45,6 +45,24 @@ def backend_of(layer: nn.Module) -> str | None:
     return None
 
 
+def import_without_bitsandbytes(module: str):
+    """``importlib.import_module(module)`` keeping bitsandbytes unloaded when it is not loaded yet. peft (also
+    imported by ``transformers.optimization``) tries ``import bitsandbytes`` at import time for helpers lpt does not
+    use; that costs seconds of start-up and CUDA probing on a CPU run of the torch backend. bitsandbytes still
+    imports normally afterwards (peft checks for it again where it dispatches to it)."""
+    import importlib
+    import sys
+
+    if module in sys.modules or "bitsandbytes" in sys.modules:
+        return importlib.import_module(module)
+    sys.modules["bitsandbytes"] = None  # type: ignore[assignment]  # `import bitsandbytes` fails fast
+    try:
+        return importlib.import_module(module)
+    finally:
+        if sys.modules.get("bitsandbytes", False) is None:
+            del sys.modules["bitsandbytes"]
+
+
 # ---------------------------------------------------------------------------------------------- math
 def quantize_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric per-row int8: ``(Wq int8 [out, in], scale float32 [out])`` with ``scale = absmax / 127``, so

@@ -262,27 +262,11 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return sd
 
 
-def _peft_lora_config():
-    """``peft.LoraConfig``, importing peft without bitsandbytes when bitsandbytes is not loaded yet: ``import peft``
-    tries ``import bitsandbytes`` (peft.helpers, for de-quantizing helpers lpt does not use), which costs seconds
-    and CUDA probing on a CPU run of the torch int8 backend. bitsandbytes still imports normally afterwards."""
-    import sys
-
-    if "peft" not in sys.modules and "bitsandbytes" not in sys.modules:
-        sys.modules["bitsandbytes"] = None  # type: ignore[assignment]  # makes `import bitsandbytes` fail fast
-        try:
-            import peft  # noqa: F401
-        finally:
-            if sys.modules.get("bitsandbytes", False) is None:
-                del sys.modules["bitsandbytes"]
-    from peft import LoraConfig
-
-    return LoraConfig
-
-
 def adapter_config(model: nn.Module, base_model: str, targets: Iterable[str] | None = None) -> dict[str, Any]:
     """PEFT ``LoraConfig`` fields for the LoRA layers in ``model``."""
-    LoraConfig = _peft_lora_config()
+    from lpt.int8 import import_without_bitsandbytes
+
+    LoraConfig = import_without_bitsandbytes("peft").LoraConfig
     named = {p: m for p, m in lora_layers(model).items() if m.r}
     if not named:
         raise LptError("model has no LoRA layers")

@@ -55,7 +55,10 @@ class Pruner:
                 model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.params = [p for layer in self.layers.values() if layer.r for p in (layer.lora_A.weight, layer.lora_B.weight)]
         self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-        from transformers import get_cosine_schedule_with_warmup
+        from lpt.int8 import import_without_bitsandbytes
+
+        get_cosine_schedule_with_warmup = import_without_bitsandbytes(
+            "transformers.optimization").get_cosine_schedule_with_warmup
 
         self.scheduler = get_cosine_schedule_with_warmup(
             self.optimizer, int(round(cfg.lr_warmup * total_steps)), total_steps)
