@@ -249,3 +249,27 @@ print(json.dumps(sorted(m for m in sys.modules if m.split(".")[0] == "bitsandbyt
     assert json.loads(p.stdout.strip().splitlines()[-1]) == []
     info = json.loads((tmp_path / "o" / "masks.json").read_text())["info"]
     assert info["int8"]["backend"] == "torch"  # auto on CPU
+
+
+def test_merge_reads_the_recorded_backend(tmp_path):
+    from lpt.stages import merge
+
+    d = tmp_path / "a"
+    d.mkdir()
+    assert merge.recorded_int8_backend(d) is None
+    (d / "lpt_config.json").write_text(json.dumps({"config": {"load_8bit": True}}))
+    assert merge.recorded_int8_backend(d) == "bitsandbytes"  # an --8bit output of lpt before the choice existed
+    (d / "lpt_config.json").write_text(json.dumps({"config": {"load_8bit": True, "int8_backend": "torch"}}))
+    assert merge.recorded_int8_backend(d) == "torch"
+
+
+def test_bench_rows_per_backend():
+    from lpt.stages import bench
+
+    runs, skipped = bench.prune_step_configs(["fisher", "vanilla"], False, True, ["bitsandbytes", "torch"])
+    assert [(r["label"], r["int8_backend"]) for r in runs] == [
+        ("fisher", None), ("fisher 8-bit (bitsandbytes)", "bitsandbytes"), ("fisher 8-bit (torch)", "torch"),
+        ("vanilla", None)]
+    assert [s["label"] for s in skipped] == ["vanilla 8-bit (bitsandbytes)", "vanilla 8-bit (torch)"]
+    runs, _ = bench.prune_step_configs(["fisher"], False, True, ["torch"])
+    assert [r["label"] for r in runs] == ["fisher", "fisher 8-bit"]
