@@ -33,6 +33,8 @@ def resolve_backend(name: str | None, device: str | torch.device = "cpu") -> str
         raise LptError(f"unknown --int8-backend '{name}' (use {', '.join(BACKENDS)})")
     if name != "auto":
         return name
+    if str(device) == "auto":  # --device auto: cuda when present
+        return "bitsandbytes" if torch.cuda.is_available() else "torch"
     return "bitsandbytes" if torch.device(device).type == "cuda" else "torch"
 
 

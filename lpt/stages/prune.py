@@ -132,7 +132,7 @@ def _run(cfg: PruneConfig, world: distributed.World, device_map: str | dict | No
     load = dict(dtype=cfg.dtype, device=world.device, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code,
                 device_map=device_map)
     # --8bit: quantize while loading where possible, so the 16-bit weights never sit on a device
-    backend = int8.resolve_backend(cfg.int8_backend, world.device)
+    backend = int8.resolve_backend(cfg.int8_backend, models.resolve_device(world.device))
     model, tok = ((cfg.load_8bit and models.load_int8(cfg.model, **load, int8_threshold=cfg.int8_threshold,
                                                       int8_backend=backend))
                   or models.load_model(cfg.model, **load))
