@@ -145,7 +145,8 @@ class PruneConfig(ModelOptions, DataOptions):
                                 "batch (--no-loss-head: from the model's logits, lpt 0.2's way; same numbers).")
     gradient_checkpointing: bool = _f(False, "Recompute each block's activations in the backward pass (less memory, "
                                              "about a third more compute).")
-    load_8bit: bool = _f(False, "Freeze the base weights in bitsandbytes int8 (LLM.int8).")
+    load_8bit: bool = _f(False, "Freeze the base weights in int8 (see --int8-backend).")
+    int8_backend: str = _f("auto", "int8 backend of --8bit: auto (torch on CPU, bitsandbytes on CUDA), bitsandbytes (LLM.int8, the paper's; slow on CPU) or torch (weight-only int8 with PyTorch's own int8 matmul: fast on CPU; --int8-threshold does not apply).")
     int8_threshold: float = _f(6.0, "LLM.int8 outlier threshold with --8bit: inputs of this magnitude or more are multiplied in 16 bits (bitsandbytes' default 6.0; 0 quantizes every input).")
     device_map: str | None = _f(None, "Spread one model over several devices with accelerate: auto, balanced, sequential, a JSON object or a .json file.")
     # outputs
@@ -189,6 +190,9 @@ class MergeConfig(ModelOptions):
                                  "them).")
     load_8bit: bool | None = _f(None, "Freeze the base in int8 before merging (as prune --load-8bit trained it); "
                                       "default: as recorded in the adapter directory's lpt_config.json.")
+    int8_backend: str | None = _f(None, "int8 backend with --8bit (auto, bitsandbytes, torch); default: the one "
+                                        "recorded in the adapter directory's lpt_config.json (bitsandbytes for "
+                                        "outputs of lpt before 0.2), else auto.")
     max_shard_size: str = _f("5GB", "Largest safetensors shard (e.g. 5GB, 500MB); larger models are sharded.")
     output: str = _f("merged", "Output model directory.")
     overwrite: bool = _f(False, "Replace an existing output directory.")
@@ -302,6 +306,8 @@ class BenchPruneStepConfig(ModelOptions):
     plain_lora: bool = _f(False, "Also time plain LoRA fine-tuning (no importance, no masks).")
     load_8bit: bool = _f(False, "Also time every configuration with int8 base weights (vanilla cannot run in int8 "
                                 "and is skipped there).")
+    int8_backend: list[str] = _f(["auto"], "int8 backend(s) of the --8bit rows (auto, bitsandbytes, torch); repeat "
+                                           "the flag to time several.")
     seq_len: int = _f(256, "Tokens per sample.")
     batch_size: int = _f(4, "Samples per optimiser step.")
     micro_batch_size: int = _f(0, "Samples per forward/backward (0: the whole batch, no accumulation).")

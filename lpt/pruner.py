@@ -46,7 +46,8 @@ class Pruner:
         self.criterion = cfg.criterion if cfg.ratio > 0 else "none"
         quantize = cfg.load_8bit and not any(lora.is_int8(m) for m in model.modules())  # not quantized on load
         self.layers = lora.inject(model, arch, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
-                                  targets=targets(cfg), load_8bit=quantize, int8_threshold=cfg.int8_threshold)
+                                  targets=targets(cfg), load_8bit=quantize, int8_threshold=cfg.int8_threshold,
+                                  int8_backend=cfg.int8_backend)
         if cfg.gradient_checkpointing:  # non-reentrant: frozen inputs are fine, hooks see the recomputation
             if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x
                 model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
@@ -56,7 +57,10 @@ class Pruner:
         # None: --no-loss-head, or a family whose output layer lpt does not know (the model's own logits)
         self.head = losses.head_of(model) if cfg.loss_head else None
         self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-        from transformers import get_cosine_schedule_with_warmup
+        from lpt.int8 import import_without_bitsandbytes
+
+        get_cosine_schedule_with_warmup = import_without_bitsandbytes(
+            "transformers.optimization").get_cosine_schedule_with_warmup
 
         self.scheduler = get_cosine_schedule_with_warmup(
             self.optimizer, int(round(cfg.lr_warmup * total_steps)), total_steps)

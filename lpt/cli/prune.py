@@ -83,6 +83,7 @@ def prune(
     loss_head: bool = opt(C, "loss_head", "--loss-head/--no-loss-head"),
     load_8bit: bool = opt(C, "load_8bit", "--8bit"),
     int8_threshold: float = opt(C, "int8_threshold"),
+    int8_backend: str = opt(C, "int8_backend"),
     dtype: str = opt(C, "dtype"),
     device: str = opt(C, "device"),
     device_map: str = opt(C, "device_map"),
