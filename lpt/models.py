@@ -256,11 +256,12 @@ class Loaded:
     layers: dict | None = None  # module path -> LoraLinear, when an adapter or masks were given
 
 
-def attach(model, arch, *, adapter: str | Path | None = None, masks=None, load_8bit: bool = False):
+def attach(model, arch, *, adapter: str | Path | None = None, masks=None, load_8bit: bool = False,
+           int8_backend: str = "auto"):
     """Wrap ``model`` with a PEFT adapter and/or masks, unmerged. The one mask policy of lpt: masks are applied only
     when given (a ``masks.json`` path or a ``masks.Masks``), never picked up from an adapter directory. With masks
-    but no adapter, rank-0 LoRA layers carry the masks. ``load_8bit`` quantizes float bases as they are wrapped.
-    Returns ``(layers, masks, adapter_config)``."""
+    but no adapter, rank-0 LoRA layers carry the masks. ``load_8bit`` quantizes float bases as they are wrapped
+    (``int8_backend``). Returns ``(layers, masks, adapter_config)``."""
     from lpt import lora
     from lpt import masks as masks_mod
 
@@ -269,9 +270,9 @@ def attach(model, arch, *, adapter: str | Path | None = None, masks=None, load_8
     adapter_cfg, layers = None, None
     if adapter is not None:
         adapter_cfg, _ = lora.read_adapter(adapter)
-        layers = lora.load_adapter(model, adapter, arch, load_8bit=load_8bit)
+        layers = lora.load_adapter(model, adapter, arch, load_8bit=load_8bit, int8_backend=int8_backend)
     elif masks is not None or load_8bit:
-        layers = lora.inject(model, arch, r=0, alpha=1, load_8bit=load_8bit)
+        layers = lora.inject(model, arch, r=0, alpha=1, load_8bit=load_8bit, int8_backend=int8_backend)
     if masks is not None:
         masks_mod.apply_masks(model, masks)
     if layers is not None:
@@ -282,15 +283,15 @@ def attach(model, arch, *, adapter: str | Path | None = None, masks=None, load_8
 
 def load(model: str | ModelRef, *, adapter: str | Path | None = None, masks=None, dtype: str = "auto",
          device: str = "auto", revision: str | None = None, trust_remote_code: bool = False, tokenizer: Any = True,
-         load_8bit: bool = False, int8_threshold: float = 6.0, int8_on_load: bool = True,
-         device_map: str | dict | None = None, check_arch: bool | None = None) -> Loaded:
+         load_8bit: bool = False, int8_threshold: float = 6.0, int8_backend: str = "auto",
+         int8_on_load: bool = True, device_map: str | dict | None = None, check_arch: bool | None = None) -> Loaded:
     """Load MODEL (any layout lpt reads or writes) with an optional adapter and masks: the one loader of prune,
     eval, bench, merge and slice. ``tokenizer``: True to load it, False for none, or an already loaded tokenizer to
     reuse.
 
-    ``load_8bit``: the block projections frozen in bitsandbytes int8 (LLM.int8 outlier threshold
-    ``int8_threshold``) -- quantized while the checkpoint is read where transformers can (:func:`load_int8`), else
-    right after loading (``lora.quantize_8bit``). ``int8_on_load=False`` always quantizes after loading: the model
+    ``load_8bit``: the block projections frozen in int8 (``int8_backend``, ``lpt.int8.resolve_backend``; LLM.int8
+    outlier threshold ``int8_threshold``) -- quantized while the checkpoint is read where possible
+    (:func:`load_int8`), else right after loading (``lora.quantize_8bit``). ``int8_on_load=False`` always quantizes after loading: the model
     is then a plain transformers model with int8 layers, which can be cast and saved once they are merged (lpt
     merge). ``check_arch``: refuse
     an unsupported family from its config before any weight is read (default: when an adapter, masks or int8 are
@@ -303,7 +304,8 @@ def load(model: str | ModelRef, *, adapter: str | Path | None = None, masks=None
     check = (wraps or load_8bit) if check_arch is None else check_arch
     opts = dict(dtype=dtype, device=device, revision=revision, trust_remote_code=trust_remote_code,
                 device_map=device_map, tokenizer=tokenizer is True)
-    m, tok = ((load_8bit and int8_on_load and load_int8(model, **opts, int8_threshold=int8_threshold))
+    m, tok = ((load_8bit and int8_on_load and load_int8(model, **opts, int8_threshold=int8_threshold,
+                                                        int8_backend=int8_backend))
               or load_model(model, **opts, check_arch=check))
     tok = tok if tokenizer is True else (tokenizer or None)
     if not wraps and not load_8bit:
@@ -313,7 +315,7 @@ def load(model: str | ModelRef, *, adapter: str | Path | None = None, masks=None
             return Loaded(m, tok, None)
     arch = describe(m.config)
     if load_8bit and not any(lora.is_int8(mod) for mod in m.modules()):  # not quantized on load
-        lora.quantize_projections(m, arch, int8_threshold)
+        lora.quantize_projections(m, arch, int8_threshold, int8_backend)
     layers, masks, adapter_cfg = attach(m, arch, adapter=adapter, masks=masks)
     return Loaded(m, tok, arch, masks, adapter_cfg, layers)
 
@@ -329,11 +331,13 @@ def load_from(opts: Any, **kw) -> Loaded:
 
 def load_int8(model: str | ModelRef, *, dtype: str = "auto", device: str = "auto", revision: str | None = None,
               trust_remote_code: bool = False, device_map: str | dict | None = None, int8_threshold: float = 6.0,
-              tokenizer: bool = True):
-    """Load ``(model, tokenizer)`` for ``--8bit`` with the block projections quantized while the checkpoint is read
-    (transformers' bitsandbytes integration, LLM.int8 outlier threshold ``int8_threshold``), so no device ever holds
-    their 16-bit weights and ``--device-map`` places the model by its int8 size. The int8 weights are bit-identical
-    to ``lora.quantize_8bit`` of the same checkpoint (the threshold only changes the forward pass).
+              int8_backend: str = "auto", tokenizer: bool = True):
+    """Load ``(model, tokenizer)`` for ``--8bit`` with the block projections quantized while the checkpoint is read,
+    so no device ever holds their 16-bit weights. ``int8_backend`` (``lpt.int8.resolve_backend``): ``bitsandbytes``
+    goes through transformers' bitsandbytes integration (LLM.int8 outlier threshold ``int8_threshold``;
+    ``--device-map`` places the model by its int8 size); ``torch`` reads the safetensors checkpoint one tensor at a
+    time and quantizes each projection as it arrives (:func:`_load_int8_torch`). Either way the int8 weights are
+    bit-identical to ``lora.quantize_8bit`` of the same checkpoint loaded in ``dtype``.
 
     Returns None where this path does not apply and the caller loads normally and quantizes afterwards: GGUF
     checkpoints (de-quantized by transformers on load), and models with linear layers other than the block
@@ -344,8 +348,12 @@ def load_int8(model: str | ModelRef, *, dtype: str = "auto", device: str = "auto
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     from lpt.arch import PROJECTIONS, describe
+    from lpt.int8 import resolve_backend
 
     ref = model if isinstance(model, ModelRef) else resolve(model)
+    if resolve_backend(int8_backend, resolve_device(device)) == "torch":
+        return _load_int8_torch(ref, dtype=dtype, device=resolve_device(device), revision=revision,
+                                trust_remote_code=trust_remote_code, device_map=device_map, tokenizer=tokenizer)
     if ref.gguf_file:
         return None
     config = load_config(ref, trust_remote_code=trust_remote_code, revision=revision)
@@ -366,6 +374,85 @@ def load_int8(model: str | ModelRef, *, dtype: str = "auto", device: str = "auto
     except (OSError, ValueError, KeyError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise LptError(f"could not load the model for '{ref.name}' in int8: {first}") from None
+    _freeze(m, ref)
+    return m, load_tokenizer(ref, revision=revision, trust_remote_code=trust_remote_code) if tokenizer else None
+
+
+def _safetensors_files(ref: ModelRef, revision: str | None = None) -> list[Path] | None:
+    """The safetensors files of a Hugging Face checkpoint (a local directory, or downloaded from the hub), or None
+    when it has none (e.g. only PyTorch ``.bin`` files)."""
+    if ref.local:
+        d = Path(ref.path)
+    else:
+        try:
+            from huggingface_hub import snapshot_download
+
+            d = Path(snapshot_download(ref.path, revision=revision,
+                                       allow_patterns=["*.safetensors", "*.safetensors.index.json"]))
+        except Exception as e:  # noqa: BLE001  (any hub failure becomes one line)
+            raise _hub_error(ref, "the model", e) from None
+    index = d / "model.safetensors.index.json"
+    if index.is_file():
+        import json
+
+        names = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+        return [d / n for n in names]
+    return [d / "model.safetensors"] if (d / "model.safetensors").is_file() else None
+
+
+def _load_int8_torch(ref: ModelRef, *, dtype: str, device: str, revision: str | None, trust_remote_code: bool,
+                     device_map, tokenizer: bool = True):
+    """``--8bit --int8-backend torch`` while loading: the model skeleton is built without memory (accelerate's
+    ``init_empty_weights``), its block projections replaced by empty ``lpt.int8.Int8Linear`` layers, and the
+    safetensors checkpoint read one tensor at a time: a projection weight is cast to ``dtype`` and quantized as it
+    arrives, everything else is placed as is. The largest full-precision tensor alive is one weight matrix, so the
+    peak is the int8 model plus one tensor. Returns None where the caller loads normally and quantizes afterwards
+    (``lora.inject``, the same weights): GGUF files without a cache directory, checkpoints without safetensors
+    files or with tensor names the model does not have, and ``--device-map`` (accelerate places the model)."""
+    import torch
+    from accelerate import init_empty_weights
+    from accelerate.utils import set_module_tensor_to_device
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    from lpt.arch import PROJECTIONS, describe, get_module, set_module
+    from lpt.int8 import Int8Linear
+
+    src = _source(ref)
+    if device_map is not None or src.gguf_file:
+        return None
+    files = _safetensors_files(src, revision)
+    if not files:
+        return None
+    config = load_config(src, trust_remote_code=trust_remote_code, revision=revision)
+    arch = describe(config)
+    torch_dtype = resolve_dtype(dtype, device)
+    with init_empty_weights():
+        m = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code, dtype=torch_dtype)
+    wanted = {arch.module_path(i, p) for i in range(arch.num_layers) for p in PROJECTIONS}
+    for p in wanted:
+        lin = get_module(m, p)
+        set_module(m, p, Int8Linear(lin.in_features, lin.out_features, bias=lin.bias is not None, device="meta",
+                                    dense_dtype=torch_dtype))
+    names = {n for n, _ in m.named_parameters(remove_duplicate=False)} | {n for n, _ in m.named_buffers()}
+    handles = [safe_open(str(f), framework="pt", device="cpu") for f in files]
+    if any(k not in names for h in handles for k in h.keys()):
+        return None  # renamed or extra tensors: let transformers' loader map them
+    for h in handles:
+        for key in h.keys():
+            t = h.get_tensor(key)
+            path, _, leaf = key.rpartition(".")
+            if path in wanted and leaf == "weight":
+                get_module(m, path).set_weight(t.to(device=device, dtype=torch_dtype))
+            else:
+                set_module_tensor_to_device(m, key, device, value=t,
+                                            dtype=torch_dtype if t.is_floating_point() else None)
+            del t
+    if getattr(m.config, "tie_word_embeddings", False):
+        m.tie_weights()
+    if any(t.device.type == "meta" for t in (*m.parameters(), *m.buffers())):
+        return None  # tensors missing from the checkpoint: transformers' loader initialises or reports them
+    m.to(device)
     _freeze(m, ref)
     return m, load_tokenizer(ref, revision=revision, trust_remote_code=trust_remote_code) if tokenizer else None
 

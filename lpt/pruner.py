@@ -16,10 +16,10 @@ from typing import Any, Iterable
 
 import torch
 
-from lpt import checkpoint, criteria, distributed, groups, importance, lora, losses, schedule, selection
+from lpt import checkpoint, criteria, distributed, groups, importance, int8, lora, losses, schedule, selection
 from lpt.arch import PROJECTIONS, Arch
 from lpt.benchmarking.memory import peak_memory_bytes
-from lpt.config import PROJECTION_LIST, PruneConfig
+from lpt.config import PROJECTION_LIST, PruneConfig, round_to_channels
 from lpt.errors import LptError
 from lpt.masks import Masks, apply_masks
 
@@ -48,6 +48,8 @@ def validate(cfg: PruneConfig) -> None:
              f"unknown --{name.replace('_', '-')} '{getattr(cfg, name)}' (use {', '.join(allowed)})")
     groups.check_ratio(cfg.ratio)
     importance.check_int8(cfg.criterion, cfg.load_8bit)
+    need(cfg.int8_backend in int8.BACKENDS,
+         f"unknown --int8-backend '{cfg.int8_backend}' (use {', '.join(int8.BACKENDS)})")
     need(cfg.lora_r > 0, f"--lora-r must be positive (got {cfg.lora_r})")
     need(cfg.batch_size > 0 and cfg.micro_batch_size > 0, "--batch-size and --micro-batch-size must be positive")
     need(cfg.batch_size % cfg.micro_batch_size == 0,
@@ -65,7 +67,7 @@ def validate(cfg: PruneConfig) -> None:
          f"--distill-weight 1 leaves --criterion {cfg.criterion} no gradient to score with (the KL's gradient is "
          f"zero while the student equals the teacher); use a weight below 1 or --one-shot")
     groups.parse_balance(cfg.balance)  # a one-line error for anything but search, proportional or a count
-    need(cfg.round_to >= 1, f"--round-to must be a positive number of channels (got {cfg.round_to})")
+    cfg.round_to = round_to_channels(cfg.round_to)  # a preset name becomes its channel count (as masks.json records)
     bad = [t for t in targets(cfg) if t not in PROJECTIONS]
     need(not bad, f"unknown --targets {', '.join(bad)} (choose from {PROJECTION_LIST})")
 
@@ -90,7 +92,8 @@ class Pruner:
         self.criterion = cfg.criterion if cfg.ratio > 0 else "none"
         quantize = cfg.load_8bit and not any(lora.is_int8(m) for m in model.modules())  # not quantized on load
         self.layers = lora.inject(model, arch, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
-                                  targets=targets(cfg), load_8bit=quantize, int8_threshold=cfg.int8_threshold)
+                                  targets=targets(cfg), load_8bit=quantize, int8_threshold=cfg.int8_threshold,
+                                  int8_backend=cfg.int8_backend)
         if cfg.gradient_checkpointing:  # non-reentrant: frozen inputs are fine, hooks see the recomputation
             if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x
                 model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
@@ -100,7 +103,10 @@ class Pruner:
         # None: --no-loss-head, or a family whose output layer lpt does not know (the model's own logits)
         self.head = losses.head_of(model) if cfg.loss_head else None
         self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-        from transformers import get_cosine_schedule_with_warmup
+        from lpt.int8 import import_without_bitsandbytes
+
+        get_cosine_schedule_with_warmup = import_without_bitsandbytes(
+            "transformers.optimization").get_cosine_schedule_with_warmup
 
         self.scheduler = get_cosine_schedule_with_warmup(
             self.optimizer, int(round(cfg.lr_warmup * total_steps)), total_steps)

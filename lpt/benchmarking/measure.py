@@ -69,9 +69,12 @@ def _architecture(config) -> dict[str, Any]:
 
 
 def load_entry(entry: Entry, proto: RuntimeProtocol | PruneStepProtocol, device: str, with_adapter: bool = True,
-               load_8bit: bool = False):
+               int8_backend: str | None = None):
     """Load (through ``models.load``) or build with random weights one model and its adapter; returns
-    ``(model, ModelInfo)``. ``load_8bit`` freezes a loaded checkpoint's projections in int8 (prune-step)."""
+    ``(model, ModelInfo)``. With ``int8_backend`` (prune-step's 8-bit rows) a checkpoint's projections are frozen in
+    int8 as ``lpt prune --8bit`` loads them; random weights are quantized as they are made with ``torch``
+    (``shapes.build_random_model``), so shapes whose 16-bit weights would not fit in memory can be timed in int8
+    (with ``bitsandbytes`` the pruner quantizes them)."""
     dtype = models.resolve_dtype(proto.dtype, device)
     adapter = entry.adapter if with_adapter else None
     masks = entry.masks if with_adapter else None
@@ -79,14 +82,15 @@ def load_entry(entry: Entry, proto: RuntimeProtocol | PruneStepProtocol, device:
     layers = None
     if entry.random_init:
         cfg = shapes.make_config(shapes.parse_shape(entry.random_init))
-        model = shapes.build_random_model(cfg, dtype, device, seed=proto.seed)
+        model = shapes.build_random_model(cfg, dtype, device, seed=proto.seed, int8=int8_backend == "torch")
         if (adapter and not random_rank) or masks:  # the one loader's policy: masks only when given with --masks
             layers, _, _ = models.attach(model, describe(model.config), adapter=adapter, masks=masks)
     else:
         real = None if random_rank else adapter
         loaded = models.load(entry.model, adapter=real, masks=None if random_rank else masks, dtype=proto.dtype,
                              device=device, revision=proto.revision, trust_remote_code=proto.trust_remote_code,
-                             tokenizer=False, load_8bit=load_8bit, check_arch=True)
+                             tokenizer=False, load_8bit=int8_backend is not None, int8_backend=int8_backend or "auto",
+                             check_arch=True)
         model, layers = loaded.model, loaded.layers
     if random_rank:
         arch = describe(model.config)
@@ -229,7 +233,8 @@ def measure_prune_step(entry: Entry, proto: PruneStepProtocol, run: StepRun) -> 
     device = models.resolve_device(proto.device)
     torch.manual_seed(proto.seed)
     meter = MemoryMeter(device)
-    model, info = load_entry(entry, proto, device, with_adapter=False, load_8bit=run.load_8bit)
+    backend = run.int8_backend if run.load_8bit else None
+    model, info = load_entry(entry, proto, device, with_adapter=False, int8_backend=backend)
     arch = describe(model.config)
     crit = run.criterion
     total = proto.warmup + proto.trials + 1  # +1: the schedule's final step (masks to target) is never timed
@@ -239,7 +244,8 @@ def measure_prune_step(entry: Entry, proto: PruneStepProtocol, run: StepRun) -> 
                      batch_size=proto.batch_size, micro_batch_size=proto.micro_batch_size,
                      gradient_checkpointing=proto.gradient_checkpointing, loss_head=proto.loss_head,
                      distill=proto.distill,
-                     load_8bit=run.load_8bit, warmup=0.0, cooldown=0.0, max_steps=total, seed=proto.seed,
+                     load_8bit=run.load_8bit, int8_backend=backend or "auto", warmup=0.0, cooldown=0.0,
+                     max_steps=total, seed=proto.seed,
                      balance="proportional")  # the per-step cost: --balance search's one-time forwards are not timed
     pruner.validate(pc)
     loop = pruner.Pruner(model, arch, pc, total_steps=total, model_name=info["label"])
@@ -257,6 +263,7 @@ def measure_prune_step(entry: Entry, proto: PruneStepProtocol, run: StepRun) -> 
         "label": run.label,
         "criterion": loop.criterion,
         "load_8bit": bool(run.load_8bit),
+        "int8_backend": backend,
         "seconds_per_step": timing.summarize(times),
         "peak_memory_bytes": peak,
         "trainable_params": int(sum(p.numel() for p in loop.params)),

@@ -75,11 +75,13 @@ class PruneStepProtocol:
 
 @dataclass(frozen=True)
 class StepRun:
-    """One configuration of ``lpt bench prune-step``: a criterion (``none``: plain LoRA), float or int8 base."""
+    """One configuration of ``lpt bench prune-step``: a criterion (``none``: plain LoRA), float or int8 base (and
+    then its backend, ``bitsandbytes`` or ``torch``)."""
 
     label: str
     criterion: str
     load_8bit: bool = False
+    int8_backend: str | None = None
 
 
 TASKS = ("runtime", "runtime-interleaved", "prune-step")
@@ -178,11 +180,13 @@ def build_entries(cfg: BenchRuntimeConfig) -> list[Entry]:
     return [Entry(lab, m, r, a, k) for lab, (m, r), a, k in zip(labels, pairs, adapters, masks)]
 
 
-def prune_step_runs(criteria: Iterable[str], plain_lora: bool, load_8bit: bool
+def prune_step_runs(criteria: Iterable[str], plain_lora: bool, load_8bit: bool, backends: Iterable[str] = ("auto",)
                     ) -> tuple[list[StepRun], list[dict[str, str]]]:
-    """(configurations to time, skipped ones with the reason) in table order."""
+    """(configurations to time, skipped ones with the reason) in table order; one 8-bit row per int8 backend
+    (labelled ``... 8-bit (BACKEND)`` when there are several)."""
     from lpt import importance
 
+    backends = list(dict.fromkeys(backends)) or ["auto"]
     names = []
     for c in criteria:
         for part in str(c).split(","):
@@ -197,11 +201,12 @@ def prune_step_runs(criteria: Iterable[str], plain_lora: bool, load_8bit: bool
     runs, skipped = [], []
     for c in names + (["none"] if plain_lora else []):
         base = "plain LoRA" if c == "none" else c
-        runs.append(StepRun(base, c, False))
-        if load_8bit:
+        runs.append(StepRun(base, c, False, None))
+        for b in backends if load_8bit else ():
+            label = f"{base} 8-bit" + (f" ({b})" if len(backends) > 1 else "")
             why = importance.int8_conflict(c)
             if why:
-                skipped.append({"label": f"{base} 8-bit", "reason": why})
+                skipped.append({"label": label, "reason": why})
             else:
-                runs.append(StepRun(f"{base} 8-bit", c, True))
+                runs.append(StepRun(label, c, True, b))
     return runs, skipped

@@ -27,7 +27,8 @@ STATE = _State()
 MODEL, DATA, PRUNE, SCHEDULE, LORA, TRAIN, OUTPUT = (
     "Model", "Data", "What to prune", "Schedule", "LoRA", "Training", "Output")
 PANELS = {
-    **dict.fromkeys(("dtype", "device", "device_map", "revision", "trust_remote_code", "load_8bit", "int8_threshold"),
+    **dict.fromkeys(("dtype", "device", "device_map", "revision", "trust_remote_code", "load_8bit", "int8_threshold",
+                     "int8_backend"),
                     MODEL),
     **dict.fromkeys(("calib", "data", "subset", "split", "data_files", "text_field", "format", "template",
                      "train_on_inputs", "nsamples", "seq_len", "seed", "val_fraction"), DATA),

@@ -115,6 +115,7 @@ def prune_step(
     criterion: List[str] = opt(P, "criterion"),
     plain_lora: bool = opt(P, "plain_lora"),
     load_8bit: bool = opt(P, "load_8bit", "--8bit"),
+    int8_backend: List[str] = opt(P, "int8_backend"),
     random_init: str = opt(P, "random_init"),
     seq_len: int = opt(P, "seq_len"),
     batch_size: int = opt(P, "batch_size"),

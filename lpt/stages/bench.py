@@ -33,6 +33,7 @@ from lpt.benchmarking.protocol import (Entry, PruneStepProtocol, RuntimeProtocol
 from lpt.benchmarking.worker import measure
 from lpt.config import BenchPruneStepConfig, BenchRuntimeConfig
 from lpt.errors import LptError
+from lpt.int8 import resolve_backend
 from lpt.progress import console
 
 PAPER_TABLE3 = ("LoRAPrune Table 3 (LLaMA-7B, 2048 tokens): dense merged 0.105 s, dense unmerged 0.184 s, 20% pruned "
@@ -85,7 +86,9 @@ def validate_prune_step(cfg: BenchPruneStepConfig) -> tuple[list[StepRun], list[
     micro = cfg.micro_batch_size or cfg.batch_size
     if cfg.batch_size % micro:
         raise LptError(f"--batch-size {cfg.batch_size} must be a multiple of --micro-batch-size {micro}")
-    runs = prune_step_runs(cfg.criterion, cfg.plain_lora, cfg.load_8bit)
+    device = models.resolve_device(cfg.device)
+    backends = [resolve_backend(b, device) for part in cfg.int8_backend for b in str(part).split(",") if b.strip()]
+    runs = prune_step_runs(cfg.criterion, cfg.plain_lora, cfg.load_8bit, backends)
     if cfg.random_init:
         shapes.parse_shape(cfg.random_init)
     else:
@@ -220,7 +223,8 @@ def run_prune_step(cfg: BenchPruneStepConfig) -> Path:
                             "micro-batches, the criterion's importance and moving average, AdamW, mask updates every "
                             "10 steps on the cubic schedule) on a fixed batch of uniformly random token ids; warm-up "
                             "steps untimed, then timed steps. Plain LoRA = the same step with ratio 0 (no importance, "
-                            "no masks). 8-bit = bitsandbytes int8 base weights."),
+                            "no masks). 8-bit = int8 base weights of the row's int8_backend (bitsandbytes: "
+                            "LLM.int8; torch: lpt's weight-only int8, lpt.int8)."),
             "seq_len": cfg.seq_len, "batch_size": cfg.batch_size, "micro_batch_size": micro, "warmup": cfg.warmup,
             "trials": cfg.trials, "ratio": cfg.ratio, "lora_r": cfg.lora_r,
             "gradient_checkpointing": cfg.gradient_checkpointing, "distill": cfg.distill, "loss_head": cfg.loss_head,

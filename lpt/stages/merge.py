@@ -24,6 +24,7 @@ from lpt import artifacts, lora, models
 from lpt.arch import describe
 from lpt.config import MergeConfig
 from lpt.errors import LptError
+from lpt.int8 import resolve_backend
 from lpt.masks import Masks
 from lpt.progress import console, steps_bar
 
@@ -47,6 +48,19 @@ def recorded_8bit(adapter: str | Path) -> bool:
         return False
 
 
+def recorded_int8_backend(adapter: str | Path) -> str | None:
+    """The int8 backend the adapter was trained on, from its lpt_config.json (``bitsandbytes`` for an ``--8bit`` run
+    of lpt before the choice was recorded); None when it says nothing."""
+    f = Path(adapter) / artifacts.RESOLVED_CONFIG
+    if not f.is_file():
+        return None
+    try:
+        config = artifacts.read_json(f).get("config", {})
+    except (LptError, AttributeError):
+        return None
+    return config.get("int8_backend") or ("bitsandbytes" if config.get("load_8bit") else None)
+
+
 def run(cfg: MergeConfig) -> Path:
     validate(cfg)
     out = artifacts.check_output_dir(cfg.output, cfg.overwrite)
@@ -55,9 +69,11 @@ def run(cfg: MergeConfig) -> Path:
                                 revision=cfg.revision)
     dtype = models.output_dtype(cfg.dtype, config)
     load_8bit = recorded_8bit(cfg.adapter) if cfg.load_8bit is None else cfg.load_8bit
+    backend = resolve_backend(cfg.int8_backend or recorded_int8_backend(cfg.adapter) or "auto",
+                              models.resolve_device(cfg.device))
     if load_8bit and cfg.load_8bit is None:
-        console.print(f"{cfg.adapter} was trained on an int8 base: merging onto the int8 weights (--no-load-8bit "
-                      f"merges onto the full-precision ones)")
+        console.print(f"{cfg.adapter} was trained on an int8 base ({backend}): merging onto the int8 weights "
+                      f"(--no-load-8bit merges onto the full-precision ones)")
 
     masks = None
     if cfg.masks:  # the contract first, before any weight is read
@@ -69,7 +85,8 @@ def run(cfg: MergeConfig) -> Path:
     bar, step = steps_bar("loading model", 3)
     with bar:
         loaded = models.load_from(cfg, dtype=torch.float32 if load_8bit else dtype, adapter=cfg.adapter, masks=masks,
-                                  load_8bit=load_8bit, int8_on_load=False)  # the merged model is cast and saved
+                                  load_8bit=load_8bit, int8_backend=backend,
+                                  int8_on_load=False)  # the merged model is cast and saved
         model, tok = loaded.model, loaded.tokenizer
         step("merging")
         lora.merge_lora(model, dtype=dtype, apply_masks=masks is not None)
@@ -77,7 +94,8 @@ def run(cfg: MergeConfig) -> Path:
         step("writing")
         prov = artifacts.provenance("merge", cfg, adapter=artifacts.adapter_record(cfg.adapter),
                                     masks=artifacts.masks_record(cfg.masks, masks) if masks is not None else None,
-                                    load_8bit=load_8bit, dtype=str(dtype).replace("torch.", ""), params=params)
+                                    load_8bit=load_8bit, int8_backend=backend if load_8bit else None,
+                                    dtype=str(dtype).replace("torch.", ""), params=params)
         with artifacts.atomic_dir(out, overwrite=cfg.overwrite) as tmp:
             models.write_model_dir(model, tok, tmp, dtype=dtype, max_shard_size=cfg.max_shard_size, provenance=prov)
         step("done")

@@ -17,6 +17,7 @@ with the same global batch) and only rank 0 writes; ``--device-map`` spreads one
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -28,7 +29,7 @@ from typing import Any
 import torch
 
 import lpt
-from lpt import artifacts, calibration, checkpoint, distributed, lora, models, schedule
+from lpt import artifacts, calibration, checkpoint, distributed, int8, llamacpp, lora, models, schedule
 from lpt.arch import describe
 from lpt.config import CalibrateConfig, PruneConfig
 from lpt.errors import LptError
@@ -85,8 +86,9 @@ def _run(cfg: PruneConfig, world: distributed.World, device_map: str | dict | No
     ckpt = work / artifacts.CHECKPOINT_DIR
     torch.manual_seed(cfg.seed)
     # --8bit: quantized while loading where possible, so the 16-bit weights never sit on a device
+    backend = int8.resolve_backend(cfg.int8_backend, models.resolve_device(world.device))
     loaded = models.load_from(cfg, device=world.device, device_map=device_map, load_8bit=cfg.load_8bit,
-                              int8_threshold=cfg.int8_threshold, check_arch=True)
+                              int8_threshold=cfg.int8_threshold, int8_backend=backend, check_arch=True)
     model, tok = loaded.model, loaded.tokenizer
     if device_map is not None:
         distributed.check_placement(model)
@@ -95,10 +97,14 @@ def _run(cfg: PruneConfig, world: distributed.World, device_map: str | dict | No
     params_before = models.count_params(model)
     data = _calibration(cfg, tok)
     total = schedule.num_steps(data.nsamples, cfg.batch_size, cfg.epochs, cfg.max_steps)
-    pruner = Pruner(model, arch, cfg, total, model_name=cfg.model)
+    pruner = Pruner(model, arch, dataclasses.replace(cfg, int8_backend=backend), total, model_name=cfg.model)
     if pruner.note and world.main:
         console.print(f"note: {pruner.note}")
-    resolved = {**asdict(cfg), "data": cfg.data if cfg.calib else default_data(cfg)}
+    hidden_note = llamacpp.round_to_note(arch.hidden_size, cfg.round_to)
+    if hidden_note and world.main:
+        console.print(f"note: {hidden_note}")
+    resolved = {**asdict(cfg), "data": cfg.data if cfg.calib else default_data(cfg),
+                "int8_backend": backend if cfg.load_8bit else cfg.int8_backend}  # the backend that ran
     if cfg.resume:
         tensors, meta = checkpoint.load(ckpt)
         diff = sorted(k for k, v in resolved.items() if k not in RESUME_IGNORED and meta["config"].get(k, v) != v)
@@ -136,6 +142,9 @@ def _run(cfg: PruneConfig, world: distributed.World, device_map: str | dict | No
         "ratio": {"requested": cfg.ratio, "model": (before - after) / params_before},
         "params": {"model_before": params_before, "model_after": params_before - (before - after)},
     }
+    if cfg.load_8bit:
+        masks.info["int8"] = {"backend": backend,
+                              **({"threshold": cfg.int8_threshold} if backend == "bitsandbytes" else {})}
     if cfg.distill:
         masks.info["distill"] = {"temperature": cfg.distill_temperature, "weight": cfg.distill_weight}
     # final artifacts: written into the work dir, which then becomes the output in one rename
