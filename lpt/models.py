@@ -169,6 +169,23 @@ def _hub_error(ref: ModelRef, what: str, e: Exception) -> LptError:
     return LptError(f"could not load {what} for '{ref.name}': {first}{hint}")
 
 
+def corrupt_weights_error(ref: ModelRef, path: str, e: Exception) -> LptError:
+    """One line naming the safetensors file of a local model directory that does not read (truncated, corrupt)."""
+    from safetensors import safe_open
+
+    why = str(e).strip() or type(e).__name__
+    files = sorted(Path(path).glob("*.safetensors")) if Path(path).is_dir() else []
+    for f in files:
+        try:
+            with safe_open(str(f), framework="pt"):
+                pass
+        except Exception as err:  # noqa: BLE001 - safetensors raises its own error type and OSError
+            why = str(err).strip() or why
+            return LptError(f"{f} is not a readable safetensors file ({why}); it is truncated or corrupt: copy or "
+                            f"write the model again")
+    return LptError(f"could not read the weights of '{ref.name}': {why} (a truncated or corrupt safetensors file?)")
+
+
 def load_config(model: str | ModelRef, trust_remote_code: bool = False, revision: str | None = None):
     from transformers import AutoConfig
 
@@ -322,8 +339,12 @@ def load_model(
     if device_map is not None:
         kwargs["device_map"] = device_map
     src = _source(ref)
+    from safetensors import SafetensorError
+
     try:
         m = cls.from_pretrained(src.path, **kwargs, **src.kwargs())
+    except SafetensorError as e:
+        raise corrupt_weights_error(ref, src.path, e) from None
     except (OSError, ValueError, KeyError) as e:
         raise _hub_error(ref, "the model", e) from None
     if src.gguf_file:
@@ -421,6 +442,7 @@ def load_int8(model: str, *, dtype: str = "auto", device: str = "auto", revision
     """
     import torch
     from accelerate import init_empty_weights
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     from lpt.arch import PROJECTIONS, describe
@@ -443,6 +465,8 @@ def load_int8(model: str, *, dtype: str = "auto", device: str = "auto", revision
         m = AutoModelForCausalLM.from_pretrained(
             ref.path, dtype=resolve_dtype(dtype, dev), revision=revision, trust_remote_code=trust_remote_code,
             quantization_config=quant, device_map=device_map if device_map is not None else {"": dev})
+    except SafetensorError as e:
+        raise corrupt_weights_error(ref, ref.path, e) from None
     except (OSError, ValueError, KeyError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise LptError(f"could not load the model for '{ref.name}' in int8: {first}") from None

@@ -18,6 +18,7 @@ from lpt import checkpoint, distributed, groups, importance, lora, losses, sched
 from lpt.arch import Arch
 from lpt.benchmarking.memory import peak_memory_bytes
 from lpt.config import PruneConfig
+from lpt.errors import DivergedError
 
 
 def resolve_gqa(arch: Arch, gqa: str) -> tuple[str, str | None]:
@@ -25,6 +26,25 @@ def resolve_gqa(arch: Arch, gqa: str) -> tuple[str, str | None]:
     from lpt.arch import default_gqa
 
     return default_gqa(arch, None if gqa == "auto" else gqa)
+
+
+def divergence_hint(cfg: PruneConfig) -> str:
+    """The settings most likely to blame when training diverges, for the one-line error; nothing is saved."""
+    causes = []
+    if cfg.lr > 1e-2:
+        causes.append(f"--lr {cfg.lr:g} is high for AdamW on LoRA factors (lpt's default 1e-4; its recipes use up "
+                      f"to 2e-3)")
+    if cfg.lora_alpha / cfg.lora_r > 16:
+        causes.append(f"--lora-alpha {cfg.lora_alpha:g} / --lora-r {cfg.lora_r} scales LoRA's update by "
+                      f"{cfg.lora_alpha / cfg.lora_r:g}")
+    if cfg.distill and not 0.1 <= cfg.distill_temperature <= 100:
+        causes.append(f"--distill-temperature {cfg.distill_temperature:g} is extreme")
+    if cfg.dtype == "float16":
+        causes.append("--dtype float16 overflows easily (use bfloat16 or float32)")
+    if cfg.max_grad_norm <= 0:
+        causes.append("gradient clipping is off (--max-grad-norm 0)")
+    what = "; ".join(causes) if causes else "lower --lr, or try --dtype float32"
+    return f"likely cause: {what}. Nothing was saved"
 
 
 def targets(cfg: PruneConfig) -> list[str]:
@@ -204,7 +224,11 @@ class Pruner:
             loss = self.loss(mb, distill)
             (loss / chunks).backward()
             total += float(loss.detach())
-        return self._sum_ranks(total) / chunks
+        mean = self._sum_ranks(total) / chunks
+        if not math.isfinite(mean):  # every rank sees the same sum, so every rank stops here
+            what = f"step {self.step}" if self.step else "the one-shot scoring pass"
+            raise DivergedError(f"{what}: the loss is {mean} (training diverged); {divergence_hint(self.cfg)}")
+        return mean
 
     @torch.no_grad()
     def mean_loss(self, batch: dict[str, torch.Tensor]) -> float:
@@ -241,6 +265,7 @@ class Pruner:
         if self.cfg.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm)
         self.optimizer.step()
+        self.check_weights()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         if pruning and schedule.is_prune_step(self.step, self.cfg.prune_freq, start, end):
@@ -255,6 +280,13 @@ class Pruner:
         return {"step": self.step, "loss": round(loss, 6), "sparsity": round(self.sparsity, 6),
                 "target_sparsity": round(self.target_sparsity, 6), "lr": self.scheduler.get_last_lr()[0],
                 "seconds": round(time.perf_counter() - t0, 4), "peak_memory_bytes": peak_memory_bytes(self.device)}
+
+    def check_weights(self) -> None:
+        """Stop with :class:`DivergedError` when an optimiser step left a LoRA factor non-finite (identical on every
+        rank: the gradients were all-reduced first)."""
+        if self.params and not bool(torch.stack([torch.isfinite(p).all() for p in self.params]).all()):
+            raise DivergedError(f"step {self.step}: the optimiser step made LoRA weights non-finite (training "
+                                f"diverged); {divergence_hint(self.cfg)}")
 
     def one_shot(self, batches: Iterable[dict[str, torch.Tensor]]) -> None:
         """Score once over ``batches`` (LM loss, gradients summed, no update) and prune to the target at once; the

@@ -14,8 +14,10 @@ text, read by the CLI).
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -90,12 +92,56 @@ def _converter_error(stderr: str, returncode: int) -> str:
     return msg
 
 
+def _die_with_parent(parent: int):
+    """``preexec_fn`` of the converter (Linux): the kernel sends it SIGKILL when lpt dies, even by SIGKILL."""
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+    except OSError:
+        return None
+
+    def setup() -> None:
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        if os.getppid() != parent:  # lpt died before the prctl: go too
+            os._exit(1)
+
+    return setup
+
+
+def run_converter(cmd: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
+    """Run the converter in its own process group and end that group with lpt: on Ctrl-C, on SIGTERM (turned into
+    an exception while it runs) and, on Linux, when lpt itself is killed. Output captured as text."""
+    import threading
+
+    kw = {"preexec_fn": _die_with_parent(os.getpid())} if sys.platform.startswith("linux") else {}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            start_new_session=True, **kw)
+    main = threading.current_thread() is threading.main_thread()
+
+    def on_term(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, on_term) if main else None
+    try:
+        out, err = proc.communicate()
+    except BaseException:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGKILL)  # the converter and anything it started
+        proc.wait()
+        raise
+    finally:
+        if main and previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
 def convert(model: Path, outfile: Path, outtype: str) -> None:
     """Run the converter into ``outfile``; a failure is one ``LptError`` line (the converter's own message)."""
     env = dict(os.environ)
     env.setdefault("HF_HUB_OFFLINE", "1")  # a local directory: nothing to fetch
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
-    proc = subprocess.run(converter_command(model, outfile, outtype), capture_output=True, text=True, env=env)
+    proc = run_converter(converter_command(model, outfile, outtype), env)
     if proc.returncode != 0:
         raise LptError(f"llama.cpp's converter failed on {model}: {_converter_error(proc.stderr, proc.returncode)}")
     with open(outfile, "rb") as f:

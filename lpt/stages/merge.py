@@ -64,8 +64,8 @@ def check_finite(model) -> None:
 
     for name, p in model.state_dict().items():
         if p.is_floating_point() and not torch.isfinite(p).all():
-            raise LptError(f"non-finite values (NaN/Inf) in {name}; nothing was written (a broken adapter, or "
-                           f"values that overflow --dtype)")
+            raise LptError(f"non-finite values (NaN/Inf) in {name}; nothing was written (values that overflow "
+                           f"--dtype, or a refit by --reconstruct that failed)")
 
 
 def _fix_tokenizer_config(path: Path) -> None:
@@ -174,6 +174,7 @@ def recorded_8bit(adapter: str | Path) -> bool:
         return False
 
 
+@artifacts.claims_output  # a second run on the same output is refused while this one lives
 def run(cfg: MergeConfig) -> Path:
     from lpt import groups, lora, models
     from lpt.arch import describe

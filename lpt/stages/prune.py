@@ -17,6 +17,7 @@ with the same global batch) and only rank 0 writes; ``--device-map`` spreads one
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -30,8 +31,8 @@ import torch
 from lpt import artifacts, checkpoint, criteria, distributed, groups, importance, lora, schedule
 from lpt.arch import PROJECTIONS
 from lpt.config import PROJECTION_LIST, CalibrateConfig, PruneConfig
-from lpt.errors import LptError
-from lpt.pruner import Pruner, targets
+from lpt.errors import DivergedError, LptError
+from lpt.pruner import Pruner, resolve_gqa, targets
 from lpt.schedule import batch_indices
 
 PAPER_DATA = "MBZUAI/LaMini-instruction"
@@ -71,6 +72,46 @@ def validate(cfg: PruneConfig) -> None:
     need(cfg.round_to >= 1, f"--round-to must be a positive number of channels (got {cfg.round_to})")
     bad = [t for t in targets(cfg) if t not in PROJECTIONS]
     need(not bad, f"unknown --targets {', '.join(bad)} (choose from {PROJECTION_LIST})")
+    check_ranges(cfg)
+
+
+def check_ranges(cfg: PruneConfig) -> None:
+    """The numeric flags :func:`validate` does not check above: finite and in range (typer reads nan and inf as
+    floats), and the inline calibration flags when there is no --calib."""
+    from lpt.config import check_finite
+
+    check_finite(cfg)
+    ranges = (("lora_alpha", cfg.lora_alpha > 0, "positive"), ("lora_dropout", 0 <= cfg.lora_dropout < 1, "in [0, 1)"),
+              ("lr_warmup", 0 <= cfg.lr_warmup <= 1, "in [0, 1]"), ("weight_decay", cfg.weight_decay >= 0, ">= 0"),
+              ("max_grad_norm", cfg.max_grad_norm >= 0, ">= 0 (0 disables clipping)"),
+              ("int8_threshold", cfg.int8_threshold >= 0, ">= 0"), ("epochs", cfg.epochs >= 0, ">= 0"),
+              ("max_steps", cfg.max_steps >= 0, ">= 0"), ("save_every", cfg.save_every >= 0, ">= 0 (0: never)"),
+              ("log_every", cfg.log_every >= 1, "positive"))
+    for name, ok, what in ranges:
+        if not ok:
+            raise LptError(f"--{name.replace('_', '-')} must be {what} (got {getattr(cfg, name)})")
+    if not cfg.calib:
+        from lpt.stages import calibrate
+
+        calibrate.validate(CalibrateConfig(nsamples=cfg.nsamples, seq_len=cfg.seq_len))
+
+
+def check_model(cfg: PruneConfig, arch) -> None:
+    """What :func:`validate` cannot know without the model's config: the flags against the model's widths (--round-to
+    against the MLP width, --balance N against the attention units, --skip-layers and --ratio against the layers),
+    checked before anything is written, instead of at the first mask update."""
+    if cfg.ratio <= 0:
+        return
+    gqa, _ = resolve_gqa(arch, cfg.gqa)
+    skip = groups.parse_layers(cfg.skip_layers, arch.num_layers)
+    ratio = groups.layer_ratio(arch, cfg.ratio, [i for i in range(arch.num_layers) if i not in skip])
+    widths = arch.layer_intermediate or [arch.intermediate_size]
+    if cfg.round_to > min(widths):
+        raise LptError(f"--round-to {cfg.round_to} is larger than the MLP width {min(widths)} of {cfg.model}")
+    if cfg.balance == "search":
+        groups.balance_candidates(arch, ratio, gqa, cfg.round_to)
+    else:
+        groups.uniform_counts(arch, ratio, gqa, round_to=cfg.round_to, heads=groups.parse_balance(cfg.balance))
 
 
 def default_data(cfg: PruneConfig) -> str:
@@ -101,20 +142,40 @@ def partial_dir(output: str | Path) -> Path:
 
 
 def run(cfg: PruneConfig) -> Path:
-    """Prune; under torchrun / accelerate launch every process runs this and only rank 0 writes the output."""
+    """Prune; under torchrun / accelerate launch every process runs this and only rank 0 writes the output.
+
+    Rank 0 holds the output's lock (``artifacts.output_lock``) for the whole run, so a second run on the same output
+    (which would share ``OUTPUT.partial/``) is refused at once."""
     validate(cfg)
     distributed.check_launch(cfg.device, cfg.device_map)
     device_map = distributed.parse_device_map(cfg.device_map)
     out = Path(cfg.output)
-    ckpt = partial_dir(out) / artifacts.CHECKPOINT_DIR
-    if not cfg.resume:
-        artifacts.check_output_dir(out, cfg.overwrite)
-    else:
-        checkpoint.require(ckpt)  # before the model is loaded
-        if out.exists() and not cfg.overwrite:
-            raise LptError(f"output {out} already exists; pass --overwrite to replace it")
-    with distributed.process_group(cfg.device) as world:
-        return _run(cfg, world, device_map)
+    with artifacts.output_lock(out) if distributed.rank() == 0 else contextlib.nullcontext():
+        ckpt = partial_dir(out) / artifacts.CHECKPOINT_DIR
+        if not cfg.resume:
+            artifacts.check_output_dir(out, cfg.overwrite)
+        else:
+            checkpoint.require(ckpt)  # before the model is loaded
+            if out.exists() and not cfg.overwrite:
+                raise LptError(f"output {out} already exists; pass --overwrite to replace it")
+        early = _config_if_cheap(cfg)
+        if early is not None:  # before the weights load (minutes for a large hub model)
+            check_model(cfg, early)
+        with distributed.process_group(cfg.device) as world:
+            return _run(cfg, world, device_map)
+
+
+def _config_if_cheap(cfg: PruneConfig):
+    """The model's ``Arch`` when its config is a small JSON file (a local directory or a hub id), else None (a GGUF
+    file's config is read from its whole header: then :func:`check_model` runs once the model is loaded)."""
+    from lpt import models
+    from lpt.arch import describe
+
+    ref = models.resolve(cfg.model)
+    if ref.gguf_file:
+        return None
+    # the loader's own first check (an unsupported family is refused with the same line as before)
+    return describe(models.check_architecture(ref, trust_remote_code=cfg.trust_remote_code, revision=cfg.revision))
 
 
 def _run(cfg: PruneConfig, world: distributed.World, device_map: str | dict | None) -> Path:
@@ -135,6 +196,7 @@ def _run(cfg: PruneConfig, world: distributed.World, device_map: str | dict | No
         distributed.check_placement(model)
         console.print(f"model spread over {', '.join(distributed.devices_of(model))} (--device-map)")
     arch = describe(model.config)
+    check_model(cfg, arch)
     params_before = models.count_params(model)
     data = _calibration(cfg, tok)
     total = schedule.num_steps(data.nsamples, cfg.batch_size, cfg.epochs, cfg.max_steps)
@@ -150,7 +212,7 @@ def _run(cfg: PruneConfig, world: distributed.World, device_map: str | dict | No
         pruner.load_state(tensors, meta["state"])
         console.print(f"resuming from step {pruner.step} of {total}")
     elif world.main and work.exists():
-        shutil.rmtree(work)
+        _discard_partial(work)
     distributed.seed_rank(cfg.seed, pruner.step)  # own LoRA-dropout stream on ranks > 0
     if world.distributed:
         console.print(f"data parallel over {world.size} processes ({world.backend}): each computes its share of the "
@@ -162,9 +224,10 @@ def _run(cfg: PruneConfig, world: distributed.World, device_map: str | dict | No
         log_path.write_text("".join(l + "\n" for l in lines if json.loads(l)["step"] <= pruner.step))
     try:
         _train(pruner, cfg, data, total, log_path, ckpt, resolved, world.main)
-    except BaseException:
-        if world.main and not ckpt.exists():
-            shutil.rmtree(work, ignore_errors=True)  # nothing to resume from: leave nothing behind
+    except BaseException as e:
+        # nothing to resume from, or a diverged run (resuming it with the same settings diverges again)
+        if world.main and (not ckpt.exists() or isinstance(e, DivergedError)):
+            shutil.rmtree(work, ignore_errors=True)  # leave nothing behind
         raise
     distributed.barrier()  # every rank is done before rank 0 writes the output
     if not world.main:
@@ -198,6 +261,22 @@ def _run(cfg: PruneConfig, world: distributed.World, device_map: str | dict | No
     console.print(f"removed {before - after:,} of {before:,} block parameters ({(before - after) / before:.1%}; "
                   f"{masks.info['ratio']['model']:.1%} of the whole model) -> {out}")
     return out
+
+
+def _discard_partial(work: Path) -> None:
+    """Remove ``OUTPUT.partial/`` of an earlier run that is no longer alive (this run holds the output's lock), and say
+    what is lost when it held a checkpoint."""
+    from lpt.progress import console
+
+    ckpt = work / artifacts.CHECKPOINT_DIR
+    if checkpoint.exists(ckpt):
+        try:
+            step = artifacts.read_json(ckpt / checkpoint.META).get("step", "?")
+        except (LptError, AttributeError):
+            step = "?"
+        console.print(f"[yellow]note:[/] removing {work} left by an interrupted run (its checkpoint at step {step} "
+                      f"could have been continued with --resume)")
+    shutil.rmtree(work)
 
 
 def _train(pruner: Pruner, cfg: PruneConfig, data, total: int, log_path: Path, ckpt: Path,

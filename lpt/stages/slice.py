@@ -27,6 +27,9 @@ RECONSTRUCT_MODES = ("sequential", "independent")
 
 
 def validate(cfg: SliceConfig) -> None:
+    from lpt.config import check_finite
+
+    check_finite(cfg)  # --reconstruct-damp nan / inf
     if not cfg.masks:
         raise LptError("--masks is required (the masks.json written by lpt prune)")
     if not Path(cfg.masks).is_file():
@@ -51,6 +54,7 @@ def expected_params(masks, params_before: int) -> int:
     return int(promised) if promised is not None else params_before - (before - after)
 
 
+@artifacts.claims_output  # a second run on the same output is refused while this one lives
 def run(cfg: SliceConfig) -> Path:
     from lpt import groups, lora, models, slicing
     from lpt.arch import describe
