@@ -284,7 +284,8 @@ class Pruner:
     def check_weights(self) -> None:
         """Stop with :class:`DivergedError` when an optimiser step left a LoRA factor non-finite (identical on every
         rank: the gradients were all-reduced first)."""
-        if self.params and not bool(torch.stack([torch.isfinite(p).all() for p in self.params]).all()):
+        flags = [torch.isfinite(p).all().to(self.device) for p in self.params]  # one sync (--device-map: several)
+        if flags and not bool(torch.stack(flags).all()):
             raise DivergedError(f"step {self.step}: the optimiser step made LoRA weights non-finite (training "
                                 f"diverged); {divergence_hint(self.cfg)}")
 
