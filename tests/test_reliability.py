@@ -196,7 +196,7 @@ def test_recipe_values_are_typed_and_checked_like_flags(tmp_path, runner, tiny_l
     assert cfg.ratio == 0.3
 
 
-# ------------------------------------------------------------------------------------------------ 7. one output, one run
+# -------------------------------------------------------------------------------------------- 7. one output, one run
 HOLD = """
 import os, sys
 from lpt import artifacts
@@ -282,8 +282,8 @@ def test_truncated_safetensors_names_the_file(tmp_path, runner, tiny_llama_dir, 
     w = model / "model.safetensors"
     with open(w, "r+b") as f:
         f.truncate(w.stat().st_size // 2)
-    refused(invoke(runner, ["eval", model, "--ppl", "builtin:pydoc:test", "--seq-len", "64", "-o", tmp_path / "r.json"]),
-            f"{w} is not a readable safetensors file", "truncated or corrupt")
+    r = invoke(runner, ["eval", model, "--ppl", "builtin:pydoc:test", "--seq-len", "64", "-o", tmp_path / "r.json"])
+    refused(r, f"{w} is not a readable safetensors file", "truncated or corrupt")
     calib = tmp_path / "calib"
     shutil.copytree(tiny_calib_dir, calib)
     (calib / artifacts.TOKENS).write_bytes((calib / artifacts.TOKENS).read_bytes()[:100])
