@@ -173,8 +173,9 @@ def remove_stale_partials(path: str | os.PathLike) -> list[Path]:
     """Remove the hidden temporaries (``.NAME.partial-*``, ``.NAME.old-*``) that runs killed while writing ``path``
     left next to it, and say so. Call while holding ``path``'s lock: every writer of them holds it, so none is live."""
     path = Path(path)
-    found = [Path(p) for kind in ("partial", "old")
-             for p in glob.glob(os.path.join(glob.escape(str(path.parent)), f".{glob.escape(path.name)}.{kind}-*"))]
+    # ``..NAME.partial-*``: temporaries made next to a temporary (export's f16 file before quantizing)
+    found = [Path(p) for pattern in (".{}.partial-*", ".{}.old-*", "..{}.partial-*")
+             for p in glob.glob(os.path.join(glob.escape(str(path.parent)), pattern.format(glob.escape(path.name))))]
     for p in found:
         if p.is_dir() and not p.is_symlink():
             shutil.rmtree(p, ignore_errors=True)

@@ -23,19 +23,17 @@ from lpt.data import IGNORE_INDEX as IGNORE
 HEAD_CHUNK_BYTES = 64 << 20  # float32 logits of one chunk: 64 MiB (about 340 tokens at a 49k vocabulary)
 
 
-def _predicting_rows(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Rows of ``x.reshape(-1, d)`` (``x`` ``[batch, tokens, d]``) whose position predicts a label (the next token's
-    label is not ``IGNORE``): the positions the LM loss counts, without copying ``x``."""
-    nxt = torch.full_like(labels, IGNORE)
-    nxt[:, :-1] = labels[:, 1:]
-    return (nxt.reshape(-1) != IGNORE).nonzero().squeeze(1).to(logits.device)
-
-
 def _next_labels(labels: torch.Tensor) -> torch.Tensor:
     """``labels`` shifted left by one (the target of every position), ``IGNORE`` at the end, flattened."""
     nxt = torch.full_like(labels, IGNORE)
     nxt[:, :-1] = labels[:, 1:]
     return nxt.reshape(-1)
+
+
+def _predicting_rows(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Rows of ``x.reshape(-1, d)`` (``x`` ``[batch, tokens, d]``) whose position predicts a label (the next token's
+    label is not ``IGNORE``): the positions the LM loss counts, without copying ``x``."""
+    return (_next_labels(labels) != IGNORE).nonzero().squeeze(1).to(logits.device)
 
 
 class _ChunkedKL(torch.autograd.Function):
@@ -190,12 +188,12 @@ def head_loss(hidden: torch.Tensor, head: Head, labels: torch.Tensor, teacher_hi
     if weight > 0.0 and teacher_hidden is None:
         raise ValueError("a distillation weight needs teacher_hidden")
     d = hidden.shape[-1]
-    h = hidden.reshape(-1, d)
-    target = _next_labels(labels.to(hidden.device))
+    h = hidden.reshape(-1, d).to(head.weight.device)  # the head's device (a model spread with --device-map)
+    target = _next_labels(labels.to(h.device))
     rows = (target != IGNORE).nonzero().squeeze(1)
     if rows.numel() == 0:
-        return hidden.sum() * 0.0
-    ht = teacher_hidden.detach().reshape(-1, d) if teacher_hidden is not None and weight > 0.0 else None
+        return h.sum() * 0.0
+    ht = teacher_hidden.detach().reshape(-1, d).to(h.device) if teacher_hidden is not None and weight > 0.0 else None
     return _HeadLoss.apply(h, ht, rows, target.index_select(0, rows), head, float(temperature), float(weight),
                            int(chunk or head.chunk_rows()))
 

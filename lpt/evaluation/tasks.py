@@ -283,6 +283,10 @@ def prepare(specs: Sequence[str] | Sequence[tuple[str, int | None]], include_pat
     """
     pairs = [(s, None) if isinstance(s, str) else (s[0], s[1]) for s in specs]
     names = [n for n, _ in pairs]
+    if not debug:  # datasets' per-split "Generating" / "Map" bars while the documents load
+        import datasets
+
+        datasets.disable_progress_bars()
     with _quiet_lm_eval(debug):
         own = _include_names(include_path)
         others = [n for n in names if n not in own]
@@ -313,16 +317,17 @@ def prepare(specs: Sequence[str] | Sequence[tuple[str, int | None]], include_pat
 
 def subsample(prepared: Prepared, n: int, seed: int = 0) -> dict[str, list[int]]:
     """A seeded random subset of ``n`` documents of every leaf task (all of a task with ``n`` or fewer):
-    lm-eval's ``samples`` argument, indices into each task's evaluation split, sorted."""
+    lm-eval's ``samples`` argument, indices into each task's evaluation split, sorted. The subsets are nested: the
+    first ``n`` of one seeded permutation per task, so a smaller ``n`` picks a subset of a larger one (rows
+    evaluated on different ``n`` compare on their common documents)."""
     import random
 
     out: dict[str, list[int]] = {}
     for leaves in prepared.leaves.values():
         for t in leaves:
-            total = len(t.eval_docs)
-            idx = list(range(total)) if n >= total else sorted(random.Random(f"{seed}:{t.task_name}").sample(
-                range(total), n))
-            out[t.task_name] = idx
+            order = list(range(len(t.eval_docs)))
+            random.Random(f"{seed}:{t.task_name}").shuffle(order)
+            out[t.task_name] = sorted(order[:n])
     return out
 
 
