@@ -191,6 +191,9 @@ def test_recipe_values_are_typed_and_checked_like_flags(tmp_path, runner, tiny_l
     cfg = build(PruneConfig, {}, set(), {"lr": "1e-4", "lora_alpha": 16, "balance": 2, "max_steps": 20.0})
     assert (cfg.lr, cfg.lora_alpha, cfg.balance, cfg.max_steps) == (1e-4, 16.0, "2", 20)
     assert isinstance(cfg.lora_alpha, float) and isinstance(cfg.max_steps, int)
+    # a field of several types (--round-to N or a preset name) takes the first that fits
+    assert build(PruneConfig, {}, set(), {"round_to": "cpu"}).round_to == "cpu"
+    assert build(PruneConfig, {}, set(), {"round_to": "32"}).round_to == 32
     # and the explicit flag still wins over a valid recipe value
     cfg = build(PruneConfig, {"ratio": 0.3}, {"ratio"}, {"ratio": 0.2})
     assert cfg.ratio == 0.3
