@@ -1,19 +1,24 @@
 """Names of every file lpt writes, schema versions, and atomic output directories.
 
 All stages write into a temporary sibling directory and rename it into place only when everything is written, so
-an interrupted run never leaves a directory that looks finished.
+an interrupted run never leaves a directory that looks finished. While a run writes an output it holds that output's
+lock (``output_lock``: a ``.NAME.lock`` file next to it, locked by the kernel, so it is free again the moment its
+process dies), and a second run on the same output is refused at once.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
+import glob
 import hashlib
 import json
 import os
 import shutil
+import socket
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from lpt.errors import LptError
 
@@ -73,12 +78,133 @@ def check_output_dir(path: str | os.PathLike, overwrite: bool) -> Path:
     return path
 
 
+# ------------------------------------------------------------------------------------------------ output locks
+_HELD: dict[str, int] = {}  # lock file -> how many output_lock blocks of this process hold it
+
+
+def lock_path(path: str | os.PathLike) -> Path:
+    path = Path(path)
+    return path.parent / f".{path.name}.lock"
+
+
+def _holder(lock: Path) -> str:
+    try:
+        info = json.loads(lock.read_text(encoding="utf-8"))
+        return f"pid {info['pid']} on {info['host']}"
+    except (OSError, ValueError, KeyError, TypeError):
+        return "a process that has not written its pid yet"
+
+
+@contextlib.contextmanager
+def output_lock(path: str | os.PathLike) -> Iterator[Path]:
+    """Claim the output ``path`` for this process while the block runs; refuse at once if another process holds it.
+
+    The claim is an exclusive ``flock`` on ``.NAME.lock`` next to ``path`` (holding the owner's pid and host for the
+    message): the kernel drops it when the owner exits or is killed, so a dead run never blocks a new one. Nested
+    claims of the same output in one process are allowed. The lock file is removed when the outermost block ends.
+    Where ``fcntl`` does not exist (Windows) nothing is locked.
+    """
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not on Linux / macOS
+        yield lock_path(path)
+        return
+    lock = Path(os.path.abspath(lock_path(path)))
+    key = str(lock)
+    if _HELD.get(key):
+        _HELD[key] += 1
+        try:
+            yield lock
+        finally:
+            _HELD[key] -= 1
+        return
+    made = [p for p in (lock.parent, *lock.parent.parents) if not p.exists()]  # removed again if left empty
+    try:
+        lock.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise LptError(f"cannot create the directory of output {path}: {e.strerror or e}") from None
+    while True:
+        try:
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise LptError(f"cannot write next to output {path} ({lock}): {e.strerror or e}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            raise LptError(f"output {path} is in use by another lpt run ({_holder(lock)}; lock {lock}); wait for it "
+                           f"to finish or write to another output") from None
+        try:  # the file may have been unlinked by its previous holder between our open and flock: lock the new one
+            same = os.stat(lock).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)
+    os.ftruncate(fd, 0)
+    os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname()}).encode())
+    _HELD[key] = 1
+    try:
+        yield lock
+    finally:
+        del _HELD[key]
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(lock)  # before the flock is released: a waiting process then re-checks the inode
+        os.close(fd)
+        for d in made:  # deepest first: directories only this claim created, if nothing was written into them
+            with contextlib.suppress(OSError):
+                d.rmdir()
+
+
+def claims_output(fn: Callable) -> Callable:
+    """Decorator for a stage's ``run(cfg)``: the whole run holds ``cfg.output``'s lock (see :func:`output_lock`)."""
+
+    @functools.wraps(fn)
+    def run(cfg, *args, **kwargs):
+        if not getattr(cfg, "output", None):
+            return fn(cfg, *args, **kwargs)
+        with output_lock(cfg.output):
+            return fn(cfg, *args, **kwargs)
+
+    return run
+
+
+def remove_stale_partials(path: str | os.PathLike) -> list[Path]:
+    """Remove the hidden temporaries (``.NAME.partial-*``, ``.NAME.old-*``) that runs killed while writing ``path``
+    left next to it, and say so. Call while holding ``path``'s lock: every writer of them holds it, so none is live."""
+    path = Path(path)
+    # ``..NAME.partial-*``: temporaries made next to a temporary (export's f16 file before quantizing)
+    found = [Path(p) for pattern in (".{}.partial-*", ".{}.old-*", "..{}.partial-*")
+             for p in glob.glob(os.path.join(glob.escape(str(path.parent)), pattern.format(glob.escape(path.name))))]
+    for p in found:
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                p.unlink()
+    if found:
+        from lpt.progress import console
+
+        console.print(f"removed {len(found)} temporary file(s) an interrupted run left next to {path} "
+                      f"({', '.join(p.name for p in found[:3])}{', ...' if len(found) > 3 else ''})")
+    return found
+
+
 @contextlib.contextmanager
 def atomic_dir(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary directory next to ``path``; on success it replaces ``path``, on failure it is removed."""
+    """Yield a temporary directory next to ``path``; on success it replaces ``path``, on failure it is removed.
+    Holds ``path``'s lock throughout (:func:`output_lock`) and first removes what killed runs left there."""
     path = Path(path)
+    with output_lock(path):
+        with _atomic_dir(path, overwrite) as tmp:
+            yield tmp
+
+
+@contextlib.contextmanager
+def _atomic_dir(path: Path, overwrite: bool) -> Iterator[Path]:
     check_output_dir(path, overwrite)
     path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_partials(path)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.partial-", dir=path.parent))
     try:
         yield tmp
@@ -99,11 +225,20 @@ def atomic_dir(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Pat
 
 @contextlib.contextmanager
 def atomic_file(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary file path next to ``path``; renamed over ``path`` only on success."""
+    """Yield a temporary file path next to ``path``; renamed over ``path`` only on success. Holds ``path``'s lock
+    throughout and first removes what killed runs left there, as :func:`atomic_dir`."""
     path = Path(path)
+    with output_lock(path):
+        with _atomic_file(path, overwrite) as tmp:
+            yield tmp
+
+
+@contextlib.contextmanager
+def _atomic_file(path: Path, overwrite: bool) -> Iterator[Path]:
     if path.exists() and not overwrite:
         raise LptError(f"output {path} already exists; pass --overwrite to replace it")
     path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_partials(path)
     fd, name = tempfile.mkstemp(prefix=f".{path.name}.partial-", dir=path.parent)
     os.close(fd)
     tmp = Path(name)
@@ -135,6 +270,18 @@ def save_tensors(tensors: dict, path: str | os.PathLike, metadata: dict[str, str
     path = Path(path)
     path.write_bytes(bytes(blob))
     return path
+
+
+def load_tensors(path: str | os.PathLike) -> dict:
+    """A safetensors file's tensors; a truncated or corrupt file is one line naming it."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError) as e:
+        raise LptError(f"{path} is not a readable safetensors file ({str(e).strip() or type(e).__name__}); it is "
+                       f"truncated or corrupt: write it again") from None
 
 
 def sha256_text(text: str) -> str:

@@ -37,8 +37,9 @@ class CalibData:
 
 def check(cfg: CalibrateConfig) -> None:
     """The block sizes of ``cfg`` (--seq-len, --nsamples, --val-fraction), as one-line errors."""
-    if cfg.seq_len <= 0:
-        raise LptError(f"--seq-len must be positive (got {cfg.seq_len})")
+    if cfg.seq_len < 2:
+        raise LptError(f"--seq-len must be at least 2 (got {cfg.seq_len}): a block of one token has no next token "
+                       f"to predict")
     if cfg.nsamples <= 0:
         raise LptError(f"--nsamples must be positive (got {cfg.nsamples})")
     if not 0.0 <= cfg.val_fraction < 1.0:
@@ -98,9 +99,20 @@ def make_blocks(cfg: CalibrateConfig, tokenizer, *, progress=None):
         "val_samples": n_val,
         "records_available": records.available,
         "records_skipped": blocks.skipped,
-        "loss_tokens": int((train["labels"][:, 1:] != -100).sum()),
+        "loss_tokens": loss_tokens(train),
     }
+    if meta["loss_tokens"] == 0:
+        raise LptError(f"the {n_train} blocks from '{cfg.data}' have no token to predict (every label is masked); "
+                       f"raise --seq-len or pass --train-on-inputs")
     return train, val, meta
+
+
+def loss_tokens(tensors: dict[str, Any]) -> int:
+    """Tokens the LM loss is computed on: labels after the first position (the model predicts token t + 1 from
+    tokens up to t) that are not masked."""
+    from lpt.data import IGNORE_INDEX
+
+    return int((tensors["labels"][:, 1:] != IGNORE_INDEX).sum())
 
 
 def make_blocks_rank0(cfg: CalibrateConfig, tokenizer, *, progress=None):
@@ -124,9 +136,8 @@ def make_blocks_rank0(cfg: CalibrateConfig, tokenizer, *, progress=None):
 
 
 def load(path: str | Path, tokenizer=None) -> CalibData:
-    """Read a calibrate output directory; with ``tokenizer``, refuse one that does not match the blocks."""
-    from safetensors.torch import load_file
-
+    """Read a calibrate output directory; with ``tokenizer``, refuse one that does not match the blocks. Blocks
+    without a token to predict (or none at all) are refused (:func:`check_blocks`)."""
     path = Path(path)
     if not (path / artifacts.TOKENS).is_file() or not (path / artifacts.CALIB_META).is_file():
         raise LptError(f"{path} is not a calibrate output (missing {artifacts.TOKENS} or {artifacts.CALIB_META})")
@@ -139,9 +150,28 @@ def load(path: str | Path, tokenizer=None) -> CalibData:
                 f"(vocabulary {meta.get('tokenizer_fingerprint')}), which does not match this model's tokenizer "
                 f"(vocabulary {fp}); re-run lpt calibrate with this model"
             )
-    tensors = load_file(str(path / artifacts.TOKENS))
-    val = load_file(str(path / artifacts.VAL_TOKENS)) if (path / artifacts.VAL_TOKENS).is_file() else None
+    tensors = artifacts.load_tensors(path / artifacts.TOKENS)
+    val = artifacts.load_tensors(path / artifacts.VAL_TOKENS) if (path / artifacts.VAL_TOKENS).is_file() else None
+    check_blocks(tensors, path / artifacts.TOKENS)
     return CalibData(tensors, val, meta)
+
+
+def check_blocks(tensors: dict[str, Any], where: str | Path) -> None:
+    """Refuse calibration blocks a stage cannot learn from: missing tensors, none at all, or no token to predict."""
+    need = ("input_ids", "attention_mask", "labels")
+    missing = [k for k in need if k not in tensors]
+    if missing:
+        raise LptError(f"{where} holds no {', '.join(missing)} tensor (not written by lpt calibrate?)")
+    shapes = {tuple(tensors[k].shape) for k in need}
+    if len(shapes) != 1 or len(next(iter(shapes))) != 2:
+        raise LptError(f"{where}: input_ids, attention_mask and labels must be [blocks, seq_len] tensors of one shape "
+                       f"(got {', '.join(str(tuple(tensors[k].shape)) for k in need)})")
+    if tensors["input_ids"].shape[0] == 0:
+        raise LptError(f"{where} holds no calibration blocks; run lpt calibrate again with more data or a lower "
+                       f"--seq-len")
+    if loss_tokens(tensors) == 0:
+        raise LptError(f"{where}: the calibration blocks have no token to predict (every label is masked, or "
+                       f"--seq-len 1); run lpt calibrate again with a larger --seq-len")
 
 
 def batches(data: CalibData, size: int):

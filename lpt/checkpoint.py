@@ -53,11 +53,9 @@ def require(directory: str | Path) -> None:
 
 
 def load(directory: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    from safetensors.torch import load_file
-
     require(directory)
     d = Path(directory)
-    return load_file(str(d / TENSORS)), artifacts.read_json(d / META)
+    return artifacts.load_tensors(d / TENSORS), artifacts.read_json(d / META)
 
 
 def flatten_optimizer(state: Mapping[str, Any], prefix: str = "optimizer") -> tuple[dict[str, torch.Tensor], dict]:

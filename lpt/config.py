@@ -7,6 +7,9 @@ This module imports neither torch nor transformers so ``lpt --help`` stays insta
 from __future__ import annotations
 
 import dataclasses
+import math
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -371,23 +374,96 @@ def load_recipe(path: str | Path, stage: str) -> dict[str, Any]:
     return {str(k).replace("-", "_"): v for k, v in section.items()}
 
 
+def coerce(tp: Any, value: Any) -> Any:
+    """``value`` (as YAML read it) converted to the field type ``tp``; ValueError saying what was expected.
+
+    Numbers given as strings (PyYAML reads ``1e-4`` as a string) are converted; floats must be finite; a bool is
+    neither a number nor a string.
+    """
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in typing.get_args(tp):
+            return None
+        reasons = []
+        for inner in (a for a in typing.get_args(tp) if a is not type(None)):  # the first type that takes it
+            try:
+                return coerce(inner, value)
+            except ValueError as e:
+                reasons.append(str(e).removeprefix("expected "))
+        raise ValueError(f"expected {' or '.join(reasons)}")
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        return [coerce(item, v) for v in (value if isinstance(value, (list, tuple)) else [value])]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ValueError("expected true or false")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value.strip())
+            except ValueError:
+                pass
+        raise ValueError("expected a whole number")
+    if tp is float:
+        try:
+            if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+                raise ValueError
+            v = float(value)
+        except ValueError:
+            raise ValueError("expected a number") from None
+        if not math.isfinite(v):
+            raise ValueError("expected a finite number")
+        return v
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ValueError("expected a string")
+    return value
+
+
+def check_finite(cfg: Any) -> None:
+    """Refuse NaN and infinite values of a config's float fields, naming the flag (typer reads ``nan`` / ``inf``
+    as floats)."""
+    for f in dataclasses.fields(cfg):
+        v = getattr(cfg, f.name)
+        if isinstance(v, float) and not math.isfinite(v):
+            raise LptError(f"--{f.name.replace('_', '-')} must be a finite number (got {v})")
+
+
 def build(cls: type, values: Mapping[str, Any], explicit: set[str] | None = None,
-          recipe: Mapping[str, Any] | None = None) -> Any:
+          recipe: Mapping[str, Any] | None = None, recipe_label: str = "recipe") -> Any:
     """Make a config: recipe values override defaults, explicitly given values override the recipe.
 
-    ``values`` are all CLI parameter values (defaults included); ``explicit`` names those the user typed.
+    ``values`` are all CLI parameter values (defaults included); ``explicit`` names those the user typed. Every
+    recipe value is converted to its field's type and checked (:func:`coerce`) even where a flag overrides it;
+    ``recipe_label`` (e.g. ``recipe r.yaml, section prune``) names it in the error.
     """
     names = {f.name for f in dataclasses.fields(cls)}
     recipe = dict(recipe or {})
     unknown = sorted(set(recipe) - names)
     if unknown:
-        raise LptError(f"unknown key(s) in recipe: {', '.join(unknown)} (valid: {', '.join(sorted(names))})")
+        raise LptError(f"unknown key(s) in {recipe_label}: {', '.join(unknown)} (valid: {', '.join(sorted(names))})")
+    hints = typing.get_type_hints(cls)
+    for k, v in recipe.items():
+        try:
+            recipe[k] = coerce(hints[k], v)
+        except ValueError as e:
+            raise LptError(f"{recipe_label}: key '{k}': {e}, got {v!r}") from None
     kwargs = {k: v for k, v in values.items() if k in names}
     explicit = set(values) if explicit is None else explicit
     for k, v in recipe.items():
         if k not in explicit:
             kwargs[k] = v
     try:
-        return cls(**kwargs)
+        cfg = cls(**kwargs)
     except TypeError as e:
         raise LptError(str(e)) from None
+    check_finite(cfg)
+    return cfg

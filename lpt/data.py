@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import random
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
@@ -88,11 +89,33 @@ def load_records(
         if kind is None:
             raise LptError(f"unsupported data file type '{path.suffix}' (use {', '.join(LOCAL_SUFFIXES)})")
         if kind == "text":
-            return [{"text": path.read_text(encoding="utf-8", errors="replace")}]
+            return [{"text": read_text_file(path, source)}]
         return _load_dataset(kind, data_files=str(path), split="train", what=source)
     if source.startswith((".", "/", "~")):
         raise LptError(f"data file not found: {source}")
     return _load_dataset(source, name=subset, data_files=data_files, split=split, what=source)
+
+
+TEXT_CONTROL_SHARE = 0.05  # a text source with more control / replacement characters than this is refused
+_NOT_TEXT = re.compile("[\x00-\x08\x0e-\x1f\x7f-\x9f\ufffd]")  # control characters but tab and line breaks; U+FFFD
+
+
+def read_text_file(path: Path, source: str | None = None) -> str:
+    """A local text file as a string: UTF-8 (a byte-order mark is dropped) and text, not binary. A file that does not
+    decode, or whose characters are more than ``TEXT_CONTROL_SHARE`` control or replacement characters (binary data,
+    UTF-16), is refused in one line naming it."""
+    what = source or str(path)
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise LptError(f"{what} is not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start} does not decode); "
+                       f"convert it to UTF-8 or pass a text file") from None
+    bad = sum(1 for _ in _NOT_TEXT.finditer(text))
+    if text and bad > TEXT_CONTROL_SHARE * len(text):
+        raise LptError(f"{what} does not look like text: {bad / len(text):.0%} of its characters are control or "
+                       f"replacement characters (binary data, or UTF-16?)")
+    return text
 
 
 def _open_dataset(path: str, *, what: str, **kwargs):

@@ -7,3 +7,7 @@ class LptError(Exception):
 
 class MismatchError(LptError):
     """Two artifacts (model, tokenizer, masks, adapter) do not belong together."""
+
+
+class DivergedError(LptError):
+    """Training produced a non-finite loss or non-finite weights; the run stops and keeps nothing."""

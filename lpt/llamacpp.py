@@ -26,6 +26,7 @@ import importlib.util
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -120,6 +121,53 @@ def round_to_note(hidden_size: int, round_to: int) -> str | None:
                 f"{hidden_size} is not one: {kind} will still store the tensors that read the hidden state "
                 f"(q/k/v/gate/up_proj, embeddings) in a larger type")
     return None
+
+
+# ------------------------------------------------------------------------------------------------ running a tool
+def _die_with_parent(parent: int):
+    """``preexec_fn`` for a tool (Linux): the kernel sends it SIGKILL when lpt dies, even by SIGKILL."""
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+    except OSError:
+        return None
+
+    def setup() -> None:
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        if os.getppid() != parent:  # lpt died before the prctl: go too
+            os._exit(1)
+
+    return setup
+
+
+def run_tool(cmd: list[str], env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """Run the converter or the quantizer (output captured as text) in its own process group, and end that group
+    with lpt: on Ctrl-C, on SIGTERM (turned into an exception while the tool runs) and, on Linux, when lpt itself is
+    killed, so no converter keeps running after the lpt that started it."""
+    import contextlib
+    import threading
+
+    kw = {"preexec_fn": _die_with_parent(os.getpid())} if sys.platform.startswith("linux") else {}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            start_new_session=True, **kw)
+    main = threading.current_thread() is threading.main_thread()
+
+    def on_term(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, on_term) if main else None
+    try:
+        out, err = proc.communicate()
+    except BaseException:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGKILL)  # the tool and anything it started
+        proc.wait()
+        raise
+    finally:
+        if main and previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
 # ------------------------------------------------------------------------------------------------ the converter
@@ -236,7 +284,7 @@ def quantize(quantizer: Quantizer, src: Path, dst: Path, outtype: str, threads: 
     """Quantize the GGUF ``src`` into ``dst`` with llama.cpp; returns the tool's log, raises one ``LptError`` line."""
     if outtype not in QUANTIZE_TYPES:
         raise LptError(f"--outtype {outtype} is not one of llama.cpp's quantizations ({', '.join(QUANTIZE_TYPES)})")
-    proc = subprocess.run(quantizer.command(src, dst, outtype, threads), capture_output=True, text=True)
+    proc = run_tool(quantizer.command(src, dst, outtype, threads))
     log = (proc.stdout or "") + (proc.stderr or "")
     if proc.returncode != 0 or not dst.is_file() or dst.stat().st_size == 0:
         raise LptError(f"llama.cpp's quantizer ({quantizer.where}) failed on {src.name} -> {outtype}: "

@@ -297,13 +297,29 @@ def adapter_config(model: nn.Module, base_model: str, targets: Iterable[str] | N
     return d
 
 
+def nonfinite(tensors: dict[str, torch.Tensor]) -> list[str]:
+    """Names of the floating-point tensors holding a NaN or an infinity."""
+    return [k for k, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+
+
+def check_adapter_finite(tensors: dict[str, torch.Tensor], where: str) -> None:
+    """Refuse LoRA factors with NaN / Inf values: one line naming ``where`` and the first bad tensor."""
+    bad = nonfinite(tensors)
+    if bad:
+        raise LptError(f"{where}: non-finite values (NaN/Inf) in {len(bad)} LoRA tensor(s), first "
+                       f"{bad[0][len(PEFT_PREFIX):] if bad[0].startswith(PEFT_PREFIX) else bad[0]} (training "
+                       f"diverged?); nothing was written")
+
+
 def save_adapter(model: nn.Module, directory: str | Path, base_model: str, metadata: dict[str, str] | None = None
                  ) -> None:
+    """Write ``model``'s LoRA layers as a PEFT adapter directory; non-finite factors are refused before any byte."""
     directory = Path(directory)
+    sd = adapter_state_dict(model)
+    check_adapter_finite(sd, "the trained adapter")
     directory.mkdir(parents=True, exist_ok=True)
     artifacts.write_json(directory / artifacts.ADAPTER_CONFIG, adapter_config(model, base_model))
-    artifacts.save_tensors(adapter_state_dict(model), directory / artifacts.ADAPTER_WEIGHTS,
-                           {"format": "pt", **(metadata or {})})
+    artifacts.save_tensors(sd, directory / artifacts.ADAPTER_WEIGHTS, {"format": "pt", **(metadata or {})})
 
 
 def write_adapter(directory: str | Path, adapter_cfg: dict[str, Any], state_dict: dict[str, torch.Tensor],
@@ -319,8 +335,7 @@ def write_adapter(directory: str | Path, adapter_cfg: dict[str, Any], state_dict
 
 
 def read_adapter(directory: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    from safetensors.torch import load_file
-
+    """``(adapter_config.json, tensors)`` of a PEFT LoRA adapter directory; refuses non-finite factors or scale."""
     directory = Path(directory)
     cfg_path, w_path = directory / artifacts.ADAPTER_CONFIG, directory / artifacts.ADAPTER_WEIGHTS
     if not cfg_path.is_file() or not w_path.is_file():
@@ -329,7 +344,13 @@ def read_adapter(directory: str | Path) -> tuple[dict[str, Any], dict[str, torch
     cfg = artifacts.read_json(cfg_path)
     if cfg.get("peft_type", "LORA") != "LORA":
         raise LptError(f"{directory}: only LoRA adapters are supported (peft_type={cfg.get('peft_type')})")
-    return cfg, load_file(str(w_path))
+    for key in ("r", "lora_alpha"):
+        v = cfg.get(key)
+        if v is not None and not (isinstance(v, (int, float)) and math.isfinite(v)):
+            raise LptError(f"{cfg_path}: '{key}' is {v!r}, not a finite number")
+    sd = artifacts.load_tensors(w_path)
+    check_adapter_finite(sd, f"adapter {directory}")
+    return cfg, sd
 
 
 def load_adapter(model: nn.Module, directory: str | Path, arch: Arch, load_8bit: bool = False,

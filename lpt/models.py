@@ -120,6 +120,23 @@ def _hub_error(ref: ModelRef, what: str, e: Exception) -> LptError:
     return LptError(f"could not load {what} for '{ref.name}': {first}{hint}")
 
 
+def corrupt_weights_error(ref: ModelRef, path: str, e: Exception) -> LptError:
+    """One line naming the safetensors file of a local model directory that does not read (truncated, corrupt)."""
+    from safetensors import safe_open
+
+    why = str(e).strip() or type(e).__name__
+    files = sorted(Path(path).glob("*.safetensors")) if Path(path).is_dir() else []
+    for f in files:
+        try:
+            with safe_open(str(f), framework="pt"):
+                pass
+        except Exception as err:  # noqa: BLE001 - safetensors raises its own error type and OSError
+            why = str(err).strip() or why
+            return LptError(f"{f} is not a readable safetensors file ({why}); it is truncated or corrupt: copy or "
+                            f"write the model again")
+    return LptError(f"could not read the weights of '{ref.name}': {why} (a truncated or corrupt safetensors file?)")
+
+
 def load_config(model: str | ModelRef, trust_remote_code: bool = False, revision: str | None = None):
     from transformers import AutoConfig
 
@@ -206,8 +223,12 @@ def load_model(
     if device_map is not None:
         kwargs["device_map"] = device_map
     src = _source(ref)
+    from safetensors import SafetensorError
+
     try:
         m = cls.from_pretrained(src.path, **kwargs, **src.kwargs())
+    except SafetensorError as e:
+        raise corrupt_weights_error(ref, src.path, e) from None
     except (OSError, ValueError, KeyError) as e:
         raise _hub_error(ref, "the model", e) from None
     if src.gguf_file:
@@ -345,6 +366,7 @@ def load_int8(model: str | ModelRef, *, dtype: str = "auto", device: str = "auto
     """
     import torch
     from accelerate import init_empty_weights
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     from lpt.arch import PROJECTIONS, describe
@@ -371,6 +393,8 @@ def load_int8(model: str | ModelRef, *, dtype: str = "auto", device: str = "auto
         m = AutoModelForCausalLM.from_pretrained(
             ref.path, dtype=resolve_dtype(dtype, dev), revision=revision, trust_remote_code=trust_remote_code,
             quantization_config=quant, device_map=device_map if device_map is not None else {"": dev})
+    except SafetensorError as e:
+        raise corrupt_weights_error(ref, ref.path, e) from None
     except (OSError, ValueError, KeyError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise LptError(f"could not load the model for '{ref.name}' in int8: {first}") from None
@@ -412,7 +436,7 @@ def _load_int8_torch(ref: ModelRef, *, dtype: str, device: str, revision: str | 
     import torch
     from accelerate import init_empty_weights
     from accelerate.utils import set_module_tensor_to_device
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
     from transformers import AutoModelForCausalLM
 
     from lpt.arch import PROJECTIONS, describe, get_module, set_module
@@ -435,7 +459,10 @@ def _load_int8_torch(ref: ModelRef, *, dtype: str, device: str, revision: str | 
         set_module(m, p, Int8Linear(lin.in_features, lin.out_features, bias=lin.bias is not None, device="meta",
                                     dense_dtype=torch_dtype))
     names = {n for n, _ in m.named_parameters(remove_duplicate=False)} | {n for n, _ in m.named_buffers()}
-    handles = [safe_open(str(f), framework="pt", device="cpu") for f in files]
+    try:
+        handles = [safe_open(str(f), framework="pt", device="cpu") for f in files]
+    except SafetensorError as e:
+        raise corrupt_weights_error(ref, src.path, e) from None
     if any(k not in names for h in handles for k in h.keys()):
         return None  # renamed or extra tensors: let transformers' loader map them
     for h in handles:
@@ -476,8 +503,8 @@ def check_finite(model) -> None:
 
     for name, p in model.state_dict().items():
         if p.is_floating_point() and not torch.isfinite(p).all():
-            raise LptError(f"non-finite values (NaN/Inf) in {name}; nothing was written (a broken adapter, or "
-                           f"values that overflow --dtype)")
+            raise LptError(f"non-finite values (NaN/Inf) in {name}; nothing was written (values that overflow "
+                           f"--dtype, or a refit by --reconstruct that failed)")
 
 
 def _fix_tokenizer_config(path: Path) -> None:

@@ -16,11 +16,11 @@ from typing import Any, Iterable
 
 import torch
 
-from lpt import checkpoint, criteria, distributed, groups, importance, int8, lora, losses, schedule, selection
+from lpt import calibration, checkpoint, criteria, distributed, groups, importance, int8, lora, losses, schedule, selection
 from lpt.arch import PROJECTIONS, Arch
 from lpt.benchmarking.memory import peak_memory_bytes
-from lpt.config import PROJECTION_LIST, PruneConfig, round_to_channels
-from lpt.errors import LptError
+from lpt.config import PROJECTION_LIST, CalibrateConfig, PruneConfig, check_finite, round_to_channels
+from lpt.errors import DivergedError, LptError
 from lpt.masks import Masks, apply_masks
 
 
@@ -29,6 +29,25 @@ def resolve_gqa(arch: Arch, gqa: str) -> tuple[str, str | None]:
     from lpt.arch import default_gqa
 
     return default_gqa(arch, None if gqa == "auto" else gqa)
+
+
+def divergence_hint(cfg: PruneConfig) -> str:
+    """The settings most likely to blame when training diverges, for the one-line error; nothing is saved."""
+    causes = []
+    if cfg.lr > 1e-2:
+        causes.append(f"--lr {cfg.lr:g} is high for AdamW on LoRA factors (lpt's default 1e-4; its recipes use up "
+                      f"to 2e-3)")
+    if cfg.lora_alpha / cfg.lora_r > 16:
+        causes.append(f"--lora-alpha {cfg.lora_alpha:g} / --lora-r {cfg.lora_r} scales LoRA's update by "
+                      f"{cfg.lora_alpha / cfg.lora_r:g}")
+    if cfg.distill and not 0.1 <= cfg.distill_temperature <= 100:
+        causes.append(f"--distill-temperature {cfg.distill_temperature:g} is extreme")
+    if cfg.dtype == "float16":
+        causes.append("--dtype float16 overflows easily (use bfloat16 or float32)")
+    if cfg.max_grad_norm <= 0:
+        causes.append("gradient clipping is off (--max-grad-norm 0)")
+    what = "; ".join(causes) if causes else "lower --lr, or try --dtype float32"
+    return f"likely cause: {what}. Nothing was saved"
 
 
 def targets(cfg: PruneConfig) -> list[str]:
@@ -70,6 +89,42 @@ def validate(cfg: PruneConfig) -> None:
     cfg.round_to = round_to_channels(cfg.round_to)  # a preset name becomes its channel count (as masks.json records)
     bad = [t for t in targets(cfg) if t not in PROJECTIONS]
     need(not bad, f"unknown --targets {', '.join(bad)} (choose from {PROJECTION_LIST})")
+    check_ranges(cfg)
+
+
+def check_ranges(cfg: PruneConfig) -> None:
+    """The numeric flags :func:`validate` does not check above: finite and in range (typer reads nan and inf as
+    floats), and the inline calibration flags when there is no --calib."""
+    check_finite(cfg)
+    ranges = (("lora_alpha", cfg.lora_alpha > 0, "positive"), ("lora_dropout", 0 <= cfg.lora_dropout < 1, "in [0, 1)"),
+              ("lr_warmup", 0 <= cfg.lr_warmup <= 1, "in [0, 1]"), ("weight_decay", cfg.weight_decay >= 0, ">= 0"),
+              ("max_grad_norm", cfg.max_grad_norm >= 0, ">= 0 (0 disables clipping)"),
+              ("int8_threshold", cfg.int8_threshold >= 0, ">= 0"), ("epochs", cfg.epochs >= 0, ">= 0"),
+              ("max_steps", cfg.max_steps >= 0, ">= 0"), ("save_every", cfg.save_every >= 0, ">= 0 (0: never)"),
+              ("log_every", cfg.log_every >= 1, "positive"))
+    for name, ok, what in ranges:
+        if not ok:
+            raise LptError(f"--{name.replace('_', '-')} must be {what} (got {getattr(cfg, name)})")
+    if not cfg.calib:
+        calibration.check(CalibrateConfig(nsamples=cfg.nsamples, seq_len=cfg.seq_len))
+
+
+def check_model(cfg: PruneConfig, arch: Arch) -> None:
+    """What :func:`validate` cannot know without the model's config: the flags against the model's widths (--round-to
+    against the MLP width, --balance N against the attention units, --skip-layers and --ratio against the layers),
+    checked before anything is written, instead of at the first mask update."""
+    if cfg.ratio <= 0:
+        return
+    gqa, _ = resolve_gqa(arch, cfg.gqa)
+    skip = groups.parse_layers(cfg.skip_layers, arch.num_layers)
+    ratio = groups.layer_ratio(arch, cfg.ratio, [i for i in range(arch.num_layers) if i not in skip])
+    widths = arch.layer_intermediate or [arch.intermediate_size]
+    if cfg.round_to > min(widths):
+        raise LptError(f"--round-to {cfg.round_to} is larger than the MLP width {min(widths)} of {cfg.model}")
+    if cfg.balance == "search":
+        groups.balance_candidates(arch, ratio, gqa, cfg.round_to)
+    else:
+        groups.uniform_counts(arch, ratio, gqa, round_to=cfg.round_to, heads=groups.parse_balance(cfg.balance))
 
 
 def _state_field(name: str) -> property:
@@ -270,7 +325,11 @@ class Pruner:
             loss = self.loss(mb, distill)
             (loss / chunks).backward()
             total += float(loss.detach())
-        return self._sum_ranks(total) / chunks
+        mean = self._sum_ranks(total) / chunks
+        if not math.isfinite(mean):  # every rank sees the same sum, so every rank stops here
+            what = f"step {self.step}" if self.step else "the one-shot scoring pass"
+            raise DivergedError(f"{what}: the loss is {mean} (training diverged); {divergence_hint(self.cfg)}")
+        return mean
 
     @torch.no_grad()
     def mean_loss(self, batch: dict[str, torch.Tensor]) -> float:
@@ -307,6 +366,7 @@ class Pruner:
         if self.cfg.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm)
         self.optimizer.step()
+        self.check_weights()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         if pruning and schedule.is_prune_step(self.step, self.cfg.prune_freq, start, end):
@@ -321,6 +381,14 @@ class Pruner:
         return {"step": self.step, "loss": round(loss, 6), "sparsity": round(self.sparsity, 6),
                 "target_sparsity": round(self.target_sparsity, 6), "lr": self.scheduler.get_last_lr()[0],
                 "seconds": round(time.perf_counter() - t0, 4), "peak_memory_bytes": peak_memory_bytes(self.device)}
+
+    def check_weights(self) -> None:
+        """Stop with :class:`DivergedError` when an optimiser step left a LoRA factor non-finite (identical on every
+        rank: the gradients were all-reduced first)."""
+        flags = [torch.isfinite(p).all().to(self.device) for p in self.params]  # one sync (--device-map: several)
+        if flags and not bool(torch.stack(flags).all()):
+            raise DivergedError(f"step {self.step}: the optimiser step made LoRA weights non-finite (training "
+                                f"diverged); {divergence_hint(self.cfg)}")
 
     def one_shot(self, batches: Iterable[dict[str, torch.Tensor]]) -> None:
         """Score once over ``batches`` (LM loss, gradients summed, no update) and prune to the target at once; the

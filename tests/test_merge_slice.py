@@ -45,14 +45,18 @@ def make_prune_dir(model_dir, out, gqa_mode, heads, channels, seed=0, nan=False)
     for layer in lora.lora_layers(model).values():
         layer.lora_B.weight.data = torch.randn(layer.lora_B.weight.shape, generator=g) * 0.05
         layer.lora_A.weight.data = torch.randn(layer.lora_A.weight.shape, generator=g) * 0.1
-    if nan:
-        next(iter(lora.lora_layers(model).values())).lora_B.weight.data[0, 0] = float("nan")
     units = arch.num_kv_heads if gqa_mode == "kv-groups" else arch.num_heads
     hp = [torch.tensor([u in h for u in range(units)]) for h in heads]
     cp = [rule(torch.arange(arch.intermediate_size)) for rule in channels]
     masks = groups.Masks.from_pruned(arch, hp, cp, gqa_mode, model=str(model_dir))
     out.mkdir(parents=True)
     lora.save_adapter(model, out, base_model=str(model_dir))
+    if nan:  # what a diverged run of an older lpt wrote (save_adapter refuses non-finite factors now)
+        from safetensors.torch import load_file
+
+        sd = load_file(out / artifacts.ADAPTER_WEIGHTS)
+        sd[next(k for k in sorted(sd) if k.endswith("lora_B.weight"))][0, 0] = float("nan")
+        artifacts.save_tensors(sd, out / artifacts.ADAPTER_WEIGHTS)
     masks.save(out / artifacts.MASKS)
     return out, masks
 
@@ -364,6 +368,13 @@ def test_non_finite_adapter_refused(runner, tiny_llama_dir, tmp_path):
     r = invoke(runner, ["slice", tiny_llama_dir, "--masks", d / artifacts.MASKS, "--adapter", d, "--merge",
                         "-o", tmp_path / "s"])
     assert r.exit_code == 2 and "non-finite" in r.output and not (tmp_path / "s").exists()
+    # without --merge the adapter is not copied through into OUT/adapter/, and eval does not measure it
+    r = invoke(runner, ["slice", tiny_llama_dir, "--masks", d / artifacts.MASKS, "--adapter", d, "-o", tmp_path / "s"])
+    assert r.exit_code == 2 and "non-finite" in r.output and str(d) in r.output and not (tmp_path / "s").exists()
+    r = invoke(runner, ["eval", tiny_llama_dir, "--adapter", d, "--ppl", "builtin:pydoc:test", "--seq-len", "64",
+                        "--max-segments", "1", "-o", tmp_path / "r.json"])
+    assert r.exit_code == 2 and "non-finite" in r.output and not (tmp_path / "r.json").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["p"]  # no lock or temporary file left either
 
 
 def test_slice_adapter_shapes(gqa_prune):

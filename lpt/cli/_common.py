@@ -71,12 +71,13 @@ def make_config(ctx: typer.Context, cls: type, stage: str, sub: str | None = Non
         if getattr(ctx.get_parameter_source(k), "name", None) in ("COMMANDLINE", "ENVIRONMENT")
     }
     recipe = load_recipe(recipe_path, stage) if recipe_path else {}
+    label = f"recipe {recipe_path}, section {stage}{'.' + sub if sub else ''}"
     if sub is not None and recipe_path:
         recipe = recipe.get(sub.replace("-", "_"), {}) or {}
         if not isinstance(recipe, dict):
             raise LptError(f"recipe {recipe_path}: section {stage}.{sub} must be a mapping")
         recipe = {str(k).replace("-", "_"): v for k, v in recipe.items()}
-    cfg = build(cls, values, explicit, recipe)
+    cfg = build(cls, values, explicit, recipe, recipe_label=label)
     if recipe:
         overridden = sorted(k for k in recipe if k in explicit)
         if overridden:

@@ -6,7 +6,7 @@ Layout (``schema_version`` 1; fractions in [0, 1] for task scores, as lm-eval re
 
     {
       "schema_version": 1, "kind": "lpt-eval", "label": "dense",
-      "model":   {"name", "path", "dtype", "device", "params", "effective_params", "architecture", ...},
+      "model":   {"name", "path", "dtype", "device", "params", "effective_params", "tokenizer_fingerprint", ...},
       "adapter": {"path", "r", "lora_alpha", "target_modules"} | null,
       "masks":   {"path", "layout", "gqa", "ratio_blocks", "blocks_before", "blocks_after"} | null,
       "protocol": {"perplexity": {...}, "tasks": {...}},
@@ -169,6 +169,11 @@ def protocol_notes(docs: Sequence[Results]) -> list[str]:
         got = {(r["seq_len"], r["segments"]) for d in docs if (r := d.get("perplexity", {}).get(s))}
         if len(got) > 1:
             notes.append(f"ppl {s}: files differ in seq-len / segments ({', '.join(f'{a}x{b}' for b, a in got)})")
+    fps = {(d.get("model") or {}).get("tokenizer_fingerprint") for d in docs} - {None}
+    if len(fps) > 1:
+        notes.append(f"the files were measured with {len(fps)} different tokenizers (vocabulary fingerprints "
+                     f"{', '.join(sorted(fps))}): perplexities are per token of different tokenizations and not "
+                     f"directly comparable")
     tasks = {t for d in docs for t in d.get("tasks", {})}
     for t in sorted(tasks):
         got = {(r.get("num_fewshot"), r.get("samples")) for d in docs if (r := d.get("tasks", {}).get(t))}

@@ -21,6 +21,7 @@ def validate(cfg: CalibrateConfig) -> None:
     calibration.check(cfg)
 
 
+@artifacts.claims_output  # a second run on the same output is refused while this one lives
 def run(cfg: CalibrateConfig) -> Path:
     validate(cfg)
     out = artifacts.check_output_dir(cfg.output, cfg.overwrite)

@@ -6,6 +6,7 @@ a LoRA adapter and group masks applied without merging (``--adapter DIR --masks 
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 import time
@@ -136,6 +137,9 @@ def eval_perplexity(model, plan: PplPlan, batch_size: int) -> dict[str, Any]:
             t0 = time.perf_counter()
             task = bar.add_task(f"ppl {src}", total=segs.shape[0])
             r = P.evaluate_segments(model, segs, batch_size, progress=lambda n, t=task: bar.update(t, completed=n))
+            if not math.isfinite(r["nll"]):
+                raise LptError(f"ppl {src}: the loss is {r['nll']}: the model (with its adapter / masks) gives "
+                               f"non-finite log-probabilities, so its weights are broken; no results were written")
             r.update(text_tokens=int(ids.numel()), dropped_tokens=int(ids.numel()) - segs.numel(), source=desc,
                      wall_time_s=round(time.perf_counter() - t0, 3))
             out[src] = r
@@ -251,6 +255,7 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     }
 
 
+@artifacts.claims_output  # a second run on the same output is refused while this one lives
 def run(cfg: EvalConfig) -> Path:
     out = Path(cfg.output)
     if out.exists() and not cfg.overwrite:

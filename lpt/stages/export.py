@@ -18,7 +18,6 @@ file is read back and every tensor that kept a larger type is reported with the 
 from __future__ import annotations
 
 import os
-import subprocess
 import tempfile
 from pathlib import Path
 
@@ -86,7 +85,7 @@ def convert(model: Path, outfile: Path, outtype: str, converter: str | None = No
     conv = llamacpp.find_converter(converter)
     if conv is None:
         raise LptError(f"GGUF export needs llama.cpp's converter, which is not installed: {llamacpp.CONVERTER_INSTALL}")
-    proc = subprocess.run(conv.command(model, outfile, outtype), capture_output=True, text=True, env=conv.env())
+    proc = llamacpp.run_tool(conv.command(model, outfile, outtype), env=conv.env())  # ended with lpt
     if proc.returncode != 0:
         raise LptError(f"llama.cpp's converter failed on {model}: {llamacpp.last_error(proc.stderr, proc.returncode)}")
     with open(outfile, "rb") as f:

@@ -61,6 +61,7 @@ def recorded_int8_backend(adapter: str | Path) -> str | None:
     return config.get("int8_backend") or ("bitsandbytes" if config.get("load_8bit") else None)
 
 
+@artifacts.claims_output  # a second run on the same output is refused while this one lives
 def run(cfg: MergeConfig) -> Path:
     validate(cfg)
     out = artifacts.check_output_dir(cfg.output, cfg.overwrite)

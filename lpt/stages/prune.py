@@ -17,6 +17,7 @@ with the same global batch) and only rank 0 writes; ``--device-map`` spreads one
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -32,9 +33,9 @@ import lpt
 from lpt import artifacts, calibration, checkpoint, distributed, int8, llamacpp, lora, models, schedule
 from lpt.arch import describe
 from lpt.config import CalibrateConfig, PruneConfig
-from lpt.errors import LptError
+from lpt.errors import DivergedError, LptError
 from lpt.progress import console, progress_bar
-from lpt.pruner import Pruner, validate  # validate: a PruneConfig's rules, shared with lpt bench prune-step
+from lpt.pruner import Pruner, check_model, validate  # validate: a PruneConfig's rules, shared with lpt bench prune-step
 from lpt.schedule import batch_indices
 
 PAPER_DATA = "MBZUAI/LaMini-instruction"
@@ -64,20 +65,40 @@ def partial_dir(output: str | Path) -> Path:
 
 
 def run(cfg: PruneConfig) -> Path:
-    """Prune; under torchrun / accelerate launch every process runs this and only rank 0 writes the output."""
+    """Prune; under torchrun / accelerate launch every process runs this and only rank 0 writes the output.
+
+    Rank 0 holds the output's lock (``artifacts.output_lock``) for the whole run, so a second run on the same output
+    (which would share ``OUTPUT.partial/``) is refused at once."""
     validate(cfg)
     distributed.check_launch(cfg.device, cfg.device_map)
     device_map = distributed.parse_device_map(cfg.device_map)
     out = Path(cfg.output)
-    ckpt = partial_dir(out) / artifacts.CHECKPOINT_DIR
-    if not cfg.resume:
-        artifacts.check_output_dir(out, cfg.overwrite)
-    else:
-        checkpoint.require(ckpt)  # before the model is loaded
-        if out.exists() and not cfg.overwrite:
-            raise LptError(f"output {out} already exists; pass --overwrite to replace it")
-    with distributed.process_group(cfg.device) as world:
-        return _run(cfg, world, device_map)
+    with artifacts.output_lock(out) if distributed.rank() == 0 else contextlib.nullcontext():
+        ckpt = partial_dir(out) / artifacts.CHECKPOINT_DIR
+        if not cfg.resume:
+            artifacts.check_output_dir(out, cfg.overwrite)
+        else:
+            checkpoint.require(ckpt)  # before the model is loaded
+            if out.exists() and not cfg.overwrite:
+                raise LptError(f"output {out} already exists; pass --overwrite to replace it")
+        early = _config_if_cheap(cfg)
+        if early is not None:  # before the weights load (minutes for a large hub model)
+            check_model(cfg, early)
+        with distributed.process_group(cfg.device) as world:
+            return _run(cfg, world, device_map)
+
+
+def _config_if_cheap(cfg: PruneConfig):
+    """The model's ``Arch`` when its config is a small JSON file (a local directory or a hub id), else None (a GGUF
+    file's config is read from its whole header: then :func:`check_model` runs once the model is loaded)."""
+    from lpt import models
+    from lpt.arch import describe
+
+    ref = models.resolve(cfg.model)
+    if ref.gguf_file:
+        return None
+    # the loader's own first check (an unsupported family is refused with the same line as before)
+    return describe(models.check_architecture(ref, trust_remote_code=cfg.trust_remote_code, revision=cfg.revision))
 
 
 def _run(cfg: PruneConfig, world: distributed.World, device_map: str | dict | None) -> Path:
@@ -94,6 +115,7 @@ def _run(cfg: PruneConfig, world: distributed.World, device_map: str | dict | No
         distributed.check_placement(model)
         console.print(f"model spread over {', '.join(distributed.devices_of(model))} (--device-map)")
     arch = describe(model.config)
+    check_model(cfg, arch)
     params_before = models.count_params(model)
     data = _calibration(cfg, tok)
     total = schedule.num_steps(data.nsamples, cfg.batch_size, cfg.epochs, cfg.max_steps)
@@ -113,7 +135,7 @@ def _run(cfg: PruneConfig, world: distributed.World, device_map: str | dict | No
         pruner.load_state(tensors, meta["state"])
         console.print(f"resuming from step {pruner.step} of {total}")
     elif world.main and work.exists():
-        shutil.rmtree(work)
+        _discard_partial(work)
     distributed.seed_rank(cfg.seed, pruner.step)  # own LoRA-dropout stream on ranks > 0
     if world.distributed:
         console.print(f"data parallel over {world.size} processes ({world.backend}): each computes its share of the "
@@ -125,9 +147,10 @@ def _run(cfg: PruneConfig, world: distributed.World, device_map: str | dict | No
         log_path.write_text("".join(l + "\n" for l in lines if json.loads(l)["step"] <= pruner.step))
     try:
         _train(pruner, cfg, data, total, log_path, ckpt, resolved, world.main)
-    except BaseException:
-        if world.main and not ckpt.exists():
-            shutil.rmtree(work, ignore_errors=True)  # nothing to resume from: leave nothing behind
+    except BaseException as e:
+        # nothing to resume from, or a diverged run (resuming it with the same settings diverges again)
+        if world.main and (not ckpt.exists() or isinstance(e, DivergedError)):
+            shutil.rmtree(work, ignore_errors=True)  # leave nothing behind
         raise
     distributed.barrier()  # every rank is done before rank 0 writes the output
     if not world.main:
@@ -162,6 +185,20 @@ def _run(cfg: PruneConfig, world: distributed.World, device_map: str | dict | No
     console.print(f"removed {before - after:,} of {before:,} block parameters ({(before - after) / before:.1%}; "
                   f"{masks.info['ratio']['model']:.1%} of the whole model) -> {out}")
     return out
+
+
+def _discard_partial(work: Path) -> None:
+    """Remove ``OUTPUT.partial/`` of an earlier run that is no longer alive (this run holds the output's lock), and say
+    what is lost when it held a checkpoint."""
+    ckpt = work / artifacts.CHECKPOINT_DIR
+    if checkpoint.exists(ckpt):
+        try:
+            step = artifacts.read_json(ckpt / checkpoint.META).get("step", "?")
+        except (LptError, AttributeError):
+            step = "?"
+        console.print(f"[yellow]note:[/] removing {work} left by an interrupted run (its checkpoint at step {step} "
+                      f"could have been continued with --resume)")
+    shutil.rmtree(work)
 
 
 def _train(pruner: Pruner, cfg: PruneConfig, data: calibration.CalibData, total: int, log_path: Path, ckpt: Path,

@@ -31,6 +31,9 @@ RECONSTRUCT_MODES = reconstruct.MODES
 
 
 def validate(cfg: SliceConfig) -> None:
+    from lpt.config import check_finite
+
+    check_finite(cfg)  # --reconstruct-damp nan / inf
     if not cfg.masks:
         raise LptError("--masks is required (the masks.json written by lpt prune)")
     if not Path(cfg.masks).is_file():
@@ -55,6 +58,7 @@ def expected_params(masks, params_before: int) -> int:
     return int(promised) if promised is not None else params_before - (before - after)
 
 
+@artifacts.claims_output  # a second run on the same output is refused while this one lives
 def run(cfg: SliceConfig) -> Path:
     validate(cfg)
     out = artifacts.check_output_dir(cfg.output, cfg.overwrite)
