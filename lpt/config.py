@@ -337,3 +337,72 @@ def build(cls: type, values: Mapping[str, Any], explicit: set[str] | None = None
 
 def to_dict(cfg: Any) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
+
+
+RUN_STAGES = ("calibrate", "prune", "slice", "eval", "export", "bench")
+
+
+@dataclass
+class RunConfig:
+    """``lpt run``: the stages a recipe names, each into OUTPUT/<stage>/ as the stage command writes it, and a
+    report. The recipe's ``run:`` section sets these fields; its stage sections configure the stages."""
+
+    recipe: str | None = _f(None, "Required: the recipe YAML (a run: section naming the stages, one section per "
+                                  "stage).")
+    output: str = _f("run", "Run directory: OUTPUT/<stage>/ for every stage, OUTPUT/run.json (the resolved config "
+                            "of every stage and its hash), OUTPUT/report.md and OUTPUT/report.html.")
+    model: str = _f("smollm2-135m", "The model to prune: hub id, local HF directory, .gguf file, or the alias "
+                                    "smollm2-135m.")
+    stages: list[str] = _f(["calibrate", "prune", "slice", "eval"],
+                           "Stages to run, in this order: calibrate, prune, slice (always with --merge), eval (the "
+                           "dense and the pruned model), export (GGUF of the pruned model), bench (runtime of dense "
+                           "vs pruned).")
+    reconstruct: bool = _f(False, "Slice with --reconstruct OUTPUT/calibrate (needs the calibrate stage).")
+    overrides: list[str] = _f([], "STAGE.KEY=VALUE settings over the recipe's stage sections (KEY as in the recipe, "
+                                  "dashes or underscores; STAGE '*' for every stage with that key).")
+    dry_run: bool = _f(False, "Say which stages would run and why, and run nothing.")
+    command: str = _f("", "The command line, recorded in the report.")
+
+
+def _field_type(cls: type, name: str) -> str:
+    """A field's annotation as text (this module uses postponed annotations), without ``| None``."""
+    tp = {f.name: f for f in dataclasses.fields(cls)}[name].type
+    text = tp if isinstance(tp, str) else getattr(tp, "__name__", str(tp))
+    return text.replace(" | None", "").replace("Optional[", "").rstrip("]") if "list" not in text else text
+
+
+def _nullable(cls: type, name: str) -> bool:
+    tp = {f.name: f for f in dataclasses.fields(cls)}[name].type
+    return "None" in str(tp)
+
+
+def coerce(cls: type, name: str, text: str, where: str) -> Any:
+    """``text`` (as typed after ``--set STAGE.KEY=``) as a value of field ``name`` of ``cls``; ``where`` names the
+    setting in the one-line error."""
+    kind = _field_type(cls, name)
+    raw = text.strip()
+    if _nullable(cls, name) and raw.lower() in ("none", "null", "~"):
+        return None
+    try:
+        if kind.startswith("list"):
+            inner = kind[kind.index("[") + 1:kind.rindex("]")] if "[" in kind else "str"
+            items = [s.strip() for s in raw.split(",") if s.strip()]
+            return [int(s) for s in items] if inner == "int" else items
+        if kind == "bool":
+            low = raw.lower()
+            if low in ("true", "yes", "on", "1"):
+                return True
+            if low in ("false", "no", "off", "0"):
+                return False
+            raise ValueError
+        if kind == "int":
+            return int(raw)
+        if kind == "float":
+            return float(raw)
+    except ValueError:
+        raise LptError(f"{where}: '{text}' is not a valid {kind}") from None
+    return text
+
+
+def field_names(cls: type) -> list[str]:
+    return [f.name for f in dataclasses.fields(cls)]

@@ -61,7 +61,9 @@ def quantize_8bit(linear: nn.Linear, threshold: float = INT8_THRESHOLD) -> nn.Mo
     decomposition); 0 quantizes every input. It changes only the forward pass: the stored codes and scales (CB, SCB)
     always hold the whole weight, so ``dense_weight`` and merging are the same for every threshold.
     """
-    import bitsandbytes as bnb
+    from lpt import quiet
+
+    bnb = quiet.import_bitsandbytes()
 
     q = bnb.nn.Linear8bitLt(linear.in_features, linear.out_features, bias=linear.bias is not None,
                             has_fp16_weights=False, threshold=float(threshold), device="meta")

@@ -95,9 +95,7 @@ def _calibration(cfg: PruneConfig, tokenizer):
     return calibrate.CalibData(train, None, meta)
 
 
-def partial_dir(output: str | Path) -> Path:
-    output = Path(output)
-    return output.parent / f"{output.name}.partial"
+partial_dir = artifacts.partial_dir
 
 
 def run(cfg: PruneConfig) -> Path:
