@@ -62,12 +62,9 @@ def configure(debug: bool = False, quiet: bool = False) -> None:
         if os.environ.get(k) == v:
             os.environ.pop(k)
     _STATE.env_set = {}
-    if debug:
-        os.environ["LPT_DEBUG"] = _STATE.env_set["LPT_DEBUG"] = "1"  # child processes debug too
-    if quiet:
-        for k, v in QUIET_ENV.items():
-            if k not in os.environ:
-                os.environ[k] = _STATE.env_set[k] = v
+    for k, v in {**({"LPT_DEBUG": "1"} if debug else {}), **(QUIET_ENV if quiet else {})}.items():
+        if k not in os.environ:  # child processes (lpt bench's) follow; the user's own settings stay
+            os.environ[k] = _STATE.env_set[k] = v
     level = logging.NOTSET if debug else logging.ERROR
     for name in LIBRARY_LOGGERS:
         logging.getLogger(name).setLevel(level)

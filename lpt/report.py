@@ -341,23 +341,19 @@ def blocks(run_dir: Path, state: dict[str, Any], pictures: bool = True) -> list[
 
 
 # ------------------------------------------------------------------------------------------------ rendering
+TEXT = {"h1": ("# {}", "<h1>{}</h1>"), "h2": ("## {}", "<h2>{}</h2>"), "p": ("{}", "<p>{}</p>"),
+        "note": ("> {}", "<blockquote>{}</blockquote>")}  # block kind -> (Markdown, HTML)
+
+
 def markdown(content: Sequence[Block]) -> str:
-    parts = []
-    for b in content:
-        kind = b[0]
-        if kind == "h1":
-            parts.append(f"# {b[1]}\n")
-        elif kind == "h2":
-            parts.append(f"## {b[1]}\n")
-        elif kind == "p":
-            parts.append(f"{b[1]}\n")
-        elif kind == "note":
-            parts.append(f"> {b[1]}\n")
-        elif kind == "table":
-            parts.append(R.markdown_rows(b[1], b[2], *b[3:]))
-        elif kind == "img":
-            parts.append(f"![{b[2]}]({b[1]})\n")
-    return "\n".join(parts)
+    def one(b: Block) -> str:
+        if b[0] == "table":
+            return R.markdown_rows(b[1], b[2], *b[3:])
+        if b[0] == "img":
+            return f"![{b[2]}]({b[1]})\n"
+        return TEXT[b[0]][0].format(b[1]) + "\n"
+
+    return "\n".join(map(one, content))
 
 
 STYLE = """body{font-family:system-ui,-apple-system,Segoe UI,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;
@@ -369,24 +365,18 @@ img{max-width:100%}h1{font-size:1.5em}h2{font-size:1.2em;margin-top:1.6em}"""
 
 def html(content: Sequence[Block], run_dir: Path) -> str:
     """One self-contained HTML page: the pictures inline as base64, no external files."""
-    title = next((b[1] for b in content if b[0] == "h1"), "lpt run")
-    parts = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{escape(title)}</title>"
-             f"<style>{STYLE}</style></head><body>"]
-    for b in content:
-        kind = b[0]
-        if kind in ("h1", "h2"):
-            parts.append(f"<{kind}>{escape(b[1])}</{kind}>")
-        elif kind == "p":
-            parts.append(f"<p>{escape(b[1])}</p>")
-        elif kind == "note":
-            parts.append(f"<blockquote>{escape(b[1])}</blockquote>")
-        elif kind == "table":
-            parts.append(R.html_rows(b[1], b[2], *b[3:]))
-        elif kind == "img":
+    def one(b: Block) -> str:
+        if b[0] == "table":
+            return R.html_rows(b[1], b[2], *b[3:])
+        if b[0] == "img":
             data = base64.b64encode((Path(run_dir) / b[1]).read_bytes()).decode()
-            parts.append(f"<p><img alt='{escape(b[2])}' src='data:image/png;base64,{data}'></p>")
-    parts.append("</body></html>")
-    return "\n".join(parts) + "\n"
+            return f"<p><img alt='{escape(b[2])}' src='data:image/png;base64,{data}'></p>"
+        return TEXT[b[0]][1].format(escape(b[1]))
+
+    title = next((b[1] for b in content if b[0] == "h1"), "lpt run")
+    head = (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{escape(title)}</title>"
+            f"<style>{STYLE}</style></head><body>")
+    return "\n".join([head, *map(one, content), "</body></html>"]) + "\n"
 
 
 def write(run_dir: str | Path, state: dict[str, Any]) -> Path:

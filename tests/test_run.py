@@ -78,6 +78,16 @@ def test_run_resumes_a_killed_prune_then_skips_then_reruns_what_changed(tmp_path
     state = json.loads((full / pipeline.RUN_STATE).read_text())
     assert state["stages"] == STAGES and sorted(state["steps"]) == sorted(STAGES) and all(s["status"] == "done" for s in state["steps"].values())
     assert state["steps"]["prune"]["config"]["calib"] == "$RUN_DIR/calibrate"  # same blocks: read, not rebuilt
+    # ... and the same model as the stage command that builds them itself (lpt prune --recipe, as the README did)
+    inline = tmp_path / "inline"
+    assert invoke(runner, ["prune", tiny_llama_dir, "--recipe", recipe, "-o", inline]).exit_code == 0
+    assert (inline / artifacts.MASKS).read_text().replace(str(inline), "") == \
+        (full / "prune" / artifacts.MASKS).read_text().replace(str(full / "prune"), "")
+    from safetensors.torch import load_file
+
+    a, b = load_file(inline / artifacts.ADAPTER_WEIGHTS), load_file(full / "prune" / artifacts.ADAPTER_WEIGHTS)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-6, atol=1e-7)
 
     # killed during prune (SIGKILL at step 5, checkpoints every 2 steps), then the same command again
     cut = tmp_path / "cut"
@@ -127,7 +137,7 @@ def test_run_resumes_a_killed_prune_then_skips_then_reruns_what_changed(tmp_path
     assert "slice: would run (prune will change)" in r.output and "eval-dense: would skip" in r.output
 
 
-def test_report_names_every_stage_and_embeds_its_pictures(tmp_path, runner, tiny_llama_dir):
+def test_report_names_every_stage_and_embeds_its_pictures(tmp_path, runner, tiny_llama_dir, monkeypatch):
     pytest.importorskip("matplotlib")
     recipe = write_recipe(tmp_path / "r.yaml", tiny_llama_dir, steps=4)
     out = tmp_path / "run"
@@ -147,6 +157,13 @@ def test_report_names_every_stage_and_embeds_its_pictures(tmp_path, runner, tiny
     assert html.count("src='data:image/png;base64,") == 2 and "report/masks.png" not in html  # self-contained
     for png in ("masks.png", "training.png"):
         assert (out / "report" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # without matplotlib the report keeps its tables and says how to get the pictures
+    from lpt import report
+
+    state = json.loads((out / pipeline.RUN_STATE).read_text())
+    monkeypatch.setattr(report, "_pyplot", lambda: None)
+    text = report.markdown(report.blocks(out, state))
+    assert "pip install 'lpt[report]'" in text and "## Dense vs pruned" in text and "![" not in text
     # the dense vs pruned table is lpt eval --compare's
     from lpt.evaluation import results as R
 

@@ -18,8 +18,10 @@ def main(argv: list[str]) -> int:
     if len(argv) != 2:
         print("usage: python -m lpt.benchmarking.worker SPEC.json RESULT.json", file=sys.stderr)
         return 2
-    from lpt import artifacts
+    from lpt import artifacts, quiet
     from lpt.errors import LptError
+
+    quiet.configure(debug=quiet.env_flag("LPT_DEBUG"), quiet=quiet.env_flag("LPT_QUIET"))  # as the parent command
     from lpt.stages.bench import worker_main
 
     spec_path, result_path = Path(argv[0]), Path(argv[1])
