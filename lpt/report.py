@@ -167,10 +167,20 @@ def plot_training(log: list[dict[str, Any]], path: Path) -> Path | None:
     plt = _pyplot()
     if plt is None or not log:
         return None
+    from matplotlib.ticker import MaxNLocator
+
     steps = [r["step"] for r in log]
+    loss = [r["loss"] for r in log]
     fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(8, 5.2), sharex=True, gridspec_kw={"height_ratios": [3, 2]})
-    ax1.plot(steps, [r["loss"] for r in log], color=KEPT, marker="o" if len(log) <= 60 else None, markersize=3)
+    ax1.plot(steps, loss, color=KEPT, marker="o" if len(log) <= 60 else None, markersize=3, linewidth=1,
+             label="loss (each step's batch)")
+    if len(log) >= 10:  # one batch per step: the trend is easier to read averaged
+        w = max(3, len(log) // 10)
+        mean = [sum(loss[max(0, i - w + 1):i + 1]) / len(loss[max(0, i - w + 1):i + 1]) for i in range(len(loss))]
+        ax1.plot(steps, mean, color="#1B2F55", linewidth=2, label=f"mean of the last {w} steps")
+        ax1.legend(fontsize=8, loc="upper right")
     ax1.set_ylabel("training loss")
+    ax2.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax1.set_title("lpt prune: loss and sparsity per step", fontsize=11)
     ax1.grid(alpha=0.3)
     if all("target_sparsity" in r for r in log):
@@ -273,16 +283,20 @@ def blocks(run_dir: Path, state: dict[str, Any], pictures: bool = True) -> list[
     rows = []
     for n in order:
         r = steps[n]
-        note = "resumed from a checkpoint: time of the resumed part" if r.get("resumed") else ""
-        rows.append((n, [actions.get(n, r.get("status", "")), r.get("status", ""), fmt_seconds(r.get("seconds")),
-                         r.get("output", "").replace(str(run_dir), RUN_DIR_MARK, 1), note or r.get("reason", "")]))
-    out.append(("table", ["stage", "this time", "status", "wall time", "output", "why it ran"], rows, False))
+        action = actions.get(n, r.get("status", ""))
+        why = "up to date" if action == "skipped" else r.get("reason", "")
+        if r.get("resumed"):
+            why += " (wall time: the resumed part)"
+        rows.append((n, [action, r.get("status", ""), fmt_seconds(r.get("seconds")),
+                         r.get("output", "").replace(str(run_dir), RUN_DIR_MARK, 1), why]))
+    out.append(("table", ["stage", "this time", "status", "wall time", "output", "why"], rows, False))
 
     # dense vs pruned
     out.append(("h2", "Dense vs pruned"))
     dense_file = _dense_file(model, dense)
     sizes = [disk_size(dense_file), disk_size(slice_dir)]
-    kinds = [(dense_file.suffix.lstrip(".") or "dir") if dense_file else "", "safetensors" if slice_dir else ""]
+    kinds = [(dense_file.suffix.lstrip(".") or "dir") if dense_file else "",
+             f"safetensors, {(prov or {}).get('dtype', '?')}" if slice_dir else ""]
     extra = [("file size on disk", [f"{fmt_bytes(s)} ({k})" if s else "-" for s, k in zip(sizes, kinds)])]
     export = _out(run_dir, state, "export")
     if export:

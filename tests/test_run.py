@@ -228,6 +228,16 @@ def test_stdout_is_the_output_path_and_json_a_summary(tmp_path, runner, tiny_lla
     assert r.exit_code == 0 and r.stderr == ""
     doc = json.loads(r.stdout)
     assert doc["command"] == "eval" and doc["perplexity"]["builtin:pydoc:test"] > 1
+    merged = tmp_path / "m"
+    r = invoke(runner, ["merge", tiny_llama_dir, "--adapter", prune_out, "-o", merged, "-q"])
+    assert r.exit_code == 0 and r.stdout == f"{merged}\n" and r.stderr == ""
+    bench = tmp_path / "b.json"
+    r = invoke(runner, ["bench", "runtime", tiny_llama_dir, sliced, "--seq-len", "16", "--trials", "1", "--warmup", "0",
+                        "--no-isolate", "-o", bench, "--json"])
+    assert r.exit_code == 0, r.output
+    doc = json.loads(r.stdout)
+    assert doc["command"] == "bench runtime" and len(doc["results"]) == 2
+    assert all(row["latency_s"] > 0 for row in doc["results"])
     r = invoke(runner, ["eval", "--compare", res, res, "--json"])
     assert r.exit_code == 0 and json.loads(r.stdout)["rows"][0]["metric"] == "params (effective)"
     # errors still print under --quiet, and stdout stays empty
