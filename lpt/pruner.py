@@ -46,15 +46,21 @@ class Pruner:
         self.criterion = cfg.criterion if cfg.ratio > 0 else "none"
         quantize = cfg.load_8bit and not any(lora.is_int8(m) for m in model.modules())  # not quantized on load
         self.layers = lora.inject(model, arch, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
-                                  targets=targets(cfg), load_8bit=quantize, int8_threshold=cfg.int8_threshold)
+                                  targets=targets(cfg), load_8bit=quantize, int8_threshold=cfg.int8_threshold,
+                                  int8_backend=cfg.int8_backend)
         if cfg.gradient_checkpointing:  # non-reentrant: frozen inputs are fine, hooks see the recomputation
             if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x
                 model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
             else:
                 model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.params = [p for layer in self.layers.values() if layer.r for p in (layer.lora_A.weight, layer.lora_B.weight)]
+        # None: --no-loss-head, or a family whose output layer lpt does not know (the model's own logits)
+        self.head = losses.head_of(model) if cfg.loss_head else None
         self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-        from transformers import get_cosine_schedule_with_warmup
+        from lpt.int8 import import_without_bitsandbytes
+
+        get_cosine_schedule_with_warmup = import_without_bitsandbytes(
+            "transformers.optimization").get_cosine_schedule_with_warmup
 
         self.scheduler = get_cosine_schedule_with_warmup(
             self.optimizer, int(round(cfg.lr_warmup * total_steps)), total_steps)
@@ -166,7 +172,22 @@ class Pruner:
 
     # ---------------------------------------------------------------- training
     def loss(self, mb: dict[str, torch.Tensor], distill: bool) -> torch.Tensor:
-        """LM loss of a micro-batch, mixed with the KL to the unpruned base with ``distill``."""
+        """LM loss of a micro-batch, mixed with the KL to the unpruned base with ``distill``.
+
+        For the families ``losses.head_of`` knows, both come from the last hidden states through the frozen output
+        layer a chunk of tokens at a time (``losses.head_loss``): no logits of the whole micro-batch are held, for
+        the student or the teacher. Other models use their own logits (``losses.kl_distill``)."""
+        if self.head is None:
+            return self._loss_from_logits(mb, distill)
+        teacher = None
+        if distill:
+            with torch.no_grad(), lora.disabled(self.model):
+                teacher = losses.last_hidden(self.model, mb)
+        hidden = losses.last_hidden(self.model, mb)
+        return losses.head_loss(hidden, self.head, mb["labels"], teacher, self.cfg.distill_temperature,
+                                self.cfg.distill_weight if distill else 0.0)
+
+    def _loss_from_logits(self, mb: dict[str, torch.Tensor], distill: bool) -> torch.Tensor:
         if not distill:
             return self.model(**mb).loss
         with torch.no_grad(), lora.disabled(self.model):
@@ -212,7 +233,7 @@ class Pruner:
         mbs, chunks = self._micro_batches(batch)
         self.model.eval()
         try:
-            total = sum(float(self.model(**mb).loss) for mb in mbs)
+            total = sum(float(self.loss(mb, distill=False)) for mb in mbs)
         finally:
             self.model.train()
         return self._sum_ranks(total) / chunks

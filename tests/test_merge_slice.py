@@ -334,7 +334,8 @@ def test_merge_8bit_base_and_dtype(runner, tiny_llama_dir, gqa_prune, tmp_path):
     import shutil
 
     rec = shutil.copytree(prune_dir, tmp_path / "p8")
-    (rec / artifacts.RESOLVED_CONFIG).write_text(json.dumps({"stage": "prune", "config": {"load_8bit": True}}))
+    (rec / artifacts.RESOLVED_CONFIG).write_text(json.dumps({"stage": "prune", "config": {"load_8bit": True,
+                                                                                          "int8_backend": "torch"}}))
     ok(runner, ["merge", tiny_llama_dir, "--adapter", rec, "--dtype", "float16", "-o", tmp_path / "m8b"])
     again = weights(tmp_path / "m8b")
     assert all(torch.equal(again[k], got[k]) for k in got)

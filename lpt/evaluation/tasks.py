@@ -16,11 +16,12 @@ import contextlib
 import difflib
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 from lpt.errors import LptError
+from lpt.evaluation import local_tasks
 
 PAPER_TASKS = ("boolq", "piqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa")
 PAPER_METRICS = {"boolq": "acc", "piqa": "acc", "hellaswag": "acc_norm", "winogrande": "acc", "arc_easy": "acc",
@@ -29,18 +30,30 @@ ALIASES = {"paper": PAPER_TASKS}  # --tasks paper = the seven zero-shot tasks of
 METRICS = ("acc", "acc_norm")
 
 
-def parse_tasks(spec: str | Sequence[str] | None) -> list[str]:
-    """Comma-separated task names (aliases expanded, duplicates dropped, order kept)."""
+def parse_task_specs(spec: str | Sequence[str] | None) -> list[tuple[str, int | None]]:
+    """Comma-separated task names with an optional ``:N`` (that task's few-shot examples): aliases expanded,
+    duplicates dropped (the first one wins), order kept. ``'paper,mmlu:5'`` -> the seven tasks (shots None: the
+    task's own / ``--num-fewshot``) and ``('mmlu', 5)``."""
     items = spec.split(",") if isinstance(spec, str) else list(spec or [])
-    out: list[str] = []
+    out: dict[str, int | None] = {}
     for raw in items:
-        name = raw.strip()
+        name, _, shots = raw.strip().partition(":")
+        name = name.strip()
         if not name:
             continue
-        for n in ALIASES.get(name, (name,)):
-            if n not in out:
-                out.append(n)
-    return out
+        n: int | None = None
+        if shots.strip():
+            if not shots.strip().isdigit():
+                raise LptError(f"--tasks {raw.strip()}: the few-shot count after ':' must be a whole number")
+            n = int(shots)
+        for t in ALIASES.get(name, (name,)):
+            out.setdefault(t, n)
+    return list(out.items())
+
+
+def parse_tasks(spec: str | Sequence[str] | None) -> list[str]:
+    """Comma-separated task names (aliases expanded, duplicates dropped, order kept; ``:N`` suffixes dropped)."""
+    return [name for name, _ in parse_task_specs(spec)]
 
 
 def score_metric(task: str) -> str:
@@ -168,22 +181,22 @@ def _under(path: Path, root: Path) -> bool:
         return False
 
 
-def task_manager(names: Sequence[str], include_path: str | None = None):
+def task_manager(names: Sequence[str], include_path: str | None = None, local_dir: str | Path | None = None):
     """An lm-eval TaskManager that knows every name in ``names``; unknown names are a one-line error.
 
-    When every name is a local task in ``include_path``, lm-eval's own registry (thousands of YAML files) is not
-    indexed at all.
+    ``local_dir``: lpt's local task copies (``local_tasks.write_tasks``). When every name is found in
+    ``include_path`` / ``local_dir``, lm-eval's own registry (thousands of YAML files) is not indexed at all.
     """
     from lm_eval.tasks import TaskManager
 
-    if include_path is not None:
-        p = Path(include_path)
-        if not p.is_dir():
-            raise LptError(f"--include-path {include_path} is not a directory")
-        local = TaskManager(include_path=str(p), include_defaults=False)
+    if include_path is not None and not Path(include_path).is_dir():
+        raise LptError(f"--include-path {include_path} is not a directory")
+    paths = [str(p) for p in (local_dir, include_path) if p is not None]
+    if paths:
+        local = TaskManager(include_path=paths, include_defaults=False)
         if all(n in local.all_tasks for n in names):
             return local
-    tm = TaskManager(include_path=str(include_path) if include_path else None)
+    tm = TaskManager(include_path=paths or None)
     unknown = [n for n in names if n not in tm.all_tasks]
     if unknown:
         n = unknown[0]
@@ -195,16 +208,14 @@ def task_manager(names: Sequence[str], include_path: str | None = None):
     return tm
 
 
-def load_tasks(tm, names: Sequence[str], include_path: str | None = None) -> list[Any]:
+def load_tasks(tm, names: Sequence[str], include_path: str | None = None) -> tuple[list[Any], dict[str, list[Any]]]:
     """Build each task (this reads its data), so that a task whose data cannot be loaded is named in the error.
 
-    Returns what ``simple_evaluate`` takes: Task / Group objects (or the names with an lm-eval too old to build
-    them separately).
+    Returns what ``simple_evaluate`` takes (Task / Group objects) and, per name, its leaf tasks.
     """
-    if not hasattr(tm, "load"):
-        return list(names)
     root = Path(include_path) if include_path else None
     specs: list[Any] = []
+    leaves: dict[str, list[Any]] = {}
     for name in names:
         entry = tm.task_index.get(name) if hasattr(tm, "task_index") else None
         yaml_path = getattr(entry, "yaml_path", None)
@@ -214,8 +225,9 @@ def load_tasks(tm, names: Sequence[str], include_path: str | None = None) -> lis
                 loaded = tm.load([name])
         except Exception as e:  # noqa: BLE001 - datasets / lm-eval raise many types; the user needs one line
             first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-            hint = "" if local_dir else " (lm-eval tasks read their data from the hub; offline, use a local task " \
-                                        "YAML with --include-path DIR)"
+            hint = "" if local_dir else (" (lm-eval tasks read their data from the hub; offline, use lpt's local "
+                                         f"copies of the paper's tasks and mmlu: {local_tasks.DATA_INSTALL}, or a "
+                                         "local task YAML with --include-path DIR)")
             raise LptError(f"task '{name}' could not load its data: {first}{hint}") from None
         if name in loaded["groups"]:
             specs.append(loaded["groups"][name])
@@ -223,7 +235,8 @@ def load_tasks(tm, names: Sequence[str], include_path: str | None = None) -> lis
             specs.append(loaded["tasks"][name])
         else:  # a tag: its tasks
             specs.extend(loaded["tasks"].values())
-    return specs
+        leaves[name] = list(loaded["tasks"].values())
+    return specs, leaves
 
 
 @dataclass
@@ -233,20 +246,109 @@ class Prepared:
     names: list[str]
     manager: Any
     specs: list[Any]
+    leaves: dict[str, list[Any]] = field(default_factory=dict)  # name -> its leaf Task objects
+    sources: dict[str, str] = field(default_factory=dict)  # name -> "hub", "local" or "include-path"
+    local: local_tasks.LocalTasks | None = None
+
+    def task_data(self) -> dict[str, Any]:
+        """Where the documents came from, for the results file."""
+        out: dict[str, Any] = {"sources": dict(self.sources)}
+        if self.local is not None:
+            out["local"] = {**local_tasks.describe(self.local.root), "notes": dict(self.local.notes)}
+        return out
+
+    def cleanup(self) -> None:
+        if self.local is not None:
+            self.local.cleanup()
 
 
-def prepare(names: Sequence[str], include_path: str | None = None, debug: bool = False) -> Prepared:
-    """Resolve task names (unknown ones are an error) and load their data (unreachable data is an error)."""
+def _include_names(include_path: str | None) -> set[str]:
+    if include_path is None:
+        return set()
+    from lm_eval.tasks import TaskManager
+
+    if not Path(include_path).is_dir():
+        raise LptError(f"--include-path {include_path} is not a directory")
+    return set(TaskManager(include_path=str(include_path), include_defaults=False).all_tasks)
+
+
+def prepare(specs: Sequence[str] | Sequence[tuple[str, int | None]], include_path: str | None = None,
+            debug: bool = False, task_data: str = "auto", num_fewshot: int | None = None) -> Prepared:
+    """Resolve task names (unknown ones are an error) and load their data (unreachable data is an error).
+
+    ``specs``: names, or ``(name, shots)`` pairs from :func:`parse_task_specs`. Tasks defined in ``include_path``
+    come from there; the others from lm-eval's registry, with their documents from the hub or from lpt's local
+    copies (``task_data``: auto, hub, local or a directory; see ``lpt.evaluation.local_tasks.choose``).
+    ``num_fewshot`` applies to the tasks without their own ``:N``.
+    """
+    pairs = [(s, None) if isinstance(s, str) else (s[0], s[1]) for s in specs]
+    names = [n for n, _ in pairs]
+    if not debug:  # datasets' per-split "Generating" / "Map" bars while the documents load
+        import datasets
+
+        datasets.disable_progress_bars()
     with _quiet_lm_eval(debug):
-        tm = task_manager(names, include_path)
-        return Prepared(list(names), tm, load_tasks(tm, names, include_path))
+        own = _include_names(include_path)
+        others = [n for n in names if n not in own]
+        root = local_tasks.choose(task_data, others) if others else None
+        local = local_tasks.write_tasks(others, root) if root is not None else None
+        try:
+            tm = task_manager(names, include_path, local.directory if local else None)
+            built, leaves = load_tasks(tm, names, include_path)
+        except BaseException:
+            if local is not None:
+                local.cleanup()
+            raise
+    prepared = Prepared(names, tm, built, leaves, {n: "include-path" if n in own else ("local" if local else "hub")
+                                                  for n in names}, local)
+    for name, shots in pairs:
+        shots = num_fewshot if shots is None else shots
+        if shots is None:
+            continue
+        if shots > 0 and prepared.sources[name] == "local" and name not in local_tasks.MMLU_GROUPS \
+                and not name.startswith("mmlu_"):
+            prepared.cleanup()
+            raise LptError(f"task '{name}': the local copies have no training split to draw {shots} few-shot "
+                           f"examples from (only mmlu's dev split); run it zero-shot, or with --task-data hub")
+        for t in leaves[name]:
+            t.set_config(key="num_fewshot", value=int(shots))
+    return prepared
+
+
+def subsample(prepared: Prepared, n: int, seed: int = 0) -> dict[str, list[int]]:
+    """A seeded random subset of ``n`` documents of every leaf task (all of a task with ``n`` or fewer):
+    lm-eval's ``samples`` argument, indices into each task's evaluation split, sorted. The subsets are nested: the
+    first ``n`` of one seeded permutation per task, so a smaller ``n`` picks a subset of a larger one (rows
+    evaluated on different ``n`` compare on their common documents)."""
+    import random
+
+    out: dict[str, list[int]] = {}
+    for leaves in prepared.leaves.values():
+        for t in leaves:
+            order = list(range(len(t.eval_docs)))
+            random.Random(f"{seed}:{t.task_name}").shuffle(order)
+            out[t.task_name] = sorted(order[:n])
+    return out
+
+
+def task_splits(prepared: Prepared) -> dict[str, dict[str, Any]]:
+    """Per requested name: the split evaluated and its number of documents (summed over a group's leaves)."""
+    out: dict[str, dict[str, Any]] = {}
+    for name, leaves in prepared.leaves.items():
+        splits = sorted({t.config.test_split or t.config.validation_split for t in leaves} - {None})
+        out[name] = {"split": splits[0] if len(splits) == 1 else ",".join(splits),
+                     "docs_total": sum(len(t.eval_docs) for t in leaves), "data": prepared.sources.get(name)}
+    return out
 
 
 def run_tasks(model, tokenizer, prepared: Prepared, *, num_fewshot: int | None = None, batch_size: int | str = 8,
-              limit: float | None = None, debug: bool = False) -> dict[str, Any]:
+              limit: float | None = None, samples: dict[str, list[int]] | None = None, log_samples: bool = False,
+              debug: bool = False) -> dict[str, Any]:
     """Evaluate the prepared tasks with lm-evaluation-harness on the in-memory ``model``.
 
-    Returns ``simple_evaluate``'s dictionary (``results``, ``n-shot``, ``n-samples``, ``versions``, ...).
+    ``samples``: document indices per leaf task (:func:`subsample`), instead of ``limit``. Returns
+    ``simple_evaluate``'s dictionary (``results``, ``n-shot``, ``n-samples``, ``versions``, and ``samples`` with
+    ``log_samples``). Few-shot counts set by :func:`prepare` stay; ``num_fewshot`` overrides every other task's.
     """
     import lm_eval
     from lm_eval.models.huggingface import HFLM
@@ -255,14 +357,34 @@ def run_tasks(model, tokenizer, prepared: Prepared, *, num_fewshot: int | None =
         raise LptError(f"--num-fewshot must be >= 0 (got {num_fewshot})")
     if limit is not None and limit <= 0:
         raise LptError(f"--limit must be positive (got {limit})")
+    if limit is not None and samples is not None:
+        raise LptError("give --limit or --samples, not both")
     bs = parse_batch_size(batch_size)
     with _quiet_lm_eval(debug):
         lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=bs)
+        kwargs = {"samples": samples} if samples is not None else {}
         raw = lm_eval.simple_evaluate(model=lm, tasks=prepared.specs, num_fewshot=num_fewshot,
-                                      task_manager=prepared.manager, limit=limit, log_samples=False)
+                                      task_manager=prepared.manager, limit=limit, log_samples=log_samples, **kwargs)
     if raw is None:
         raise LptError("lm-eval returned no results (not the main process?)")
     return raw
+
+
+def per_doc(raw: dict[str, Any], prepared: Prepared) -> dict[str, dict[str, Any]]:
+    """Per requested name: every evaluated document's id (``leaf/doc_id`` for groups) and its acc / acc_norm, from
+    ``simple_evaluate(log_samples=True)``: what paired comparisons of two models on the same documents need."""
+    out: dict[str, dict[str, Any]] = {}
+    logged = raw.get("samples") or {}
+    for name, leaves in prepared.leaves.items():
+        ids: list[str] = []
+        vals: dict[str, list[float]] = {m: [] for m in METRICS}
+        for t in leaves:
+            for s in sorted(logged.get(t.task_name, []), key=lambda s: s["doc_id"]):
+                ids.append(str(s["doc_id"]) if len(leaves) == 1 else f"{t.task_name}/{s['doc_id']}")
+                for m in METRICS:
+                    vals[m].append(float(s[m]) if s.get(m) is not None else float("nan"))
+        out[name] = {"ids": ids, **{m: v for m, v in vals.items() if any(x == x for x in v)}}
+    return out
 
 
 def parse_batch_size(value: int | str) -> int | str:

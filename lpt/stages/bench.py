@@ -103,9 +103,11 @@ def build_entries(cfg: BenchRuntimeConfig) -> list[dict[str, Any]]:
             for lab, (m, r), a, k in zip(labels, pairs, adapters, masks)]
 
 
-def prune_step_configs(criteria: Iterable[str], plain_lora: bool, load_8bit: bool
+def prune_step_configs(criteria: Iterable[str], plain_lora: bool, load_8bit: bool, backends: Iterable[str] = ("auto",)
                        ) -> tuple[list[dict[str, Any]], list[dict[str, str]]]:
-    """(configurations to time, skipped ones with the reason) in table order."""
+    """(configurations to time, skipped ones with the reason) in table order; one 8-bit row per int8 backend
+    (labelled ``... 8-bit (BACKEND)`` when there are several)."""
+    backends = list(dict.fromkeys(backends)) or ["auto"]
     from lpt import criteria as crit
 
     names = []
@@ -122,13 +124,14 @@ def prune_step_configs(criteria: Iterable[str], plain_lora: bool, load_8bit: boo
     runs, skipped = [], []
     for c in names + (["none"] if plain_lora else []):
         base = "plain LoRA" if c == "none" else c
-        runs.append({"label": base, "criterion": c, "load_8bit": False})
-        if load_8bit:
+        runs.append({"label": base, "criterion": c, "load_8bit": False, "int8_backend": None})
+        for b in backends if load_8bit else ():
+            label = f"{base} 8-bit" + (f" ({b})" if len(backends) > 1 else "")
             if c == "vanilla":
-                skipped.append({"label": f"{base} 8-bit", "reason": "vanilla needs the gradients of the base "
-                                                                     "weights, which int8 weights do not have"})
+                skipped.append({"label": label, "reason": "vanilla needs the gradients of the base weights, which "
+                                                          "int8 weights do not have"})
             else:
-                runs.append({"label": f"{base} 8-bit", "criterion": c, "load_8bit": True})
+                runs.append({"label": label, "criterion": c, "load_8bit": True, "int8_backend": b})
     return runs, skipped
 
 
@@ -197,8 +200,11 @@ def _architecture(config) -> dict[str, Any]:
     return d
 
 
-def load_entry(entry: dict[str, Any], proto: dict[str, Any], device: str, with_adapter: bool = True):
-    """Load (or build with random weights) one model and its adapter; returns ``(model, ModelInfo)``."""
+def load_entry(entry: dict[str, Any], proto: dict[str, Any], device: str, with_adapter: bool = True,
+               int8_backend: str | None = None):
+    """Load (or build with random weights) one model and its adapter; returns ``(model, ModelInfo)``. With
+    ``int8_backend`` ``torch`` random weights are quantized as they are made (``shapes.build_random_model``), so
+    shapes whose 16-bit weights would not fit in memory can be timed in int8."""
     from lpt import groups, lora, models
     from lpt.arch import describe
     from lpt.benchmarking import shapes
@@ -206,7 +212,8 @@ def load_entry(entry: dict[str, Any], proto: dict[str, Any], device: str, with_a
     dtype = models.resolve_dtype(proto["dtype"], device)
     if entry.get("random_init"):
         cfg = shapes.make_config(shapes.parse_shape(entry["random_init"]))
-        model = shapes.build_random_model(cfg, dtype, device, seed=proto["seed"])
+        model = shapes.build_random_model(cfg, dtype, device, seed=proto["seed"],
+                                          int8=int8_backend == "torch")
     else:
         model, _ = models.load_model(entry["model"], dtype=proto["dtype"], device=device,
                                      revision=proto.get("revision"), trust_remote_code=proto["trust_remote_code"],
@@ -385,7 +392,8 @@ def measure_prune_step(entry: dict[str, Any], proto: dict[str, Any], run: dict[s
     device = models.resolve_device(proto["device"])
     torch.manual_seed(proto["seed"])
     meter = MemoryMeter(device)
-    model, info = load_entry(entry, proto, device, with_adapter=False)
+    backend = run.get("int8_backend") if run["load_8bit"] else None
+    model, info = load_entry(entry, proto, device, with_adapter=False, int8_backend=backend)
     arch = describe(model.config)
     crit = run["criterion"]
     total = proto["warmup"] + proto["trials"] + 1  # +1: the schedule's final step (masks to target) is never timed
@@ -394,8 +402,9 @@ def measure_prune_step(entry: dict[str, Any], proto: dict[str, Any], run: dict[s
                      lora_r=proto["lora_r"], lora_alpha=proto["lora_alpha"], lora_dropout=0.0,
                      batch_size=proto["batch_size"], micro_batch_size=proto["micro_batch_size"],
                      gradient_checkpointing=proto.get("gradient_checkpointing", False),
+                     loss_head=proto.get("loss_head", True),
                      distill=proto.get("distill", False),
-                     load_8bit=run["load_8bit"], warmup=0.0, cooldown=0.0, max_steps=total, seed=proto["seed"],
+                     load_8bit=run["load_8bit"], int8_backend=backend or "auto", warmup=0.0, cooldown=0.0, max_steps=total, seed=proto["seed"],
                      balance="proportional")  # the per-step cost: --balance search's one-time forwards are not timed
     prune.validate(pc)
     pruner = Pruner(model, arch, pc, total_steps=total, model_name=info["label"])
@@ -413,6 +422,7 @@ def measure_prune_step(entry: dict[str, Any], proto: dict[str, Any], run: dict[s
         "label": run["label"],
         "criterion": pruner.criterion,
         "load_8bit": bool(run["load_8bit"]),
+        "int8_backend": backend,
         "seconds_per_step": timing.summarize(times),
         "peak_memory_bytes": peak,
         "trainable_params": int(sum(p.numel() for p in pruner.params)),
@@ -613,7 +623,11 @@ def run_prune_step(cfg: BenchPruneStepConfig) -> Path:
     micro = cfg.micro_batch_size or cfg.batch_size
     if cfg.batch_size % micro:
         raise LptError(f"--batch-size {cfg.batch_size} must be a multiple of --micro-batch-size {micro}")
-    runs, skipped = prune_step_configs(cfg.criterion, cfg.plain_lora, cfg.load_8bit)
+    from lpt.int8 import resolve_backend
+
+    device = models.resolve_device(cfg.device)
+    backends = [resolve_backend(b, device) for part in cfg.int8_backend for b in str(part).split(",") if b.strip()]
+    runs, skipped = prune_step_configs(cfg.criterion, cfg.plain_lora, cfg.load_8bit, backends)
     if cfg.random_init:
         from lpt.benchmarking.shapes import parse_shape
 
@@ -631,6 +645,7 @@ def run_prune_step(cfg: BenchPruneStepConfig) -> Path:
              "seq_len": cfg.seq_len, "batch_size": cfg.batch_size, "micro_batch_size": micro, "ratio": cfg.ratio,
              "lora_r": cfg.lora_r, "lora_alpha": cfg.lora_alpha, "trials": cfg.trials, "warmup": cfg.warmup,
              "threads": cfg.threads, "seed": cfg.seed, "gradient_checkpointing": cfg.gradient_checkpointing,
+             "loss_head": cfg.loss_head,
              "distill": cfg.distill}
     rows = []
     for i, run in enumerate(runs, 1):
@@ -648,10 +663,11 @@ def run_prune_step(cfg: BenchPruneStepConfig) -> Path:
                             "micro-batches, the criterion's importance and moving average, AdamW, mask updates every "
                             "10 steps on the cubic schedule) on a fixed batch of uniformly random token ids; warm-up "
                             "steps untimed, then timed steps. Plain LoRA = the same step with ratio 0 (no importance, "
-                            "no masks). 8-bit = bitsandbytes int8 base weights."),
+                            "no masks). 8-bit = int8 base weights of the row's int8_backend (bitsandbytes: "
+                            "LLM.int8; torch: lpt's weight-only int8, lpt.int8)."),
             "seq_len": cfg.seq_len, "batch_size": cfg.batch_size, "micro_batch_size": micro, "warmup": cfg.warmup,
             "trials": cfg.trials, "ratio": cfg.ratio, "lora_r": cfg.lora_r,
-            "gradient_checkpointing": cfg.gradient_checkpointing, "distill": cfg.distill,
+            "gradient_checkpointing": cfg.gradient_checkpointing, "distill": cfg.distill, "loss_head": cfg.loss_head,
             "inputs": f"torch.randint(0, vocab_size) with seed {cfg.seed}; labels = inputs",
             "dtype": info["dtype"], "device": device, "timer": timing.TIMER, "memory": MemoryMeter(device).method,
             "isolation": _isolation(cfg.isolate), "reference": PAPER_TABLE4,

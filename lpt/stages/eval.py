@@ -40,6 +40,14 @@ def validate(cfg: EvalConfig) -> None:
         raise LptError(f"--num-fewshot must be >= 0 (got {cfg.num_fewshot})")
     if cfg.limit is not None and cfg.limit <= 0:
         raise LptError(f"--limit must be positive (got {cfg.limit})")
+    if cfg.samples < 0:
+        raise LptError(f"--samples must be >= 0 (got {cfg.samples})")
+    if cfg.samples and cfg.limit is not None:
+        raise LptError("give --limit or --samples, not both")
+    from lpt.evaluation.local_tasks import TASK_DATA
+
+    if cfg.task_data not in TASK_DATA and not Path(cfg.task_data).expanduser().is_dir():
+        raise LptError(f"--task-data must be {', '.join(TASK_DATA)} or a directory (got {cfg.task_data})")
     parse_batch_size(cfg.task_batch_size)
 
 
@@ -142,17 +150,25 @@ def eval_tasks(model, tok, cfg: EvalConfig, prepared) -> tuple[dict[str, Any], d
     from lpt.evaluation import tasks as T
 
     names = T.parse_tasks(cfg.tasks)
-    raw = T.run_tasks(model, tok, prepared, num_fewshot=cfg.num_fewshot, batch_size=cfg.task_batch_size,
-                      limit=cfg.limit, debug=_debug())
+    samples = T.subsample(prepared, cfg.samples, cfg.samples_seed) if cfg.samples else None
+    raw = T.run_tasks(model, tok, prepared, batch_size=cfg.task_batch_size, limit=cfg.limit, samples=samples,
+                      log_samples=cfg.per_doc, debug=_debug())
     scores = T.extract_scores(raw, names)
+    docs = T.per_doc(raw, prepared) if cfg.per_doc else {}
+    for name, info in T.task_splits(prepared).items():
+        scores[name].update(info)
+        if name in docs:
+            scores[name]["per_doc"] = docs[name]
     rc = raw.get("config", {})
     protocol = {
         "harness": "lm-evaluation-harness",
         "lm_eval_version": raw.get("lm_eval_version"),
         "num_fewshot": cfg.num_fewshot,
         "limit": cfg.limit,
+        "samples": {"per_task": cfg.samples, "seed": cfg.samples_seed} if cfg.samples else None,
         "batch_size": cfg.task_batch_size,
         "include_path": cfg.include_path,
+        "task_data": prepared.task_data(),
         "paper_metrics": dict(T.PAPER_METRICS),
         "seeds": {k: rc.get(k) for k in ("random_seed", "numpy_seed", "torch_seed", "fewshot_seed")},
         "max_length": raw.get("max_length"),
@@ -215,17 +231,22 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
         tok = models.load_tokenizer(ref, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
         ppl_plan = plan_perplexity(cfg, tok, config)
     if T.parse_tasks(cfg.tasks):
-        tasks_plan = T.prepare(T.parse_tasks(cfg.tasks), cfg.include_path, debug=_debug())
-    model, tok, info = load_for_eval(cfg.model, adapter=cfg.adapter, masks=cfg.masks, dtype=cfg.dtype,
-                                     device=cfg.device, revision=cfg.revision,
-                                     trust_remote_code=cfg.trust_remote_code, tokenizer=tok)
-    protocol: dict[str, Any] = {}
-    ppl: dict[str, Any] = {}
-    scores: dict[str, Any] = {}
-    if ppl_plan is not None:
-        ppl, protocol["perplexity"] = eval_perplexity(model, ppl_plan, cfg.batch_size), ppl_plan.protocol
-    if tasks_plan is not None:
-        scores, protocol["tasks"] = eval_tasks(model, tok, cfg, tasks_plan)
+        tasks_plan = T.prepare(T.parse_task_specs(cfg.tasks), cfg.include_path, debug=_debug(),
+                               task_data=cfg.task_data, num_fewshot=cfg.num_fewshot)
+    try:
+        model, tok, info = load_for_eval(cfg.model, adapter=cfg.adapter, masks=cfg.masks, dtype=cfg.dtype,
+                                         device=cfg.device, revision=cfg.revision,
+                                         trust_remote_code=cfg.trust_remote_code, tokenizer=tok)
+        protocol: dict[str, Any] = {}
+        ppl: dict[str, Any] = {}
+        scores: dict[str, Any] = {}
+        if ppl_plan is not None:
+            ppl, protocol["perplexity"] = eval_perplexity(model, ppl_plan, cfg.batch_size), ppl_plan.protocol
+        if tasks_plan is not None:
+            scores, protocol["tasks"] = eval_tasks(model, tok, cfg, tasks_plan)
+    finally:
+        if tasks_plan is not None:
+            tasks_plan.cleanup()
     quoted = [s["score"] for s in scores.values() if s.get("score") is not None]
     return {
         "schema_version": artifacts.RESULTS_SCHEMA,

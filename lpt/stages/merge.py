@@ -49,14 +49,15 @@ def output_dtype(name: str, config: Any):
     return models.resolve_dtype(name, "cpu")
 
 
-def load_source(cfg: ModelOptions, dtype, *, adapter=None, masks=None, load_8bit: bool = False):
+def load_source(cfg: ModelOptions, dtype, *, adapter=None, masks=None, load_8bit: bool = False,
+                int8_backend: str = "auto"):
     """Load MODEL frozen in ``dtype`` through lpt's one loader (any layout lpt writes; a per-layer sliced directory
     is built with ``lpt.modeling``'s classes, so no --trust-remote-code is needed) -> ``models.Loaded``."""
     from lpt import models
 
     return models.load(cfg.model, adapter=adapter, masks=masks, dtype=str(dtype).replace("torch.", ""),
                        device=cfg.device, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code,
-                       load_8bit=load_8bit)
+                       load_8bit=load_8bit, int8_backend=int8_backend)
 
 
 def check_finite(model) -> None:
@@ -174,6 +175,19 @@ def recorded_8bit(adapter: str | Path) -> bool:
         return False
 
 
+def recorded_int8_backend(adapter: str | Path) -> str | None:
+    """The int8 backend the adapter was trained on, from its lpt_config.json (``bitsandbytes`` for an ``--8bit`` run
+    of lpt before the choice was recorded); None when it says nothing."""
+    f = Path(adapter) / artifacts.RESOLVED_CONFIG
+    if not f.is_file():
+        return None
+    try:
+        config = artifacts.read_json(f).get("config", {})
+    except (LptError, AttributeError):
+        return None
+    return config.get("int8_backend") or ("bitsandbytes" if config.get("load_8bit") else None)
+
+
 def run(cfg: MergeConfig) -> Path:
     from lpt import groups, lora, models
     from lpt.arch import describe
@@ -186,9 +200,13 @@ def run(cfg: MergeConfig) -> Path:
                                 revision=cfg.revision)
     dtype = output_dtype(cfg.dtype, config)
     load_8bit = recorded_8bit(cfg.adapter) if cfg.load_8bit is None else cfg.load_8bit
+    from lpt.int8 import resolve_backend
+
+    backend = resolve_backend(cfg.int8_backend or recorded_int8_backend(cfg.adapter) or "auto",
+                              models.resolve_device(cfg.device))
     if load_8bit and cfg.load_8bit is None:
-        console.print(f"{cfg.adapter} was trained on an int8 base: merging onto the int8 weights (--no-load-8bit "
-                      f"merges onto the full-precision ones)")
+        console.print(f"{cfg.adapter} was trained on an int8 base ({backend}): merging onto the int8 weights "
+                      f"(--no-load-8bit merges onto the full-precision ones)")
 
     masks = None
     if cfg.masks:  # the contract first, before any weight is read
@@ -202,7 +220,7 @@ def run(cfg: MergeConfig) -> Path:
         import torch
 
         loaded = load_source(cfg, torch.float32 if load_8bit else dtype, adapter=cfg.adapter, masks=masks,
-                             load_8bit=load_8bit)
+                             load_8bit=load_8bit, int8_backend=backend)
         model, tok = loaded.model, loaded.tokenizer
         step("merging")
         lora.merge_lora(model, dtype=dtype, apply_masks=masks is not None)
@@ -210,7 +228,7 @@ def run(cfg: MergeConfig) -> Path:
         step("writing")
         prov = provenance("merge", cfg, adapter=adapter_record(cfg.adapter),
                           masks=masks_record(cfg.masks, masks) if masks is not None else None,
-                          load_8bit=load_8bit, dtype=str(dtype).replace("torch.", ""), params=params)
+                          load_8bit=load_8bit, int8_backend=backend if load_8bit else None, dtype=str(dtype).replace("torch.", ""), params=params)
         with artifacts.atomic_dir(out, overwrite=cfg.overwrite) as tmp:
             write_model_dir(model, tok, tmp, dtype=dtype, max_shard_size=cfg.max_shard_size, provenance=prov)
         step("done")

@@ -17,6 +17,7 @@ with the same global batch) and only rank 0 writes; ``--device-map`` spreads one
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -27,9 +28,9 @@ from typing import Any
 
 import torch
 
-from lpt import artifacts, checkpoint, criteria, distributed, groups, importance, lora, schedule
+from lpt import artifacts, checkpoint, criteria, distributed, groups, importance, int8, llamacpp, lora, schedule
 from lpt.arch import PROJECTIONS
-from lpt.config import PROJECTION_LIST, CalibrateConfig, PruneConfig
+from lpt.config import PROJECTION_LIST, CalibrateConfig, PruneConfig, round_to_channels
 from lpt.errors import LptError
 from lpt.pruner import Pruner, targets
 from lpt.schedule import batch_indices
@@ -51,6 +52,8 @@ def validate(cfg: PruneConfig) -> None:
     need(not (cfg.criterion == "vanilla" and cfg.load_8bit),
          "--criterion vanilla needs the gradients of the base weights, which int8 weights do not have; drop --8bit "
          "or use --criterion lora or fisher")
+    need(cfg.int8_backend in int8.BACKENDS,
+         f"unknown --int8-backend '{cfg.int8_backend}' (use {', '.join(int8.BACKENDS)})")
     need(cfg.lora_r > 0, f"--lora-r must be positive (got {cfg.lora_r})")
     need(cfg.batch_size > 0 and cfg.micro_batch_size > 0, "--batch-size and --micro-batch-size must be positive")
     need(cfg.batch_size % cfg.micro_batch_size == 0,
@@ -68,7 +71,7 @@ def validate(cfg: PruneConfig) -> None:
          f"--distill-weight 1 leaves --criterion {cfg.criterion} no gradient to score with (the KL's gradient is "
          f"zero while the student equals the teacher); use a weight below 1 or --one-shot")
     groups.parse_balance(cfg.balance)  # a one-line error for anything but search, proportional or a count
-    need(cfg.round_to >= 1, f"--round-to must be a positive number of channels (got {cfg.round_to})")
+    cfg.round_to = round_to_channels(cfg.round_to)  # a preset name becomes its channel count (as masks.json records)
     bad = [t for t in targets(cfg) if t not in PROJECTIONS]
     need(not bad, f"unknown --targets {', '.join(bad)} (choose from {PROJECTION_LIST})")
 
@@ -127,7 +130,9 @@ def _run(cfg: PruneConfig, world: distributed.World, device_map: str | dict | No
     load = dict(dtype=cfg.dtype, device=world.device, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code,
                 device_map=device_map)
     # --8bit: quantize while loading where possible, so the 16-bit weights never sit on a device
-    model, tok = ((cfg.load_8bit and models.load_int8(cfg.model, **load, int8_threshold=cfg.int8_threshold))
+    backend = int8.resolve_backend(cfg.int8_backend, models.resolve_device(world.device))
+    model, tok = ((cfg.load_8bit and models.load_int8(cfg.model, **load, int8_threshold=cfg.int8_threshold,
+                                                      int8_backend=backend))
                   or models.load_model(cfg.model, **load))
     if device_map is not None:
         distributed.check_placement(model)
@@ -136,10 +141,14 @@ def _run(cfg: PruneConfig, world: distributed.World, device_map: str | dict | No
     params_before = models.count_params(model)
     data = _calibration(cfg, tok)
     total = schedule.num_steps(data.nsamples, cfg.batch_size, cfg.epochs, cfg.max_steps)
-    pruner = Pruner(model, arch, cfg, total, model_name=cfg.model)
+    pruner = Pruner(model, arch, dataclasses.replace(cfg, int8_backend=backend), total, model_name=cfg.model)
     if pruner.note and world.main:
         console.print(f"note: {pruner.note}")
-    resolved = {**asdict(cfg), "data": cfg.data if cfg.calib else default_data(cfg)}
+    hidden_note = llamacpp.round_to_note(arch.hidden_size, cfg.round_to)
+    if hidden_note and world.main:
+        console.print(f"note: {hidden_note}")
+    resolved = {**asdict(cfg), "data": cfg.data if cfg.calib else default_data(cfg),
+                "int8_backend": backend if cfg.load_8bit else cfg.int8_backend}  # the backend that ran
     if cfg.resume:
         tensors, meta = checkpoint.load(ckpt)
         diff = sorted(k for k, v in resolved.items() if k not in RESUME_IGNORED and meta["config"].get(k, v) != v)
@@ -177,6 +186,9 @@ def _run(cfg: PruneConfig, world: distributed.World, device_map: str | dict | No
         "ratio": {"requested": cfg.ratio, "model": (before - after) / params_before},
         "params": {"model_before": params_before, "model_after": params_before - (before - after)},
     }
+    if cfg.load_8bit:
+        masks.info["int8"] = {"backend": backend,
+                              **({"threshold": cfg.int8_threshold} if backend == "bitsandbytes" else {})}
     if cfg.distill:
         masks.info["distill"] = {"temperature": cfg.distill_temperature, "weight": cfg.distill_weight}
     # final artifacts: written into the work dir, which then becomes the output in one rename
