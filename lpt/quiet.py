@@ -6,10 +6,10 @@ kernels-community" on CPUs with AVX512-BF16, transformers' and peft's advice), t
 "Writing model shards" bars -- is hidden unless ``--debug``: the CLI calls :func:`configure` once per command. With
 ``quiet`` lpt's own output goes too, and every tqdm bar of those libraries (also in child processes).
 
-bitsandbytes is imported only where int8 weights need it (``--8bit``, an int8 checkpoint): peft imports it whenever
-it is installed (``peft.helpers``) and transformers imports peft, so under the CLI bitsandbytes is hidden while peft
-is imported (:func:`import_discipline`); the Python API leaves imports alone unless :func:`configure` was called.
-Nothing here imports torch or transformers.
+bitsandbytes is imported only where its int8 backend needs it, through :func:`import_bitsandbytes` (its
+import-time warnings hidden unless --debug); peft and ``transformers.optimization``, which would import it at
+start-up, are imported without it (``lpt.int8.import_without_bitsandbytes``). Nothing here imports torch or
+transformers.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import logging
 import os
 import sys
 import warnings
-from typing import Callable, Iterator
+from typing import Callable
 
 # loggers of the libraries lpt drives; their warnings are not lpt's
 LIBRARY_LOGGERS = ("bitsandbytes", "transformers", "peft", "datasets", "accelerate", "huggingface_hub", "torch",
@@ -75,7 +75,6 @@ def configure(debug: bool = False, quiet: bool = False) -> None:
         _STATE.filters = [f for f in warnings.filters if f not in before]
     progress.console.quiet = quiet
     when_imported("transformers", _transformers)
-    import_discipline()
 
 
 def _transformers() -> None:
@@ -90,19 +89,17 @@ def _transformers() -> None:
         tlog.disable_progress_bar()
 
 
-# ----------------------------------------------------------------------------------------- import hooks
-class _ImportHooks(importlib.abc.MetaPathFinder):
-    """Runs code around a module's first import: ``around[name]`` wraps its execution (a context manager factory),
-    ``after[name]`` runs once it is done (Python has no import hooks of this kind of its own)."""
+# ----------------------------------------------------------------------------------------- post-import hooks
+class _PostImport(importlib.abc.MetaPathFinder):
+    """Runs a function right after a module's first import (Python has no post-import hooks of its own)."""
 
     def __init__(self) -> None:
-        self.after: dict[str, Callable[[], None]] = {}
-        self.around: dict[str, Callable[[], contextlib.AbstractContextManager]] = {}
+        self.hooks: dict[str, Callable[[], None]] = {}
         self.busy: set[str] = set()
 
     def find_spec(self, fullname, path=None, target=None):
-        # answered for every lookup (availability checks look a module up without importing it), until it runs
-        if fullname in self.busy or (fullname not in self.after and fullname not in self.around):
+        # answered for every lookup (availability checks look a module up without importing it) until it is run
+        if fullname in self.busy or fullname not in self.hooks:
             return None
         self.busy.add(fullname)
         try:
@@ -113,76 +110,31 @@ class _ImportHooks(importlib.abc.MetaPathFinder):
             return spec
         exec_module = spec.loader.exec_module
 
-        def exec_with_hooks(module):
-            after, around = self.after.pop(fullname, None), self.around.pop(fullname, None)
-            with around() if around is not None else contextlib.nullcontext():
-                exec_module(module)
-            if after is not None:
-                after()
+        def exec_then_hook(module):
+            exec_module(module)
+            hook = self.hooks.pop(fullname, None)
+            if hook is not None:
+                hook()
 
-        spec.loader.exec_module = exec_with_hooks  # this module's own loader object
+        spec.loader.exec_module = exec_then_hook  # this module's own loader object
         return spec
 
-    def install(self) -> None:
-        if self not in sys.meta_path:
-            sys.meta_path.insert(0, self)
 
-
-_HOOKS = _ImportHooks()
+_HOOKS = _PostImport()
 
 
 def when_imported(name: str, fn: Callable[[], None]) -> None:
     """Call ``fn`` now if module ``name`` is imported, else right after its first import."""
     if name in sys.modules:
-        _HOOKS.after.pop(name, None)
+        _HOOKS.hooks.pop(name, None)
         fn()
         return
-    _HOOKS.after[name] = fn
-    _HOOKS.install()
+    _HOOKS.hooks[name] = fn
+    if _HOOKS not in sys.meta_path:
+        sys.meta_path.insert(0, _HOOKS)
 
 
 # ----------------------------------------------------------------------------------------- optional imports
-@contextlib.contextmanager
-def hidden(name: str) -> Iterator[None]:
-    """While inside, ``import name`` fails with ImportError and ``importlib.util.find_spec(name)`` is None (unless
-    the module is already imported: then nothing changes)."""
-    if name in sys.modules:
-        yield
-        return
-    sys.modules[name] = None  # type: ignore[assignment]  # the import system's own "not available" marker
-    try:
-        yield
-    finally:
-        if sys.modules.get(name, 0) is None:
-            del sys.modules[name]
-
-
-def _peft_without_bitsandbytes() -> contextlib.AbstractContextManager:
-    """peft imports bitsandbytes whenever it is installed (``peft.helpers``); transformers imports peft whenever
-    *it* is installed. lpt uses peft only for its adapter config format, never for int8 layers: hide bitsandbytes
-    while peft itself is imported (transformers' quantizer and lpt's int8 layers still find it later)."""
-    return hidden("bitsandbytes")
-
-
-def _forget_bitsandbytes_checks() -> None:
-    """Availability checks cached while bitsandbytes was hidden would say it is missing: drop them."""
-    for module, names in (("transformers.utils.import_utils", ("is_bitsandbytes_available",)),
-                          ("peft.import_utils", ("is_bnb_available", "is_bnb_4bit_available"))):
-        mod = sys.modules.get(module)
-        for n in names:
-            fn = getattr(mod, n, None)
-            if hasattr(fn, "cache_clear"):
-                fn.cache_clear()
-
-
-def import_discipline() -> None:
-    """Under the CLI: bitsandbytes is imported only by :func:`import_bitsandbytes` (int8 weights)."""
-    if "peft" not in sys.modules and "bitsandbytes" not in sys.modules:
-        _HOOKS.around["peft"] = _peft_without_bitsandbytes
-        _HOOKS.after["peft"] = _forget_bitsandbytes_checks
-        _HOOKS.install()
-
-
 def quiet_import(name: str):
     """Import module ``name`` with its loggers' warnings hidden during the import unless --debug (bitsandbytes warns
     at import about optional CPU kernels it could not load, which reads like a failure and is not one)."""

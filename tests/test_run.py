@@ -293,7 +293,7 @@ def test_bitsandbytes_import_warning_shows_only_with_debug(tmp_path, tiny_llama_
     (probe / "sitecustomize.py").write_text(NOISY_IMPORT)
     env = {**_env(), "PYTHONPATH": os.pathsep.join([str(probe), _env()["PYTHONPATH"]])}
     args = ["prune", str(tiny_llama_dir), "--calib", str(tiny_calib_dir), "--ratio", "0.3", "--max-steps", "1",
-            "--batch-size", "2", "--micro-batch-size", "2", "--8bit"]
+            "--batch-size", "2", "--micro-batch-size", "2", "--8bit", "--int8-backend", "bitsandbytes"]
     quiet = subprocess.run([sys.executable, "-m", "lpt", *args, "-o", str(tmp_path / "a")], capture_output=True,
                            text=True, env=env, timeout=600)
     assert quiet.returncode == 0, quiet.stderr[-3000:]
