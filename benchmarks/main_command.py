@@ -1,13 +1,14 @@
 #!/usr/bin/env python
-"""Run the README's main command (the block after ``<!-- main-command -->``) stage by stage and time each stage.
+"""Run the README's main command (the block after ``<!-- main-command -->``) and time it, stage by stage.
 
     python benchmarks/main_command.py -o benchmarks/results/main_command_time.json
 
-The command is read from README.md, so what is timed is what a user runs. The ``pip install`` stages are skipped
-(install once before; they time the network, not lpt); every ``lpt`` stage runs as written, from the repository root,
-after the outputs it names under ``runs/`` are removed, with an empty GGUF cache (``LPT_CACHE_DIR`` set to a new
-temporary directory) unless ``--keep-cache``. Writes the wall time of every stage, the total, the
-perplexities of the two evaluation files and the machine (cores, load average before and after).
+The command is read from README.md, so what is timed is what a user runs. The ``pip install`` parts are skipped
+(install once before; they time the network, not lpt); every ``lpt`` command runs as written, from the repository
+root, after the outputs it names under ``runs/`` are removed, with an empty GGUF cache (``LPT_CACHE_DIR`` set to a
+new temporary directory) unless ``--keep-cache``. Writes the wall time of every command (for ``lpt run``, also of
+each of its stages, from ``RUN_DIR/run.json``), the total, the perplexities of the evaluation files and the machine
+(cores, load average before and after).
 """
 
 from __future__ import annotations
@@ -68,14 +69,20 @@ def main() -> None:
         subprocess.run(lpt + s[1:], cwd=ROOT, check=True, env=env)
         rows.append({"command": shlex.join(s), "seconds": round(time.time() - t0, 1)})
         print(f"{rows[-1]['seconds']:8.1f} s  {rows[-1]['command']}", flush=True)
+        if s[:2] == ["lpt", "run"]:
+            state = json.loads((ROOT / outputs(s)[0] / "run.json").read_text())
+            rows[-1]["stages"] = {n: state["steps"][n]["seconds"] for n in state["stages"]}
     total = round(time.time() - t_all, 1)
     if fresh:
         shutil.rmtree(fresh, ignore_errors=True)
     ppl = {}
     for s in stages:
-        if s[:2] == ["lpt", "eval"] and outputs(s):
-            doc = json.loads((ROOT / outputs(s)[0]).read_text())
-            ppl[s[2]] = {k: round(v["ppl"], 4) for k, v in doc.get("perplexity", {}).items()}
+        files = {s[2]: ROOT / outputs(s)[0]} if s[:2] == ["lpt", "eval"] and outputs(s) else {}
+        if s[:2] == ["lpt", "run"]:
+            files = {f"{outputs(s)[0]}/eval/{f.stem}": f for f in sorted((ROOT / outputs(s)[0] / "eval").glob("*.json"))}
+        for name, f in files.items():
+            doc = json.loads(f.read_text())
+            ppl[name] = {k: round(v["ppl"], 4) for k, v in doc.get("perplexity", {}).items()}
     res = {"stages": rows, "total_seconds": total, "perplexity": ppl, "cpus": os.cpu_count(),
            "load_average_before": [round(x, 2) for x in load_before],
            "load_average_after": [round(x, 2) for x in os.getloadavg()],

@@ -68,6 +68,12 @@ def read_json(path: str | os.PathLike) -> Any:
         raise LptError(f"{path} is not valid JSON ({e.msg} at line {e.lineno})") from None
 
 
+def partial_dir(output: str | os.PathLike) -> Path:
+    """Where ``lpt prune`` works while it runs (``OUTPUT.partial``: its log and ``--save-every`` checkpoints)."""
+    output = Path(output)
+    return output.parent / f"{output.name}.partial"
+
+
 def check_output_dir(path: str | os.PathLike, overwrite: bool) -> Path:
     """Refuse an existing output unless ``overwrite``; call before any expensive work."""
     path = Path(path)

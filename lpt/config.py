@@ -467,3 +467,53 @@ def build(cls: type, values: Mapping[str, Any], explicit: set[str] | None = None
         raise LptError(str(e)) from None
     check_finite(cfg)
     return cfg
+
+
+RUN_STAGES = ("calibrate", "prune", "slice", "eval", "export", "bench")
+
+
+@dataclass
+class RunConfig:
+    """``lpt run``: the stages a recipe names, each into OUTPUT/<stage>/ as the stage command writes it, and a
+    report. The recipe's ``run:`` section sets these fields; its stage sections configure the stages."""
+
+    recipe: str | None = _f(None, "Required: the recipe YAML (a run: section naming the stages, one section per "
+                                  "stage).")
+    output: str = _f("run", "Run directory: OUTPUT/<stage>/ for every stage, OUTPUT/run.json (the resolved config "
+                            "of every stage and its hash), OUTPUT/report.md and OUTPUT/report.html.")
+    model: str = _f("smollm2-135m", "The model to prune: hub id, local HF directory, .gguf file, or the alias "
+                                    "smollm2-135m.")
+    stages: list[str] = _f(["calibrate", "prune", "slice", "eval"],
+                           "Stages to run, in this order: calibrate, prune, slice (always with --merge), eval (the "
+                           "dense and the pruned model), export (GGUF of the pruned model), bench (runtime of dense "
+                           "vs pruned).")
+    reconstruct: bool = _f(False, "Slice with --reconstruct OUTPUT/calibrate (needs the calibrate stage).")
+    overrides: list[str] = _f([], "STAGE.KEY=VALUE settings over the recipe's stage sections (KEY as in the recipe, "
+                                  "dashes or underscores; STAGE '*' for every stage with that key).")
+    dry_run: bool = _f(False, "Say which stages would run and why, and run nothing.")
+    command: str = _f("", "The command line, recorded in the report.")
+
+
+def parse_setting(cls: type, name: str, text: str, where: str) -> Any:
+    """``text`` (as typed after ``--set STAGE.KEY=``) as a value of field ``name`` of ``cls``, converted and checked
+    as a recipe value is (:func:`coerce`); ``where`` names the setting in the one-line error. Lists are comma
+    separated; ``none`` / ``null`` / ``~`` is None where the field allows it."""
+    tp = typing.get_type_hints(cls)[name]
+    args = typing.get_args(tp)
+    raw = text.strip()
+    if raw.lower() in ("none", "null", "~") and type(None) in args:
+        return None
+    value: Any = raw
+    if typing.get_origin(tp) is list:
+        value = [s.strip() for s in raw.split(",") if s.strip()]
+    elif tp is bool or bool in args:
+        value = {"true": True, "yes": True, "on": True, "1": True,
+                 "false": False, "no": False, "off": False, "0": False}.get(raw.lower(), raw)
+    try:
+        return coerce(tp, value)
+    except ValueError as e:
+        raise LptError(f"{where}: {e}, got '{text}'") from None
+
+
+def field_names(cls: type) -> list[str]:
+    return [f.name for f in dataclasses.fields(cls)]

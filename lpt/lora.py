@@ -76,7 +76,9 @@ def quantize_8bit(linear: nn.Linear, threshold: float = INT8_THRESHOLD, backend:
         return Int8Linear.from_linear(linear)
     if backend != "bitsandbytes":
         raise LptError(f"unknown int8 backend '{backend}' (use bitsandbytes or torch)")
-    import bitsandbytes as bnb
+    from lpt import quiet
+
+    bnb = quiet.import_bitsandbytes()
 
     q = bnb.nn.Linear8bitLt(linear.in_features, linear.out_features, bias=linear.bias is not None,
                             has_fp16_weights=False, threshold=float(threshold), device="meta")

@@ -387,6 +387,9 @@ def load_int8(model: str | ModelRef, *, dtype: str = "auto", device: str = "auto
     if others != ["lm_head"]:
         return None
     dev = resolve_device(device)
+    from lpt import quiet
+
+    quiet.import_bitsandbytes()  # transformers imports it next: imported here first, its import-time warnings hidden
     quant = BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=float(int8_threshold),
                                llm_int8_skip_modules=["lm_head"])
     try:

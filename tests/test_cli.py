@@ -1,5 +1,6 @@
 """The CLI shell: stages listed, examples in every --help, instant --help, version, recipes."""
 
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -8,7 +9,7 @@ import pytest
 
 from conftest import invoke
 
-STAGES = ("calibrate", "prune", "merge", "slice", "export", "eval", "bench")
+STAGES = ("calibrate", "prune", "merge", "slice", "export", "eval", "bench", "run")
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -62,14 +63,15 @@ def test_main_command_benchmark_reads_the_readme(runner):
     stages = mod.main_command(ROOT / "README.md")
     assert [s[0] for s in stages if s[0] != "pip"] and all(s[0] in ("pip", "lpt") for s in stages)
     lpt_stages = [s for s in stages if s[0] == "lpt"]
-    assert [s[1] for s in lpt_stages] == ["prune", "calibrate", "slice", "eval", "eval", "eval"]
+    assert [s[1] for s in lpt_stages] == ["run"]  # one command: lpt run RECIPE -o RUN_DIR
     for s in lpt_stages:
         opts = [a.split("=")[0] for a in s[2:] if a.startswith("-")]
         help_text = invoke(runner, [s[1], "--help"]).output
         assert all(o in help_text for o in opts), (s, opts)
-        if "--recipe" in s:
-            assert (ROOT / s[s.index("--recipe") + 1]).is_file()
+    recipe = ROOT / lpt_stages[0][2]
+    assert recipe.is_file() and recipe.read_text().startswith(f"# {shlex.join(lpt_stages[0])}\n")
     assert mod.outputs(lpt_stages[0]) == ["runs/smollm2-20"]
+    assert ".[report]" in " ".join(" ".join(s) for s in stages)  # the report's pictures need matplotlib
 
 
 def test_errors_are_one_line_unless_debug(runner, tmp_path):

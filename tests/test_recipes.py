@@ -23,7 +23,22 @@ def test_recipe_is_valid(path):
         prune.validate(cfg)
         assert cfg.ratio == doc["prune"]["ratio"]
     for stage in doc:
-        assert stage in {"calibrate", "prune", "merge", "slice", "eval", "bench"}, stage
+        assert stage in {"run", "calibrate", "prune", "merge", "slice", "eval", "export", "bench"}, stage
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
+def test_recipe_runs_as_a_whole(path, tmp_path):
+    """Every shipped recipe has a run: section whose stages plan (lpt run's configs resolve, eval has sources)."""
+    from lpt import pipeline
+    from lpt.config import RunConfig
+
+    doc = yaml.safe_load(path.read_text())
+    assert "run" in doc and doc["run"]["stages"], "lpt run needs the stages"
+    cfg = build(RunConfig, {"recipe": str(path), "output": str(tmp_path / "run")}, {"recipe", "output"},
+                load_recipe(path, "run"))
+    steps = pipeline.plan(cfg)
+    assert [s.name for s in steps][-2:] == ["eval-dense", "eval-pruned"]
+    assert all(str(s.output).startswith(str(tmp_path / "run")) for s in steps)
 
 
 def test_flags_override_recipe(tmp_path, runner, tiny_llama_dir):

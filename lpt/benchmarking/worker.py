@@ -59,6 +59,9 @@ def main(argv: list[str]) -> int:
     if len(argv) != 2:
         print("usage: python -m lpt.benchmarking.worker SPEC.json RESULT.json", file=sys.stderr)
         return 2
+    from lpt import quiet
+
+    quiet.configure(debug=quiet.env_flag("LPT_DEBUG"), quiet=quiet.env_flag("LPT_QUIET"))  # as the parent command
     spec_path, result_path = Path(argv[0]), Path(argv[1])
     try:
         result = {"result": m.run(Task.from_json(json.loads(spec_path.read_text(encoding="utf-8"))))}

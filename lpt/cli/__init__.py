@@ -16,7 +16,8 @@ app = typer.Typer(
     help=(
         "LoRA-guided structured pruning for LLMs (LoRAPrune).\n\n"
         "Pipeline: calibrate -> prune -> merge / slice -> export / eval / bench. Each stage reads and writes files, "
-        "so it can be rerun, inspected or swapped on its own."
+        "so it can be rerun, inspected or swapped on its own; lpt run RECIPE -o DIR runs them all, skips what is up to "
+        "date, and writes a report."
     ),
     no_args_is_help=True,
     add_completion=False,
@@ -35,14 +36,21 @@ def _version(value: bool) -> None:
 @app.callback()
 def _root(
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
-    debug: bool = typer.Option(False, "--debug", help="Show full tracebacks instead of one-line errors."),
+    debug: bool = typer.Option(False, "--debug", help="Show full tracebacks instead of one-line errors, and the "
+                                                      "warnings and logs of the libraries lpt uses."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help=_common.QUIET_HELP),
+    json_: bool = typer.Option(False, "--json", help=_common.JSON_HELP),
 ) -> None:
-    _common.STATE.debug = debug
+    _common.STATE.debug, _common.STATE.quiet, _common.STATE.json = debug, quiet, json_
+    _common.configure_output()
 
 
-STAGES = ("calibrate", "prune", "merge", "slice", "export", "eval", "bench")
+STAGES = ("calibrate", "prune", "merge", "slice", "export", "eval", "bench", "run")
 for _stage in STAGES:  # each lpt/cli/<stage>.py adds its command (or command group) to the app
     importlib.import_module(f"lpt.cli.{_stage}").register(app)
+for _info in [*app.registered_commands,  # every command takes --quiet and --json
+              *(c for g in app.registered_groups for c in g.typer_instance.registered_commands)]:
+    _info.callback = _common.with_output_options(_info.callback)
 
 
 def main() -> None:

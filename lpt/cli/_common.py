@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import inspect
+import json
 import os
 import sys
 import traceback
@@ -18,6 +22,9 @@ from lpt.errors import LptError
 @dataclass
 class _State:
     debug: bool = bool(os.environ.get("LPT_DEBUG"))
+    quiet: bool = False  # --quiet: no progress or messages (errors still print)
+    json: bool = False  # --json: stdout carries a JSON summary instead of the output path
+    command: str = ""  # the command being run, without the program name: "prune", "bench runtime"
 
 
 STATE = _State()
@@ -93,14 +100,79 @@ def fail(message: str, code: int = 2) -> None:
     from lpt.progress import console
 
     # the message is plain text: brackets in it (pip extras, paths) must not be read as markup
+    quiet, console.quiet = console.quiet, False  # errors print under --quiet too
     console.print(f"[bold red]error:[/] {escape(message)}", markup=True, soft_wrap=True)
+    console.quiet = quiet
     raise typer.Exit(code)
 
 
+QUIET_HELP = "No progress bars or messages on stderr (errors still print); stdout still carries the output."
+JSON_HELP = "Print a JSON summary of the output on stdout instead of its path."
+
+
+def configure_output(debug: bool | None = None, quiet: bool | None = None, json_: bool | None = None) -> None:
+    """Apply --debug / --quiet / --json (given at the root or on the command): lpt.quiet hides other libraries'
+    noise unless --debug."""
+    from lpt import quiet as q
+
+    for name, value in (("debug", debug), ("quiet", quiet), ("json", json_)):
+        if value:
+            setattr(STATE, name, True)
+    q.configure(debug=STATE.debug, quiet=STATE.quiet)
+
+
+def with_output_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``fn`` (a command) with --quiet/-q and --json added (also accepted before the command: lpt --quiet prune)."""
+    @functools.wraps(fn)
+    def command(*args: Any, lpt_quiet: bool = False, lpt_json: bool = False, **kwargs: Any) -> Any:
+        names, c = [], kwargs.get("ctx")
+        while c is not None and c.parent is not None:
+            names.insert(0, c.info_name or "")
+            c = c.parent
+        STATE.command = " ".join(names) or fn.__name__.strip("_")
+        configure_output(quiet=lpt_quiet, json_=lpt_json)
+        return fn(*args, **kwargs)
+
+    sig = inspect.signature(fn)
+    extra = [inspect.Parameter("lpt_quiet", inspect.Parameter.KEYWORD_ONLY, annotation=bool,
+                               default=typer.Option(False, "--quiet", "-q", help=QUIET_HELP, rich_help_panel=OUTPUT)),
+             inspect.Parameter("lpt_json", inspect.Parameter.KEYWORD_ONLY, annotation=bool,
+                               default=typer.Option(False, "--json", help=JSON_HELP, rich_help_panel=OUTPUT))]
+    command.__signature__ = sig.replace(parameters=[*sig.parameters.values(), *extra])  # type: ignore[attr-defined]
+    command.__annotations__ = {**fn.__annotations__, "lpt_quiet": bool, "lpt_json": bool}
+    return command
+
+
+def emit(result: Any) -> None:
+    """stdout: the path a stage wrote (scripts chain stages by it: OUT=$(lpt prune ...)), or its JSON summary."""
+    if result is None:
+        return
+    if STATE.json:
+        from lpt.summary import summarize
+
+        typer.echo(json.dumps(summarize(STATE.command, result), default=str))
+    else:
+        typer.echo(str(result))
+
+
+_STDOUT: Any = None
+
+
+def stdout() -> Any:
+    """The command's real stdout, also while a stage runs (for commands whose product is text: eval --compare)."""
+    return _STDOUT if _STDOUT is not None else sys.stdout
+
+
 def run_stage(fn: Callable[[], Any]) -> Any:
-    """Run a stage; user errors become one line and exit code 2, unexpected ones one line and exit code 1."""
+    """Run a stage; user errors become one line and exit code 2, unexpected ones one line and exit code 1.
+
+    While it runs, anything written to stdout (by lpt or a library) goes to stderr; stdout then gets the output's
+    path (or, with --json, its summary) and nothing else."""
+    global _STDOUT
+    _STDOUT = sys.stdout
     try:
-        return fn()
+        with contextlib.redirect_stdout(sys.stderr):
+            result = fn()
     except (typer.Exit, click.exceptions.Exit, click.ClickException, typer.Abort):
         raise
     except LptError as e:
@@ -114,3 +186,6 @@ def run_stage(fn: Callable[[], Any]) -> Any:
             traceback.print_exc(file=sys.stderr)
         msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
         fail(f"{type(e).__name__}: {msg} (run `lpt --debug ...` for the traceback)", 1)
+    else:
+        emit(result)
+        return result

@@ -6,7 +6,7 @@ from typing import List
 
 import typer
 
-from lpt.cli._common import RECIPE_HELP, fail, make_config, opt, run_stage
+from lpt.cli._common import RECIPE_HELP, STATE, fail, make_config, opt, run_stage, stdout
 from lpt.config import default_of, help_of
 from lpt.config import EvalConfig as C
 
@@ -101,7 +101,14 @@ def _compare(paths: list[str], markdown: bool) -> None:
     if not paths:
         raise LptError("--compare needs at least one results file")
     docs = [R.load(p) for p in paths]
-    out = Console(highlight=False)
+    out = Console(file=stdout(), highlight=False)
+    if STATE.json:  # the same rows, machine-readable
+        import json
+
+        typer.echo(json.dumps({"labels": R.labels(docs, paths), "files": paths, "notes": R.protocol_notes(docs),
+                               "rows": [{"metric": n, "values": c} for n, c in R.table_rows(docs)]}),
+                   file=stdout())
+        return
     if markdown:
         out.print(R.markdown_table(docs, paths), end="", markup=False)
     else:

@@ -154,11 +154,38 @@ def rich_table(docs: Sequence[Results], paths: Sequence[str | Path] | None = Non
     return table
 
 
-def markdown_table(docs: Sequence[Results], paths: Sequence[str | Path] | None = None) -> str:
-    head = ["metric", *labels(docs, paths)]
-    lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|"]
-    lines += ["| " + " | ".join([name, *cells]) + " |" for name, cells in table_rows(docs)]
+def markdown_table(docs: Sequence[Results], paths: Sequence[str | Path] | None = None,
+                   extra: Sequence[tuple[str, list[str]]] = ()) -> str:
+    """The comparison as Markdown; ``extra`` rows (e.g. the run report's file sizes, latency) go after the
+    results rows."""
+    return markdown_rows(["metric", *labels(docs, paths)], [*table_rows(docs), *extra])
+
+
+def markdown_rows(head: Sequence[str], rows: Sequence[tuple[str, Sequence[str]]], numeric: bool = True) -> str:
+    """A Markdown table: the first column left-aligned (names), the others right-aligned (numbers) unless not
+    ``numeric``."""
+    def cell(text: Any) -> str:
+        return str(text).replace("|", "\\|")
+
+    lines = ["| " + " | ".join(map(cell, head)) + " |", "|" + "|".join(["---"] + ["---:" if numeric else "---"] * (len(head) - 1)) + "|"]
+    lines += ["| " + " | ".join(cell(c) for c in [name, *cells]) + " |" for name, cells in rows]
     return "\n".join(lines) + "\n"
+
+
+def html_rows(head: Sequence[str], rows: Sequence[tuple[str, Sequence[str]]], numeric: bool = True) -> str:
+    """The same table as HTML (cells escaped; numbers right-aligned unless not ``numeric``)."""
+    from html import escape
+
+    num = " class=num" if numeric else ""
+
+    out = ["<table>", "<thead><tr>" + "".join(
+        f'<th{"" if i == 0 else num}>{escape(str(h))}</th>' for i, h in enumerate(head)) + "</tr></thead>",
+        "<tbody>"]
+    for name, cells in rows:
+        out.append("<tr><td>" + escape(str(name)) + "</td>"
+                   + "".join(f"<td{num}>{escape(str(c))}</td>" for c in cells) + "</tr>")
+    out.append("</tbody></table>")
+    return "\n".join(out) + "\n"
 
 
 def protocol_notes(docs: Sequence[Results]) -> list[str]:

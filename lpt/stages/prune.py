@@ -59,9 +59,7 @@ def _calibration(cfg: PruneConfig, tokenizer) -> calibration.CalibData:
     return calibration.CalibData(train, None, meta)
 
 
-def partial_dir(output: str | Path) -> Path:
-    output = Path(output)
-    return output.parent / f"{output.name}.partial"
+partial_dir = artifacts.partial_dir
 
 
 def run(cfg: PruneConfig) -> Path:

@@ -1,0 +1,405 @@
+"""The report of an ``lpt run``: ``RUN_DIR/report.md`` and the same as one self-contained ``RUN_DIR/report.html``.
+
+What was run (command, lpt version, model, recipe, wall time per stage), the dense and the pruned model side by
+side (the table of ``lpt eval --compare``, ``lpt.evaluation.results``, plus file sizes and the bench latency), the
+masks per layer and the training curve as PNGs (``RUN_DIR/report/``, embedded in the HTML as base64), and each
+stage's settings that differ from its defaults. Everything is read from the files the stages wrote: a report can be
+written again from a run directory alone (:func:`write`). The pictures need matplotlib (``pip install
+'lpt[report]'``); without it the report says so and keeps its tables. No torch here.
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import json
+import math
+from html import escape
+from pathlib import Path
+from typing import Any, Sequence
+
+from lpt import artifacts
+from lpt.errors import LptError
+from lpt.evaluation import results as R
+from lpt.pipeline import REPORT_HTML, REPORT_MD, RUN_DIR_MARK, SECTIONS
+
+PICTURES = "report"  # RUN_DIR/report/*.png
+MASKS_PNG, TRAINING_PNG = "masks.png", "training.png"
+KEPT, PRUNED = "#3B6FB6", "#E6E6E6"
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".pth")
+
+Block = tuple  # ("h1" | "h2" | "p" | "note", text), ("table", head, rows), ("img", relpath, alt), ("code", text)
+
+
+# ------------------------------------------------------------------------------------------------ reading
+def _out(run_dir: Path, state: dict[str, Any], step: str) -> Path | None:
+    rec = state.get("steps", {}).get(step)
+    if not rec or rec.get("status") != "done" or rec.get("in_plan") is False:
+        return None
+    p = Path(rec["output"])
+    return p if p.exists() else None
+
+
+def _json(path: Path | None) -> Any:
+    if path is None or not path.is_file():
+        return None
+    try:
+        return artifacts.read_json(path)
+    except LptError:
+        return None
+
+
+def disk_size(path: str | Path | None) -> int | None:
+    """Bytes of a model on disk: a file, or the weight files of a directory (None when not a local path)."""
+    if path is None:
+        return None
+    p = Path(path)
+    if p.is_file():
+        return p.stat().st_size
+    if p.is_dir():
+        return sum(f.stat().st_size for f in p.rglob("*") if f.is_file() and f.suffix in WEIGHT_SUFFIXES) or None
+    return None
+
+
+def _dense_file(model: str, dense_doc: dict | None) -> Path | None:
+    info = (dense_doc or {}).get("model") or {}
+    if info.get("path"):
+        p = Path(info["path"]) / info["gguf_file"] if info.get("gguf_file") else Path(info["path"])
+        if p.exists():
+            return p
+    try:
+        from lpt.models import resolve
+
+        ref = resolve(model)
+    except LptError:
+        return None
+    p = Path(ref.path) / ref.gguf_file if ref.gguf_file else Path(ref.path)
+    return p if p.exists() else None
+
+
+def fmt_bytes(n: int | None) -> str:
+    if not n:
+        return "-"
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
+def fmt_seconds(s: float | None) -> str:
+    if s is None:
+        return "-"
+    return f"{s:.1f} s" if s < 120 else f"{s / 60:.1f} min"
+
+
+def _log(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+# ------------------------------------------------------------------------------------------------ pictures
+def _pyplot():
+    try:
+        import matplotlib
+    except ImportError:
+        return None
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_masks(masks: dict[str, Any], path: Path) -> Path | None:
+    """Kept (blue) and pruned (grey) query heads and MLP channels, one row per layer."""
+    plt = _pyplot()
+    if plt is None:
+        return None
+    import numpy as np
+    from matplotlib.colors import ListedColormap
+
+    n_layers, heads = int(masks["num_hidden_layers"]), int(masks["num_attention_heads"])
+    kv, width = int(masks["num_key_value_heads"]), int(masks["intermediate_size"])
+    by_layer = {int(lay["layer"]): lay for lay in masks["layers"]}
+    H = np.zeros((n_layers, heads))
+    C = np.zeros((n_layers, width))
+    for i in range(n_layers):
+        lay = by_layer.get(i)
+        if lay is None:  # not recorded: not pruned
+            H[i], C[i] = 1, 1
+            continue
+        H[i, lay["attention_heads"]] = 1
+        C[i, lay["mlp_channels"]] = 1
+    kept_h, kept_c = H.sum(1).astype(int), C.sum(1).astype(int)
+    cmap = ListedColormap([PRUNED, KEPT])
+    height = min(12.0, 1.6 + 0.17 * n_layers)
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, height), gridspec_kw={"width_ratios": [1, 4]})
+    for ax, M in ((ax1, H), (ax2, C)):
+        ax.imshow(M, aspect="auto", cmap=cmap, vmin=0, vmax=1, interpolation="nearest")
+        ax.set_ylabel("layer")
+        step = max(1, math.ceil(n_layers / 16))
+        ax.set_yticks(range(0, n_layers, step))
+        ax.tick_params(labelsize=8)
+    group = heads // max(kv, 1)
+    for g in range(1, kv):  # key/value groups: the query heads that share a key/value head
+        ax1.axvline(g * group - 0.5, color="white", linewidth=2)
+    ax1.set_xticks(range(heads))
+    ax1.set_xticklabels([str(h) if heads <= 16 or h % 4 == 0 else "" for h in range(heads)])
+    ax1.set_xlabel(f"query head ({kv} key/value groups)" if kv < heads else "head")
+
+    def span(v):
+        return f"{v.min()}" if v.min() == v.max() else f"{v.min()}–{v.max()}"
+
+    ax1.set_title(f"attention: {span(kept_h)} of {heads} heads kept", fontsize=10)
+    ax2.set_xlabel("MLP channel")
+    ax2.set_title(f"MLP: {span(kept_c)} of {width} channels kept per layer", fontsize=10)
+    if kept_c.min() != kept_c.max() or kept_h.min() != kept_h.max():  # per-layer widths: the counts on the right
+        for i in range(n_layers):
+            ax2.annotate(f"{kept_h[i]}h {kept_c[i]}c", (1.005, 1 - (i + 0.5) / n_layers), xycoords="axes fraction",
+                         fontsize=6, va="center")
+    fig.suptitle("masks per layer (blue: kept, grey: pruned)", fontsize=11)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_training(log: list[dict[str, Any]], path: Path) -> Path | None:
+    """Loss, and sparsity against its schedule's target, per optimiser step."""
+    plt = _pyplot()
+    if plt is None or not log:
+        return None
+    from matplotlib.ticker import MaxNLocator
+
+    steps = [r["step"] for r in log]
+    loss = [r["loss"] for r in log]
+    fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(8, 5.2), sharex=True, gridspec_kw={"height_ratios": [3, 2]})
+    ax1.plot(steps, loss, color=KEPT, marker="o" if len(log) <= 60 else None, markersize=3, linewidth=1,
+             label="loss (each step's batch)")
+    if len(log) >= 10:  # one batch per step: the trend is easier to read averaged
+        w = max(3, len(log) // 10)
+        mean = [sum(loss[max(0, i - w + 1):i + 1]) / len(loss[max(0, i - w + 1):i + 1]) for i in range(len(loss))]
+        ax1.plot(steps, mean, color="#1B2F55", linewidth=2, label=f"mean of the last {w} steps")
+        ax1.legend(fontsize=8, loc="upper right")
+    ax1.set_ylabel("training loss")
+    ax2.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax1.set_title("lpt prune: loss and sparsity per step", fontsize=11)
+    ax1.grid(alpha=0.3)
+    if all("target_sparsity" in r for r in log):
+        ax2.plot(steps, [100 * r["target_sparsity"] for r in log], color="#888888", linestyle="--", linewidth=1.2,
+                 label="schedule target", zorder=3)
+    ax2.plot(steps, [100 * r["sparsity"] for r in log], color="#C44E52", linewidth=2.2, label="sparsity (masked)",
+             zorder=2)
+    ax2.set_ylabel("% of block params")
+    ax2.set_xlabel("optimiser step")
+    ax2.set_ylim(bottom=0)
+    ax2.grid(alpha=0.3)
+    ax2.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+# ------------------------------------------------------------------------------------------------ content
+def _non_defaults(stage: str, config: dict[str, Any]) -> str:
+    cls = SECTIONS.get(stage)
+    if cls is None:
+        return ""
+    defaults = {}
+    for f in dataclasses.fields(cls):
+        defaults[f.name] = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore
+    keep = [f"{k}={v}" for k, v in config.items()
+            if k not in ("overwrite", "resume") and k in defaults and v != defaults[k]]
+    return ", ".join(keep)
+
+
+def _bench_rows(bench: dict | None) -> list[tuple[str, list[str]]]:
+    if not bench:
+        return []
+    rows = bench.get("results", [])
+    if not rows:
+        return []
+    b = rows[0]["batch_size"]
+    by = {r["label"]: r for r in rows if r["batch_size"] == b}
+    p = bench.get("protocol", {})
+    cells = [by.get(lab) for lab in ("dense", "pruned")]
+    return [
+        (f"latency, forward {b} x {p.get('seq_len')} tokens (median)",
+         [f"{1000 * r['latency_s']['median']:.1f} ms" if r else "-" for r in cells]),
+        ("tokens/s", [f"{r['tokens_per_s']:.0f}" if r else "-" for r in cells]),
+        ("peak memory", [fmt_bytes(r["peak_memory_bytes"]) if r else "-" for r in cells]),
+    ]
+
+
+def _headline(docs: list[dict], params: tuple[int, int] | None) -> str:
+    parts = []
+    if len(docs) == 2:
+        for src, r in docs[1].get("perplexity", {}).items():
+            d = docs[0].get("perplexity", {}).get(src)
+            if d:
+                parts.append(f"perplexity on {R.short_source(src)} {R.fmt_ppl(d['ppl'])} -> {R.fmt_ppl(r['ppl'])} "
+                             f"({r['ppl'] / d['ppl']:.2f}x dense)")
+    if params:
+        a, b = params
+        parts.append(f"parameters {R.fmt_params(a)} -> {R.fmt_params(b)} ({(b - a) / a:+.1%})")
+    return "; ".join(parts)
+
+
+def blocks(run_dir: Path, state: dict[str, Any], pictures: bool = True) -> list[Block]:
+    """The report's content, in order (rendered by :func:`markdown` and :func:`html`)."""
+    run_dir = Path(run_dir)
+    steps = {n: r for n, r in state.get("steps", {}).items() if r.get("in_plan") is not False}
+    order = [n for n in state.get("stages", []) if n in steps]
+    model = state.get("model", "?")
+    dense, pruned = _json(_out(run_dir, state, "eval-dense")), _json(_out(run_dir, state, "eval-pruned"))
+    prune_dir, slice_dir = _out(run_dir, state, "prune"), _out(run_dir, state, "slice")
+    masks = _json(prune_dir / artifacts.MASKS) if prune_dir else None
+    prov = _json(slice_dir / artifacts.PROVENANCE) if slice_dir else None
+    params = None
+    if prov and prov.get("params"):
+        params = (prov["params"]["before"], prov["params"]["after"])
+    elif masks and masks.get("params"):
+        params = (masks["params"]["model_before"], masks["params"]["model_after"])
+    docs = [d for d in (dense, pruned) if d]
+    out: list[Block] = [("h1", f"lpt run: {model}, {Path(str(state.get('recipe') or '')).name}")]
+    head = _headline(docs, params)
+    if head:
+        out.append(("p", head[0].upper() + head[1:] + "."))
+
+    # what was run
+    out.append(("h2", "What was run"))
+    total = sum(r.get("seconds") or 0 for r in steps.values() if r.get("status") == "done")
+    rec = state.get("recipe_sha256")
+    out.append(("table", ["", ""], [
+        ("command", [state.get("command") or "-"]),
+        ("lpt version", [state.get("lpt_version", "-")]),
+        ("model", [model]),
+        ("recipe", [f"{state.get('recipe')}" + (f" (sha256 {rec})" if rec else "")]),
+        ("run directory", [str(run_dir)]),
+        ("last run", [f"{state.get('started', '-')} to {state.get('finished') or '(running)'}"]),
+        ("stage time, all stages", [fmt_seconds(total)]),
+    ], False))
+    actions = state.get("last_actions", {})
+    rows = []
+    for n in order:
+        r = steps[n]
+        action = actions.get(n, r.get("status", ""))
+        why = "up to date" if action == "skipped" else r.get("reason", "")
+        if r.get("resumed"):
+            why += " (wall time: the resumed part)"
+        rows.append((n, [action, r.get("status", ""), fmt_seconds(r.get("seconds")),
+                         r.get("output", "").replace(str(run_dir), RUN_DIR_MARK, 1), why]))
+    out.append(("table", ["stage", "this time", "status", "wall time", "output", "why"], rows, False))
+
+    # dense vs pruned
+    out.append(("h2", "Dense vs pruned"))
+    dense_file = _dense_file(model, dense)
+    sizes = [disk_size(dense_file), disk_size(slice_dir)]
+    kinds = [(dense_file.suffix.lstrip(".") or "dir") if dense_file else "",
+             f"safetensors, {(prov or {}).get('dtype', '?')}" if slice_dir else ""]
+    extra = [("file size on disk", [f"{fmt_bytes(s)} ({k})" if s else "-" for s, k in zip(sizes, kinds)])]
+    export = _out(run_dir, state, "export")
+    if export:
+        extra.append((f"GGUF export ({export.name})", ["-", fmt_bytes(disk_size(export))]))
+    extra += _bench_rows(_json(_out(run_dir, state, "bench")))
+    if docs:
+        table = [*R.table_rows(docs), *extra]
+        cols = R.labels(docs)
+    else:
+        table = [("params", [R.fmt_params(p) for p in params] if params else ["-", "-"]), *extra]
+        cols = ["dense", "pruned"]
+    out.append(("table", ["", *cols], table))
+    for note in R.protocol_notes(docs):
+        out.append(("note", note))
+    if not docs:
+        out.append(("note", "no evaluation in this run (add eval to the run's stages)"))
+    if dense_file and dense_file.suffix == ".gguf" and slice_dir:
+        out.append(("note", "the dense file is the GGUF checkpoint as given (possibly quantized); the pruned model "
+                            "is written in the slice dtype"))
+
+    # masks and training
+    plots = run_dir / PICTURES
+    if masks:
+        out.append(("h2", "Masks per layer"))
+        info = masks.get("info", {})
+        bal = info.get("balance") or {}
+        text = (f"{masks.get('layout', '?')} layout, --gqa {masks.get('gqa')}, criterion {info.get('criterion')}; "
+                f"{(masks.get('ratio') or {}).get('blocks', 0):.1%} of the block parameters removed "
+                f"({(masks.get('ratio') or {}).get('model', 0):.1%} of the model).")
+        if bal:
+            text += (f" Balance {bal.get('mode')}: {bal.get('attention_units')} attention unit(s) and "
+                     f"{bal.get('mlp_channels')} MLP channels pruned per layer.")
+        out.append(("p", text))
+        png = plot_masks(masks, plots / MASKS_PNG) if pictures else None
+        out.append(("img", f"{PICTURES}/{MASKS_PNG}", "masks per layer") if png else
+                   ("note", "pictures need matplotlib: pip install 'lpt[report]'"))
+    log = _log(prune_dir / artifacts.TRAIN_LOG) if prune_dir else []
+    if log:
+        out.append(("h2", "Training"))
+        secs = sum(r.get("seconds", 0) for r in log)
+        out.append(("p", f"{log[-1]['step']} optimiser steps; loss {log[0]['loss']:.3f} at step {log[0]['step']}, "
+                         f"{log[-1]['loss']:.3f} at the end; sparsity {log[-1]['sparsity']:.1%}; "
+                         f"{fmt_seconds(secs)} of steps (from log.jsonl)."))
+        png = plot_training(log, plots / TRAINING_PNG) if pictures else None
+        out.append(("img", f"{PICTURES}/{TRAINING_PNG}", "training curve") if png else
+                   ("note", "pictures need matplotlib: pip install 'lpt[report]'"))
+
+    # settings
+    out.append(("h2", "Settings"))
+    out.append(("p", "Each stage's settings that differ from its command's defaults (the whole resolved config and "
+                     "its hash are in run.json; RUN_DIR is this directory)."))
+    rows = [(n, [_non_defaults(steps[n].get("stage", ""), steps[n].get("config", {})) or "(defaults)"])
+            for n in order]
+    out.append(("table", ["stage", "settings"], rows, False))
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ rendering
+TEXT = {"h1": ("# {}", "<h1>{}</h1>"), "h2": ("## {}", "<h2>{}</h2>"), "p": ("{}", "<p>{}</p>"),
+        "note": ("> {}", "<blockquote>{}</blockquote>")}  # block kind -> (Markdown, HTML)
+
+
+def markdown(content: Sequence[Block]) -> str:
+    def one(b: Block) -> str:
+        if b[0] == "table":
+            return R.markdown_rows(b[1], b[2], *b[3:])
+        if b[0] == "img":
+            return f"![{b[2]}]({b[1]})\n"
+        return TEXT[b[0]][0].format(b[1]) + "\n"
+
+    return "\n".join(map(one, content))
+
+
+STYLE = """body{font-family:system-ui,-apple-system,Segoe UI,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;
+color:#222;line-height:1.45}table{border-collapse:collapse;margin:.6em 0 1.2em}th,td{border-bottom:1px solid #ddd;
+padding:.3em .7em;text-align:left;vertical-align:top}td.num,th.num{text-align:right;font-variant-numeric:tabular-nums}
+th{background:#f4f6f9}blockquote{color:#666;margin:.4em 0;border-left:3px solid #ccc;padding-left:.8em}
+img{max-width:100%}h1{font-size:1.5em}h2{font-size:1.2em;margin-top:1.6em}"""
+
+
+def html(content: Sequence[Block], run_dir: Path) -> str:
+    """One self-contained HTML page: the pictures inline as base64, no external files."""
+    def one(b: Block) -> str:
+        if b[0] == "table":
+            return R.html_rows(b[1], b[2], *b[3:])
+        if b[0] == "img":
+            data = base64.b64encode((Path(run_dir) / b[1]).read_bytes()).decode()
+            return f"<p><img alt='{escape(b[2])}' src='data:image/png;base64,{data}'></p>"
+        return TEXT[b[0]][1].format(escape(b[1]))
+
+    title = next((b[1] for b in content if b[0] == "h1"), "lpt run")
+    head = (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{escape(title)}</title>"
+            f"<style>{STYLE}</style></head><body>")
+    return "\n".join([head, *map(one, content), "</body></html>"]) + "\n"
+
+
+def write(run_dir: str | Path, state: dict[str, Any]) -> Path:
+    """Write RUN_DIR/report.md, RUN_DIR/report.html and the PNGs under RUN_DIR/report/; returns report.md."""
+    run_dir = Path(run_dir)
+    content = blocks(run_dir, state)
+    md = run_dir / REPORT_MD
+    with artifacts.atomic_file(md, overwrite=True) as tmp:
+        tmp.write_text(markdown(content), encoding="utf-8")
+    with artifacts.atomic_file(run_dir / REPORT_HTML, overwrite=True) as tmp:
+        tmp.write_text(html(content, run_dir), encoding="utf-8")
+    return md
