@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from lpt.data import IGNORE_INDEX as IGNORE
 
-HEAD_CHUNK_BYTES = 64 << 20  # float32 logits of one chunk: 64 MiB (about 340 tokens at a 49k vocabulary)
+HEAD_CHUNK_BYTES = 16 << 20  # float32 logits of one chunk: 16 MiB (about 85 tokens at a 49k vocabulary)
 
 
 def _next_labels(labels: torch.Tensor) -> torch.Tensor:
@@ -146,29 +146,28 @@ class _HeadLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, h, ht, rows, target, head: Head, temperature: float, weight: float, chunk: int):
+        # When the hidden states need a gradient it is formed here, chunk by chunk, from the same logits as the loss
+        # (the gradient of a scalar loss is fixed up to the incoming scale): the backward pass only scales it, so no
+        # logits, student or teacher, are computed twice and nothing vocabulary-sized outlives its chunk.
         n = max(1, rows.numel())
+        need = ctx.needs_input_grad[0]
         total = torch.zeros((), dtype=torch.float32, device=h.device)
+        dh = torch.zeros_like(h) if need else None
         for i in range(0, rows.numel(), chunk):
             r = rows[i:i + chunk]
-            loss, _, _ = _HeadLoss._terms(head, h.index_select(0, r), None if ht is None else ht.index_select(0, r),
-                                          target[i:i + chunk], temperature, weight, n, grad=False)
+            loss, zs, dz = _HeadLoss._terms(head, h.index_select(0, r), None if ht is None else ht.index_select(0, r),
+                                            target[i:i + chunk], temperature, weight, n, grad=need)
             total += loss
-        ctx.save_for_backward(h, rows, target, *(() if ht is None else (ht,)))
-        ctx.head, ctx.temperature, ctx.weight, ctx.chunk = head, temperature, weight, chunk
+            if need:
+                dh.index_copy_(0, r, head.backward(zs, dz).to(h.dtype))
+        if need:
+            ctx.save_for_backward(dh)
         return total
 
     @staticmethod
     def backward(ctx, grad):
-        h, rows, target, *rest = ctx.saved_tensors
-        ht = rest[0] if rest else None
-        head, n = ctx.head, max(1, rows.numel())
-        out = torch.zeros_like(h)
-        for i in range(0, rows.numel(), ctx.chunk):
-            r = rows[i:i + ctx.chunk]
-            _, zs, dz = _HeadLoss._terms(head, h.index_select(0, r), None if ht is None else ht.index_select(0, r),
-                                         target[i:i + ctx.chunk], ctx.temperature, ctx.weight, n, grad=True)
-            out.index_copy_(0, r, (head.backward(zs, dz * grad)).to(h.dtype))
-        return out, None, None, None, None, None, None, None
+        (dh,) = ctx.saved_tensors
+        return dh * grad.to(dh.dtype), None, None, None, None, None, None, None
 
 
 def head_loss(hidden: torch.Tensor, head: Head, labels: torch.Tensor, teacher_hidden: torch.Tensor | None = None,
@@ -179,9 +178,9 @@ def head_loss(hidden: torch.Tensor, head: Head, labels: torch.Tensor, teacher_hi
     LM: the mean next-token cross-entropy over the positions whose next label is not ``IGNORE`` (what transformers'
     ``model(..., labels=labels).loss`` computes); KL: :func:`kl_distill`'s, over the same positions, against
     ``teacher_hidden`` (detached) through the same ``head``. ``weight`` 0 (the default) is the LM loss alone. The
-    logits are formed ``chunk`` positions at a time (default: ``Head.chunk_rows``, 64 MiB of float32 logits), in
-    the forward pass and again in the backward pass, which writes the gradient of ``hidden`` only (the head is
-    frozen). Costs one extra ``h Wᵀ`` per chunk in the backward pass against the plain formula.
+    logits are formed ``chunk`` positions at a time (default: ``Head.chunk_rows``, 64 MiB of float32 logits), once:
+    when ``hidden`` needs a gradient, the forward pass also forms it from the same chunk's logits (the head is
+    frozen, so that is the only gradient), and the backward pass scales it.
     """
     if not 0.0 <= weight <= 1.0:
         raise ValueError(f"weight must be in [0, 1] (got {weight})")
