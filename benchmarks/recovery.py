@@ -182,6 +182,17 @@ def main_command(st: Study, out: Path, a, results: dict, save) -> None:
         "--max-steps 10": ["--max-steps", "10"],
         "criterion only (--one-shot --max-steps 1 --lr 1e-12)": ["--one-shot", "--max-steps", "1", "--lr", "1e-12"],
     }
+    if a.wanda:  # the paper's semi-structured comparison (Fig. 3): 50% of every block linear, 2:4, no training
+        def wanda() -> dict:
+            d = out / "mc-wanda-2of4"
+            if not (d / "config.json").exists():
+                st.sh(d.name, [sys.executable, str(ROOT / "benchmarks" / "wanda.py"), MODEL, "--calib", calib,
+                               "-o", d])
+            row = rows.evaluate(d.name, d, [])
+            row["seconds"] = st.seconds(d.name) or 0
+            return row
+
+        put("Wanda 2:4 (50% of every block linear, no training; llm-compressor)", wanda)
     variants = {k: v for k, v in variants.items() if k.split(" (")[0] in a.mc_variants.split(",")}
     for label, extra in variants.items():
         name = "mc-" + label.split(" (")[0].replace("--", "").replace(" ", "-").replace(".", "")
@@ -397,6 +408,8 @@ def main() -> None:
     ap.add_argument("--mc-variants", default="--distill,--lr 5e-4",
                     help="main-command variants (--distill, --lr 5e-4, --distill --distill-weight 0.9, "
                          "--max-steps 10, criterion only)")
+    ap.add_argument("--wanda", action="store_true", help="main-command section: also a Wanda 2:4 row on the same "
+                                                         "calibration blocks (benchmarks/wanda.py, llm-compressor)")
     ap.add_argument("--lr", type=float, default=2e-3, help="learning rate of the curve (the quality study's)")
     ap.add_argument("--task-docs", type=int, default=None, help="documents per task (default 100; quick: 5; 0: no "
                                                                 "tasks)")
