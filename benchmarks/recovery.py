@@ -312,7 +312,7 @@ def markdown(results: dict) -> str:
              "(± one standard error). Out of domain: `boolq-passages` (BoolQ's distinct Wikipedia passages).", ""]
     mc = results.get("main_command") or {}
     if mc:
-        src = [s for s in (mc.get("dense") or {}).get("ppl", {})]
+        src = sorted((mc.get("dense") or {}).get("ppl", {}), key=lambda s: s == OOD)  # in domain, then out
         lines += [f"**Main command** (`recipes/smollm2-135m-20.yaml`, 20%; perplexity at 2048 tokens, "
                   f"{p['mc_segments']} segments per source):", "",
                   "| row | " + " | ".join(f"ppl {s}" for s in src) + " | 7-task avg | vs dense (points) | "
@@ -326,9 +326,20 @@ def markdown(results: dict) -> str:
                          f"{' / '.join(str(xd.get(s, '–')) for s in src)} | "
                          f"{' / '.join(str(xl.get(s, '–')) for s in src)} | {_min(row.get('seconds'))} |")
         lines.append("")
+        tasked = {k: r for k, r in mc.items() if r.get("tasks")}
+        if tasked:
+            names = [t for t in PAPER if t in next(iter(tasked.values()))["tasks"]]
+            lines += ["Per task (the paper's metric: acc_norm for HellaSwag, ARC-c and OBQA, acc otherwise; "
+                      f"{p['task_docs']} documents each, one standard error of a score is about "
+                      f"{100 * math.sqrt(0.25 / max(1, p['task_docs'])):.0f} points):", "",
+                      "| row | " + " | ".join(names) + " | average |", "|---|" + "---|" * (len(names) + 1)]
+            for k, r in tasked.items():
+                lines.append(f"| {k} | " + " | ".join(_pts(r["tasks"][t]["score"]) for t in names) +
+                             f" | {_pts(r.get('avg7'))} |")
+            lines.append("")
     cv = results.get("curve") or {}
     if cv:
-        src = [s for s in next(iter(cv.values())).get("ppl", {})]
+        src = sorted(next(iter(cv.values())).get("ppl", {}), key=lambda s: s == OOD)  # in domain, then out
         lines += [f"**Budget curve** ({results.get('curve_corpus')}; lr {p['lr']}; perplexity at 2048 tokens, "
                   f"{p['segments']} segments per source; minutes on the shared 2-core machine):", "",
                   "| recipe | tokens | " + " | ".join(f"ppl {Path(s).name}" for s in src) +
