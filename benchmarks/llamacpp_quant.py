@@ -13,7 +13,7 @@ What it does (every step whose output already exists in --work is reused; the ti
 1. the models, with lpt's own commands:
    dense:  an all-ones masks.json -> ``lpt slice smollm2-135m`` (the same model as a Hugging Face directory);
    each ``--recipe PATH[+reconstruct]`` (default: the README's main command, ``recipes/smollm2-135m-20.yaml`` with
-   ``lpt prune``, ``lpt calibrate`` and ``lpt slice --merge --reconstruct``; and ``recipes/smollm2-135m.yaml`` at
+   ``lpt prune`` and ``lpt slice --merge``; ``+reconstruct`` adds ``lpt calibrate`` and ``--reconstruct``; and ``recipes/smollm2-135m.yaml`` at
    50% with ``lpt slice --merge``): ``lpt prune smollm2-135m --recipe PATH`` [``lpt calibrate smollm2-135m --recipe
    PATH``] ``lpt slice ... --merge [--reconstruct CALIB]``; and the same with each ``--round-to N`` (default 32 and
    256) unless N gives the recipe the same widths as prune's default (then the run would be the same one).
@@ -51,7 +51,7 @@ from slice_check import lpt, sh  # noqa: E402  (a CLI stage as a subprocess, log
 
 RESULTS = ROOT / "benchmarks" / "results"
 MODEL = "smollm2-135m"
-RECIPES = ("recipes/smollm2-135m-20.yaml+reconstruct", "recipes/smollm2-135m.yaml")
+RECIPES = ("recipes/smollm2-135m-20.yaml", "recipes/smollm2-135m.yaml")
 OUTTYPES = ("f16", "q8_0", "q6_k", "q5_k_m", "q4_k_m", "q4_0")
 PYDOC = "builtin:pydoc:test"
 HELDOUT = "heldout"

@@ -165,7 +165,7 @@ def main_command(st: Study, out: Path, a, results: dict, save) -> None:
     put("dense", lambda: rows.evaluate("mc-dense", MODEL, []))
     put("dense + LoRA (--ratio 0)", lambda: rows.pruned_row("mc-lora0", [*recipe, "--ratio", "0"]))
     # the unmerged prune is the merged, sliced model up to float rounding (tests/test_merge_slice.py): one row
-    put("joint prune", lambda: rows.pruned_row("mc-prune", recipe))
+    put("joint prune (the README's command)", lambda: rows.pruned_row("mc-prune", recipe))
 
     def sliced(name: str, prune_name: str, extra: list) -> dict:
         d = rows.slice(name, out / prune_name, ["--adapter", out / prune_name, "--merge", *extra])
@@ -173,7 +173,7 @@ def main_command(st: Study, out: Path, a, results: dict, save) -> None:
         row["seconds"] = (st.seconds(prune_name) or 0) + (st.seconds(name) or 0)
         return row
 
-    put("joint prune + slice --merge --reconstruct (the README's command)",
+    put("joint prune + slice --merge --reconstruct (the README's earlier command)",
         lambda: sliced("mc-reconstruct", "mc-prune", ["--reconstruct", calib]))
     variants = {
         "--distill": ["--distill"],
