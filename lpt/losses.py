@@ -178,9 +178,9 @@ def head_loss(hidden: torch.Tensor, head: Head, labels: torch.Tensor, teacher_hi
     LM: the mean next-token cross-entropy over the positions whose next label is not ``IGNORE`` (what transformers'
     ``model(..., labels=labels).loss`` computes); KL: :func:`kl_distill`'s, over the same positions, against
     ``teacher_hidden`` (detached) through the same ``head``. ``weight`` 0 (the default) is the LM loss alone. The
-    logits are formed ``chunk`` positions at a time (default: ``Head.chunk_rows``, 64 MiB of float32 logits), once:
-    when ``hidden`` needs a gradient, the forward pass also forms it from the same chunk's logits (the head is
-    frozen, so that is the only gradient), and the backward pass scales it.
+    logits are formed ``chunk`` positions at a time (default: ``Head.chunk_rows``, ``HEAD_CHUNK_BYTES`` of float32
+    logits), once: when ``hidden`` needs a gradient, the forward pass also forms it from the same chunk's logits (the
+    head is frozen, so that is the only gradient), and the backward pass scales it.
     """
     if not 0.0 <= weight <= 1.0:
         raise ValueError(f"weight must be in [0, 1] (got {weight})")

@@ -16,7 +16,8 @@ from typing import Any, Iterable
 
 import torch
 
-from lpt import calibration, checkpoint, criteria, distributed, groups, importance, int8, lora, losses, schedule, selection
+from lpt import (calibration, checkpoint, criteria, distributed, groups, importance, int8, lora, losses, schedule,
+                 selection)
 from lpt.arch import PROJECTIONS, Arch
 from lpt.benchmarking.memory import peak_memory_bytes
 from lpt.config import PROJECTION_LIST, CalibrateConfig, PruneConfig, check_finite, round_to_channels
