@@ -42,9 +42,20 @@ CHECKPOINT_META = "checkpoint.json"
 
 # merge / slice
 PROVENANCE = "lpt_provenance.json"
+ADAPTER_SUBDIR = "adapter"  # slice --adapter without --merge: OUTPUT/adapter/ (the sliced adapter, PEFT format)
 
 # eval / bench
 RESULTS_SCHEMA = 1
+
+# lpt run
+RUN_STATE = "run.json"
+RUN_SCHEMA = 1
+RUN_KIND = "lpt-run"
+REPORT_MD, REPORT_HTML = "report.md", "report.html"
+REPORT_PICTURES = "report"  # RUN_DIR/report/*.png
+MASKS_PNG, TRAINING_PNG = "masks.png", "training.png"
+LEGACY_RUN_LOCK = ".lock"  # RUN_DIR/.lock of an earlier lpt: tolerated, never opened (lpt run claims RUN_DIR with
+# output_lock, as every stage claims its output)
 
 
 def dump_json(obj: Any) -> str:
@@ -68,10 +79,31 @@ def read_json(path: str | os.PathLike) -> Any:
         raise LptError(f"{path} is not valid JSON ({e.msg} at line {e.lineno})") from None
 
 
+# ------------------------------------------------------------------------------------------------ partial outputs
+# One convention: whatever an unfinished run writes lives hidden next to its output, as ``.NAME.partial*``. Atomic
+# writes use ``.NAME.partial-XXXX`` (random; removed by ``remove_stale_partials`` once their writer is dead); a run
+# that can be resumed (prune's log and ``--save-every`` checkpoints) uses the one fixed name ``.NAME.partial``, which
+# the stale cleanup leaves alone: the stage itself resumes from it or discards it.
 def partial_dir(output: str | os.PathLike) -> Path:
-    """Where ``lpt prune`` works while it runs (``OUTPUT.partial``: its log and ``--save-every`` checkpoints)."""
+    """Where ``lpt prune`` works while it runs (``.OUTPUT.partial``: its log and ``--save-every`` checkpoints)."""
+    output = Path(output)
+    return output.parent / f".{output.name}.partial"
+
+
+def legacy_partial_dir(output: str | os.PathLike) -> Path:
+    """Where an earlier lpt kept prune's work (``OUTPUT.partial``, visible)."""
     output = Path(output)
     return output.parent / f"{output.name}.partial"
+
+
+def work_dir(output: str | os.PathLike) -> Path:
+    """The directory a resumable run of ``output`` works in: ``.OUTPUT.partial`` -- or, when only that exists, an
+    earlier lpt's ``OUTPUT.partial``, so that ``--resume`` continues from checkpoints made before the rename (and a
+    fresh run discards it as it discards its own)."""
+    new, old = partial_dir(output), legacy_partial_dir(output)
+    if not new.exists() and old.is_dir() and not old.is_symlink():
+        return old
+    return new
 
 
 def check_output_dir(path: str | os.PathLike, overwrite: bool) -> Path:

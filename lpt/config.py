@@ -155,8 +155,9 @@ class PruneConfig(ModelOptions, DataOptions):
     # outputs
     output: str = _f("prune-out", "Output directory.")
     overwrite: bool = _f(False, "Replace an existing output directory.")
-    save_every: int = _f(0, "Checkpoint every N optimiser steps into OUTPUT.partial/ (0: never).")
-    resume: bool = _f(False, "Continue an interrupted run from OUTPUT.partial/checkpoint.")
+    save_every: int = _f(0, "Checkpoint every N optimiser steps into .OUTPUT.partial/ (0: never).")
+    resume: bool = _f(False, "Continue an interrupted run from its checkpoint in .OUTPUT.partial/ (or an earlier "
+                                 "lpt's OUTPUT.partial/).")
     log_every: int = _f(1, "Optimiser steps between log lines.")
 
 
@@ -469,7 +470,15 @@ def build(cls: type, values: Mapping[str, Any], explicit: set[str] | None = None
     return cfg
 
 
-RUN_STAGES = ("calibrate", "prune", "slice", "eval", "export", "bench")
+# The stages, in the pipeline's order: one command each (``lpt/cli/<stage>.py``; ``lpt run`` chains them), one recipe
+# section each, and the config that section sets (bench's: ``bench runtime``'s, under ``runtime:``). The one list:
+# the CLI, the recipe sections, ``lpt run``'s stages and ``--set`` all come from it.
+STAGE_CONFIGS: dict[str, type] = {"calibrate": CalibrateConfig, "prune": PruneConfig, "merge": MergeConfig,
+                                  "slice": SliceConfig, "eval": EvalConfig, "export": ExportConfig,
+                                  "bench": BenchRuntimeConfig}
+STAGES = tuple(STAGE_CONFIGS)
+RUN_STAGES = tuple(s for s in STAGES if s != "merge")  # what lpt run chains, in order (it merges while slicing)
+RECIPE_SECTIONS = (*STAGES, "run")  # a recipe's top-level keys: one section per stage, and lpt run's own
 
 
 @dataclass

@@ -25,32 +25,27 @@ through the fingerprints, every step that reads its output), saying why each tim
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import json
 import os
-import shutil
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Mapping
 
 from lpt import artifacts
-from lpt.config import (RUN_STAGES, BenchRuntimeConfig, CalibrateConfig, DataOptions, EvalConfig, ExportConfig,
-                        PruneConfig, RunConfig, SliceConfig, build, field_names, load_recipe, parse_setting)
+from lpt.artifacts import RUN_KIND, RUN_SCHEMA, RUN_STATE
+from lpt.config import (RUN_STAGES, STAGE_CONFIGS, BenchRuntimeConfig, CalibrateConfig, DataOptions, EvalConfig,
+                        ExportConfig, PruneConfig, RunConfig, SliceConfig, build, field_names, load_recipe,
+                        parse_setting)
 from lpt.errors import LptError
 
-RUN_STATE = "run.json"
-RUN_SCHEMA = 1
-RUN_KIND = "lpt-run"
 SAVE_EVERY = 10  # prune checkpoints every N steps under lpt run unless the recipe or --set says otherwise
-SECTIONS: dict[str, type] = {"calibrate": CalibrateConfig, "prune": PruneConfig, "slice": SliceConfig,
-                             "eval": EvalConfig, "export": ExportConfig, "bench": BenchRuntimeConfig}
+SECTIONS: dict[str, type] = {s: STAGE_CONFIGS[s] for s in RUN_STAGES}  # the stage configs --set can reach
 NOT_HASHED = ("output", "overwrite", "resume", "save_every")  # change where or how often, not what is written
 RUN_DIR_MARK = "$RUN_DIR"
-REPORT_MD, REPORT_HTML = "report.md", "report.html"
 
 
 @dataclass
@@ -258,23 +253,6 @@ def save_state(run_dir: Path, state: dict[str, Any]) -> None:
         artifacts.write_json(tmp, state)
 
 
-@contextlib.contextmanager
-def locked(run_dir: Path) -> Iterator[None]:
-    """One ``lpt run`` per run directory at a time (the lock goes with the process, also when it is killed)."""
-    try:
-        import fcntl
-    except ImportError:  # not POSIX: no lock
-        yield
-        return
-    run_dir.mkdir(parents=True, exist_ok=True)
-    with open(run_dir / ".lock", "w") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            raise LptError(f"another lpt run is using {run_dir}") from None
-        yield
-
-
 # ------------------------------------------------------------------------------------------------ decisions
 @dataclass
 class Decision:
@@ -283,6 +261,7 @@ class Decision:
     resume: bool = False
     key: str = ""
     config: dict[str, Any] = field(default_factory=dict)
+    inputs: dict[str, str | None] = field(default_factory=dict)  # what the step reads: fingerprints by name
 
 
 def _changes(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
@@ -297,41 +276,36 @@ def decide(step: Step, run_dir: Path, state: Mapping[str, Any], changed: set[str
     inputs = {n: (records.get(n) or {}).get("fingerprint") for n in step.needs}
     key = step_key(step, config, inputs)
     rec = records.get(step.name)
+
+    def decision(run: bool, reason: str, resume: bool = False) -> Decision:
+        return Decision(run, reason, resume, key, config, inputs)
+
     upstream = [n for n in step.needs if n in changed]
     if upstream:
-        return Decision(True, f"{' and '.join(upstream)} will change", key=key, config=config)
+        return decision(True, f"{' and '.join(upstream)} will change")
     if rec is None:
-        return Decision(True, "not run yet", key=key, config=config)
+        return decision(True, "not run yet")
     if rec.get("status") != "done":
-        ckpt = artifacts.partial_dir(step.output) / artifacts.CHECKPOINT_DIR
+        ckpt = artifacts.work_dir(step.output) / artifacts.CHECKPOINT_DIR
         if step.stage == "prune" and rec.get("key") == key and (ckpt / artifacts.CHECKPOINT_META).is_file():
             meta = artifacts.read_json(ckpt / artifacts.CHECKPOINT_META)
-            return Decision(True, f"interrupted; resuming from its checkpoint at step {meta.get('step')}", True,
-                            key, config)
-        return Decision(True, "interrupted" if rec.get("status") == "running" else f"{rec.get('status')} last time",
-                        key=key, config=config)
+            return decision(True, f"interrupted; resuming from its checkpoint at step {meta.get('step')}", True)
+        return decision(True, "interrupted" if rec.get("status") == "running" else f"{rec.get('status')} last time")
     if rec.get("key") != key:
         diff = _changes(rec.get("config", {}), config)
         if diff:
-            return Decision(True, "changed: " + ", ".join(diff), key=key, config=config)
-        moved = [n for n in step.needs if (rec.get("inputs") or {}).get(n) != inputs[n]]
-        return Decision(True, f"{' and '.join(moved) or 'its input'} changed", key=key, config=config)
+            return decision(True, "changed: " + ", ".join(diff))
+        moved = [n for n in inputs if (rec.get("inputs") or {}).get(n) != inputs[n]]
+        return decision(True, f"{' and '.join(moved) or 'its input'} changed")
     now = fingerprint(step.output)
     if now is None:
-        return Decision(True, "its output is missing", key=key, config=config)
+        return decision(True, "its output is missing")
     if now != rec.get("fingerprint"):
-        return Decision(True, "its output changed since lpt run wrote it", key=key, config=config)
-    return Decision(False, "up to date", key=key, config=config)
+        return decision(True, "its output changed since lpt run wrote it")
+    return decision(False, "up to date")
 
 
 # ------------------------------------------------------------------------------------------------ running
-def _clean_partials(output: Path) -> None:
-    """Temporary siblings a killed stage left (atomic writes: ``.NAME.partial-*``)."""
-    if output.parent.is_dir():
-        for p in output.parent.glob(f".{output.name}.partial-*"):
-            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
-
-
 def _now() -> str:
     return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
@@ -348,80 +322,113 @@ def execute(cfg: RunConfig, runners: Mapping[str, Callable[[Any], Any]],
             say: Callable[[str], None] = lambda s: None,
             write_report: Callable[[Path, dict[str, Any]], Path] | None = None) -> Outcome:
     """Run (or, with ``cfg.dry_run``, only decide) every step of :func:`plan`; ``runners`` maps a stage name to
-    its ``run(config) -> Path``. ``write_report(run_dir, state)`` is called when anything ran (or no report exists)."""
-    import lpt
+    its ``run(config) -> Path``. ``write_report(run_dir, state)`` is called when anything ran (or no report exists).
 
+    The run holds RUN_DIR's lock (``artifacts.output_lock``) throughout, and each step its output's while it first
+    removes what killed runs left next to it (``artifacts.remove_stale_partials``) and then runs."""
     steps = plan(cfg)
     missing = sorted({s.stage for s in steps} - set(runners))
     if missing:
         raise LptError(f"no runner for stage(s) {', '.join(missing)}")
-    run_dir = Path(cfg.output)
+    run_dir = _check_run_dir(Path(cfg.output))
+    if cfg.dry_run:
+        return _dry_run(steps, run_dir, say)
+    with artifacts.output_lock(run_dir):
+        run_dir.mkdir(parents=True, exist_ok=True)
+        state = _start(cfg, steps, run_dir)
+        t_all = time.perf_counter()
+        actions = {step.name: _run_step(step, f"{i}/{len(steps)}", run_dir, state, runners[step.stage], say)
+                   for i, step in enumerate(steps, 1)}
+        report = _finish(run_dir, state, actions, time.perf_counter() - t_all, write_report)
+    return Outcome(run_dir, state, actions, report)
+
+
+def _check_run_dir(run_dir: Path) -> Path:
+    """Refuse an -o that is a file, or a directory lpt run did not make."""
     if run_dir.exists() and not run_dir.is_dir():
         raise LptError(f"output {run_dir} exists and is not a directory")
-    if run_dir.is_dir() and any(run_dir.iterdir()) and not (run_dir / RUN_STATE).exists() \
-            and set(p.name for p in run_dir.iterdir()) != {".lock"}:
+    names = {p.name for p in run_dir.iterdir()} if run_dir.is_dir() else set()
+    if names - {artifacts.LEGACY_RUN_LOCK} and RUN_STATE not in names:
         raise LptError(f"output {run_dir} exists and is not an lpt run directory (no {RUN_STATE}); choose another -o")
+    return run_dir
+
+
+def _dry_run(steps: list[Step], run_dir: Path, say: Callable[[str], None]) -> Outcome:
+    """Say what each step would do and why; nothing is written."""
+    state = load_state(run_dir) if run_dir.is_dir() else {"steps": {}}
+    changed: set[str] = set()
     actions: dict[str, str] = {}
-    if cfg.dry_run:
-        state = load_state(run_dir) if run_dir.is_dir() else {"steps": {}}
-        changed: set[str] = set()
-        for i, step in enumerate(steps, 1):
-            d = decide(step, run_dir, state, changed)
-            if d.run:
-                changed.add(step.name)
-            actions[step.name] = "would resume" if d.resume else ("would run" if d.run else "would skip")
-            say(f"{i}/{len(steps)} {step.name}: {actions[step.name]} ({d.reason}) -> {step.output}")
-        return Outcome(run_dir, state, actions, None)
-    with locked(run_dir):
-        state = load_state(run_dir)
-        state.update(recipe=cfg.recipe, recipe_sha256=_file_hash(cfg.recipe), model=cfg.model,
-                     stages=[s.name for s in steps], reconstruct=cfg.reconstruct, command=cfg.command,
-                     lpt_version=lpt.__version__, started=_now(), finished=None)
-        state.setdefault("created", state["started"])
-        records = state.setdefault("steps", {})
-        for name in [n for n in records if n not in {s.name for s in steps}]:
-            records[name]["in_plan"] = False  # kept (its output too), not part of this run's report
+    for i, step in enumerate(steps, 1):
+        d = decide(step, run_dir, state, changed)
+        if d.run:
+            changed.add(step.name)
+        actions[step.name] = "would resume" if d.resume else ("would run" if d.run else "would skip")
+        say(f"{i}/{len(steps)} {step.name}: {actions[step.name]} ({d.reason}) -> {step.output}")
+    return Outcome(run_dir, state, actions, None)
+
+
+def _start(cfg: RunConfig, steps: list[Step], run_dir: Path) -> dict[str, Any]:
+    """run.json as this run begins: the run's settings, earlier steps no longer planned marked so."""
+    import lpt
+
+    state = load_state(run_dir)
+    state.update(recipe=cfg.recipe, recipe_sha256=_file_hash(cfg.recipe), model=cfg.model,
+                 stages=[s.name for s in steps], reconstruct=cfg.reconstruct, command=cfg.command,
+                 lpt_version=lpt.__version__, started=_now(), finished=None)
+    state.setdefault("created", state["started"])
+    records = state.setdefault("steps", {})
+    for name in [n for n in records if n not in {s.name for s in steps}]:
+        records[name]["in_plan"] = False  # kept (its output too), not part of this run's report
+    save_state(run_dir, state)
+    return state
+
+
+def _run_step(step: Step, where: str, run_dir: Path, state: dict[str, Any], runner: Callable[[Any], Any],
+              say: Callable[[str], None]) -> str:
+    """Skip, run or resume one step, recording it in run.json before and after; returns the action."""
+    records = state["steps"]
+    d = decide(step, run_dir, state, set())
+    if not d.run:
+        records[step.name]["in_plan"] = True
+        say(f"{where} {step.name}: up to date, skipped ({step.output})")
+        return "skipped"
+    say(f"{where} {step.name}: {'resuming' if d.resume else 'running'} ({d.reason}) -> {step.output}")
+    if step.stage == "prune":
+        step.config.resume = d.resume
+    rec = {"stage": step.stage, "output": str(step.output), "config": d.config, "key": d.key,
+           "inputs": d.inputs, "status": "running", "started": _now(), "resumed": d.resume, "reason": d.reason,
+           "in_plan": True}
+    records[step.name] = rec
+    save_state(run_dir, state)
+    t0 = time.perf_counter()
+    try:
+        with artifacts.output_lock(step.output):
+            artifacts.remove_stale_partials(step.output)
+            runner(step.config)
+    except BaseException as e:
+        rec["status"] = "interrupted" if isinstance(e, KeyboardInterrupt) else "failed"
+        rec["seconds"] = round(time.perf_counter() - t0, 1)
         save_state(run_dir, state)
-        t_all = time.perf_counter()
-        for i, step in enumerate(steps, 1):
-            d = decide(step, run_dir, state, set())
-            if not d.run:
-                actions[step.name] = "skipped"
-                records[step.name]["in_plan"] = True
-                say(f"{i}/{len(steps)} {step.name}: up to date, skipped ({step.output})")
-                continue
-            say(f"{i}/{len(steps)} {step.name}: {'resuming' if d.resume else 'running'} ({d.reason}) -> "
-                f"{step.output}")
-            _clean_partials(step.output)
-            if step.stage == "prune":
-                step.config.resume = d.resume
-            rec = {"stage": step.stage, "output": str(step.output), "config": d.config, "key": d.key,
-                   "inputs": {n: records[n].get("fingerprint") for n in step.needs}, "status": "running",
-                   "started": _now(), "resumed": d.resume, "reason": d.reason, "in_plan": True}
-            records[step.name] = rec
-            save_state(run_dir, state)
-            t0 = time.perf_counter()
-            try:
-                runners[step.stage](step.config)
-            except BaseException as e:
-                rec["status"] = "interrupted" if isinstance(e, KeyboardInterrupt) else "failed"
-                rec["seconds"] = round(time.perf_counter() - t0, 1)
-                save_state(run_dir, state)
-                raise
-            rec.update(status="done", seconds=round(time.perf_counter() - t0, 1), finished=_now(),
-                       fingerprint=fingerprint(step.output))
-            actions[step.name] = "resumed" if d.resume else "ran"
-            save_state(run_dir, state)
-        state["finished"] = _now()
-        state["last_actions"] = actions
-        ran = any(a != "skipped" for a in actions.values())
-        if ran:
-            state["wall_seconds"] = round(time.perf_counter() - t_all, 1)
-        report = None
-        if write_report is not None and (ran or not (run_dir / REPORT_MD).is_file()):
-            report = write_report(run_dir, state)
-        save_state(run_dir, state)
-    return Outcome(run_dir, state, actions, report)
+        raise
+    rec.update(status="done", seconds=round(time.perf_counter() - t0, 1), finished=_now(),
+               fingerprint=fingerprint(step.output))
+    save_state(run_dir, state)
+    return "resumed" if d.resume else "ran"
+
+
+def _finish(run_dir: Path, state: dict[str, Any], actions: dict[str, str], seconds: float,
+            write_report: Callable[[Path, dict[str, Any]], Path] | None) -> Path | None:
+    """run.json closed, and the report written when anything ran (or there is none yet)."""
+    state["finished"] = _now()
+    state["last_actions"] = actions
+    ran = any(a != "skipped" for a in actions.values())
+    if ran:
+        state["wall_seconds"] = round(seconds, 1)
+    report = None
+    if write_report is not None and (ran or not (run_dir / artifacts.REPORT_MD).is_file()):
+        report = write_report(run_dir, state)
+    save_state(run_dir, state)
+    return report
 
 
 def _file_hash(path: str | None) -> str | None:

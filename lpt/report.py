@@ -14,17 +14,19 @@ import base64
 import dataclasses
 import json
 import math
+from dataclasses import dataclass
 from html import escape
 from pathlib import Path
 from typing import Any, Sequence
 
 from lpt import artifacts
+from lpt.artifacts import MASKS_PNG, REPORT_HTML, REPORT_MD, TRAINING_PNG
+from lpt.artifacts import REPORT_PICTURES as PICTURES
+from lpt.config import STAGE_CONFIGS
 from lpt.errors import LptError
 from lpt.evaluation import results as R
-from lpt.pipeline import REPORT_HTML, REPORT_MD, RUN_DIR_MARK, SECTIONS
+from lpt.pipeline import RUN_DIR_MARK
 
-PICTURES = "report"  # RUN_DIR/report/*.png
-MASKS_PNG, TRAINING_PNG = "masks.png", "training.png"
 KEPT, PRUNED = "#3B6FB6", "#E6E6E6"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".pth")
 
@@ -202,7 +204,7 @@ def plot_training(log: list[dict[str, Any]], path: Path) -> Path | None:
 
 # ------------------------------------------------------------------------------------------------ content
 def _non_defaults(stage: str, config: dict[str, Any]) -> str:
-    cls = SECTIONS.get(stage)
+    cls = STAGE_CONFIGS.get(stage)
     if cls is None:
         return ""
     defaults = {}
@@ -245,113 +247,151 @@ def _headline(docs: list[dict], params: tuple[int, int] | None) -> str:
     return "; ".join(parts)
 
 
+@dataclass
+class RunFiles:
+    """What the report reads from a run directory: the steps of the plan and the files they wrote."""
+
+    run_dir: Path
+    state: dict[str, Any]
+    steps: dict[str, dict[str, Any]]  # step name -> its run.json record (the steps of the last plan)
+    order: list[str]  # the steps in the plan's order
+    dense: dict | None  # eval-dense's results
+    pruned: dict | None  # eval-pruned's results
+    prune_dir: Path | None
+    slice_dir: Path | None
+    masks: dict | None  # prune's masks.json
+    provenance: dict | None  # slice's lpt_provenance.json
+
+    @classmethod
+    def read(cls, run_dir: Path, state: dict[str, Any]) -> "RunFiles":
+        steps = {n: r for n, r in state.get("steps", {}).items() if r.get("in_plan") is not False}
+        prune_dir, slice_dir = _out(run_dir, state, "prune"), _out(run_dir, state, "slice")
+        return cls(run_dir, state, steps, [n for n in state.get("stages", []) if n in steps],
+                   _json(_out(run_dir, state, "eval-dense")), _json(_out(run_dir, state, "eval-pruned")),
+                   prune_dir, slice_dir, _json(prune_dir / artifacts.MASKS) if prune_dir else None,
+                   _json(slice_dir / artifacts.PROVENANCE) if slice_dir else None)
+
+    @property
+    def docs(self) -> list[dict]:
+        """The results files of the run (dense first), those that exist."""
+        return [d for d in (self.dense, self.pruned) if d]
+
+    @property
+    def params(self) -> tuple[int, int] | None:
+        """(parameters before, after pruning): from slice's provenance, else from the masks."""
+        if self.provenance and self.provenance.get("params"):
+            return self.provenance["params"]["before"], self.provenance["params"]["after"]
+        if self.masks and self.masks.get("params"):
+            return self.masks["params"]["model_before"], self.masks["params"]["model_after"]
+        return None
+
+
 def blocks(run_dir: Path, state: dict[str, Any], pictures: bool = True) -> list[Block]:
-    """The report's content, in order (rendered by :func:`markdown` and :func:`html`)."""
-    run_dir = Path(run_dir)
-    steps = {n: r for n, r in state.get("steps", {}).items() if r.get("in_plan") is not False}
-    order = [n for n in state.get("stages", []) if n in steps]
-    model = state.get("model", "?")
-    dense, pruned = _json(_out(run_dir, state, "eval-dense")), _json(_out(run_dir, state, "eval-pruned"))
-    prune_dir, slice_dir = _out(run_dir, state, "prune"), _out(run_dir, state, "slice")
-    masks = _json(prune_dir / artifacts.MASKS) if prune_dir else None
-    prov = _json(slice_dir / artifacts.PROVENANCE) if slice_dir else None
-    params = None
-    if prov and prov.get("params"):
-        params = (prov["params"]["before"], prov["params"]["after"])
-    elif masks and masks.get("params"):
-        params = (masks["params"]["model_before"], masks["params"]["model_after"])
-    docs = [d for d in (dense, pruned) if d]
-    out: list[Block] = [("h1", f"lpt run: {model}, {Path(str(state.get('recipe') or '')).name}")]
-    head = _headline(docs, params)
+    """The report's content, in order (rendered by :func:`markdown` and :func:`html`): a title and headline, what
+    was run, dense vs pruned, the masks and the training curve, the settings."""
+    run = RunFiles.read(Path(run_dir), state)
+    out: list[Block] = [("h1", f"lpt run: {state.get('model', '?')}, {Path(str(state.get('recipe') or '')).name}")]
+    head = _headline(run.docs, run.params)
     if head:
         out.append(("p", head[0].upper() + head[1:] + "."))
+    return [*out, *_what_was_run(run), *_dense_vs_pruned(run), *_masks_section(run, pictures),
+            *_training_section(run, pictures), *_settings(run)]
 
-    # what was run
-    out.append(("h2", "What was run"))
+
+def _what_was_run(run: RunFiles) -> list[Block]:
+    state, steps = run.state, run.steps
     total = sum(r.get("seconds") or 0 for r in steps.values() if r.get("status") == "done")
     rec = state.get("recipe_sha256")
-    out.append(("table", ["", ""], [
+    out: list[Block] = [("h2", "What was run"), ("table", ["", ""], [
         ("command", [state.get("command") or "-"]),
         ("lpt version", [state.get("lpt_version", "-")]),
-        ("model", [model]),
+        ("model", [state.get("model", "?")]),
         ("recipe", [f"{state.get('recipe')}" + (f" (sha256 {rec})" if rec else "")]),
-        ("run directory", [str(run_dir)]),
+        ("run directory", [str(run.run_dir)]),
         ("last run", [f"{state.get('started', '-')} to {state.get('finished') or '(running)'}"]),
         ("stage time, all stages", [fmt_seconds(total)]),
-    ], False))
+    ], False)]
     actions = state.get("last_actions", {})
     rows = []
-    for n in order:
+    for n in run.order:
         r = steps[n]
         action = actions.get(n, r.get("status", ""))
         why = "up to date" if action == "skipped" else r.get("reason", "")
         if r.get("resumed"):
             why += " (wall time: the resumed part)"
         rows.append((n, [action, r.get("status", ""), fmt_seconds(r.get("seconds")),
-                         r.get("output", "").replace(str(run_dir), RUN_DIR_MARK, 1), why]))
+                         r.get("output", "").replace(str(run.run_dir), RUN_DIR_MARK, 1), why]))
     out.append(("table", ["stage", "this time", "status", "wall time", "output", "why"], rows, False))
+    return out
 
-    # dense vs pruned
-    out.append(("h2", "Dense vs pruned"))
-    dense_file = _dense_file(model, dense)
-    sizes = [disk_size(dense_file), disk_size(slice_dir)]
+
+def _dense_vs_pruned(run: RunFiles) -> list[Block]:
+    docs, params = run.docs, run.params
+    dense_file = _dense_file(run.state.get("model", "?"), run.dense)
+    sizes = [disk_size(dense_file), disk_size(run.slice_dir)]
     kinds = [(dense_file.suffix.lstrip(".") or "dir") if dense_file else "",
-             f"safetensors, {(prov or {}).get('dtype', '?')}" if slice_dir else ""]
+             f"safetensors, {(run.provenance or {}).get('dtype', '?')}" if run.slice_dir else ""]
     extra = [("file size on disk", [f"{fmt_bytes(s)} ({k})" if s else "-" for s, k in zip(sizes, kinds)])]
-    export = _out(run_dir, state, "export")
+    export = _out(run.run_dir, run.state, "export")
     if export:
         extra.append((f"GGUF export ({export.name})", ["-", fmt_bytes(disk_size(export))]))
-    extra += _bench_rows(_json(_out(run_dir, state, "bench")))
+    extra += _bench_rows(_json(_out(run.run_dir, run.state, "bench")))
     if docs:
         table = [*R.table_rows(docs), *extra]
         cols = R.labels(docs)
     else:
         table = [("params", [R.fmt_params(p) for p in params] if params else ["-", "-"]), *extra]
         cols = ["dense", "pruned"]
-    out.append(("table", ["", *cols], table))
-    for note in R.protocol_notes(docs):
-        out.append(("note", note))
+    out: list[Block] = [("h2", "Dense vs pruned"), ("table", ["", *cols], table)]
+    out += [("note", note) for note in R.protocol_notes(docs)]
     if not docs:
         out.append(("note", "no evaluation in this run (add eval to the run's stages)"))
-    if dense_file and dense_file.suffix == ".gguf" and slice_dir:
+    if dense_file and dense_file.suffix == ".gguf" and run.slice_dir:
         out.append(("note", "the dense file is the GGUF checkpoint as given (possibly quantized); the pruned model "
                             "is written in the slice dtype"))
-
-    # masks and training
-    plots = run_dir / PICTURES
-    if masks:
-        out.append(("h2", "Masks per layer"))
-        info = masks.get("info", {})
-        bal = info.get("balance") or {}
-        text = (f"{masks.get('layout', '?')} layout, --gqa {masks.get('gqa')}, criterion {info.get('criterion')}; "
-                f"{(masks.get('ratio') or {}).get('blocks', 0):.1%} of the block parameters removed "
-                f"({(masks.get('ratio') or {}).get('model', 0):.1%} of the model).")
-        if bal:
-            text += (f" Balance {bal.get('mode')}: {bal.get('attention_units')} attention unit(s) and "
-                     f"{bal.get('mlp_channels')} MLP channels pruned per layer.")
-        out.append(("p", text))
-        png = plot_masks(masks, plots / MASKS_PNG) if pictures else None
-        out.append(("img", f"{PICTURES}/{MASKS_PNG}", "masks per layer") if png else
-                   ("note", "pictures need matplotlib: pip install 'lpt[report]'"))
-    log = _log(prune_dir / artifacts.TRAIN_LOG) if prune_dir else []
-    if log:
-        out.append(("h2", "Training"))
-        secs = sum(r.get("seconds", 0) for r in log)
-        out.append(("p", f"{log[-1]['step']} optimiser steps; loss {log[0]['loss']:.3f} at step {log[0]['step']}, "
-                         f"{log[-1]['loss']:.3f} at the end; sparsity {log[-1]['sparsity']:.1%}; "
-                         f"{fmt_seconds(secs)} of steps (from log.jsonl)."))
-        png = plot_training(log, plots / TRAINING_PNG) if pictures else None
-        out.append(("img", f"{PICTURES}/{TRAINING_PNG}", "training curve") if png else
-                   ("note", "pictures need matplotlib: pip install 'lpt[report]'"))
-
-    # settings
-    out.append(("h2", "Settings"))
-    out.append(("p", "Each stage's settings that differ from its command's defaults (the whole resolved config and "
-                     "its hash are in run.json; RUN_DIR is this directory)."))
-    rows = [(n, [_non_defaults(steps[n].get("stage", ""), steps[n].get("config", {})) or "(defaults)"])
-            for n in order]
-    out.append(("table", ["stage", "settings"], rows, False))
     return out
+
+
+NO_PICTURES = ("note", "pictures need matplotlib: pip install 'lpt[report]'")
+
+
+def _masks_section(run: RunFiles, pictures: bool) -> list[Block]:
+    masks = run.masks
+    if not masks:
+        return []
+    info = masks.get("info", {})
+    bal = info.get("balance") or {}
+    text = (f"{masks.get('layout', '?')} layout, --gqa {masks.get('gqa')}, criterion {info.get('criterion')}; "
+            f"{(masks.get('ratio') or {}).get('blocks', 0):.1%} of the block parameters removed "
+            f"({(masks.get('ratio') or {}).get('model', 0):.1%} of the model).")
+    if bal:
+        text += (f" Balance {bal.get('mode')}: {bal.get('attention_units')} attention unit(s) and "
+                 f"{bal.get('mlp_channels')} MLP channels pruned per layer.")
+    png = plot_masks(masks, run.run_dir / PICTURES / MASKS_PNG) if pictures else None
+    return [("h2", "Masks per layer"), ("p", text),
+            ("img", f"{PICTURES}/{MASKS_PNG}", "masks per layer") if png else NO_PICTURES]
+
+
+def _training_section(run: RunFiles, pictures: bool) -> list[Block]:
+    log = _log(run.prune_dir / artifacts.TRAIN_LOG) if run.prune_dir else []
+    if not log:
+        return []
+    secs = sum(r.get("seconds", 0) for r in log)
+    text = (f"{log[-1]['step']} optimiser steps; loss {log[0]['loss']:.3f} at step {log[0]['step']}, "
+            f"{log[-1]['loss']:.3f} at the end; sparsity {log[-1]['sparsity']:.1%}; "
+            f"{fmt_seconds(secs)} of steps (from log.jsonl).")
+    png = plot_training(log, run.run_dir / PICTURES / TRAINING_PNG) if pictures else None
+    return [("h2", "Training"), ("p", text),
+            ("img", f"{PICTURES}/{TRAINING_PNG}", "training curve") if png else NO_PICTURES]
+
+
+def _settings(run: RunFiles) -> list[Block]:
+    rows = [(n, [_non_defaults(run.steps[n].get("stage", ""), run.steps[n].get("config", {})) or "(defaults)"])
+            for n in run.order]
+    return [("h2", "Settings"),
+            ("p", "Each stage's settings that differ from its command's defaults (the whole resolved config and "
+                  "its hash are in run.json; RUN_DIR is this directory)."),
+            ("table", ["stage", "settings"], rows, False)]
 
 
 # ------------------------------------------------------------------------------------------------ rendering

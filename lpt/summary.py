@@ -68,12 +68,10 @@ def summarize(command: str, output: str | Path) -> dict[str, Any]:
                            "tokens_per_s": r.get("tokens_per_s"), "peak_memory_bytes": r.get("peak_memory_bytes")}
                           for r in res.get("results", [])]
     elif stage == "run":
-        from lpt import pipeline
-
-        state = _read(out / pipeline.RUN_STATE) or {}
+        state = _read(out / artifacts.RUN_STATE) or {}
         steps = state.get("steps", {})
-        doc["report"] = str(out / pipeline.REPORT_MD)
-        doc["report_html"] = str(out / pipeline.REPORT_HTML)
+        doc["report"] = str(out / artifacts.REPORT_MD)
+        doc["report_html"] = str(out / artifacts.REPORT_HTML)
         doc["stages"] = {n: {"action": (state.get("last_actions") or {}).get(n), "status": steps[n].get("status"),
                              "seconds": steps[n].get("seconds"), "output": steps[n].get("output")}
                          for n in state.get("stages", []) if n in steps}  # in pipeline order

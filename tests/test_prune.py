@@ -196,7 +196,10 @@ def test_adapter_loads_in_peft_and_matches(tmp_path, runner, tiny_mha_dir, tiny_
         torch.testing.assert_close(peft_model(x).logits, ours(x).logits, rtol=1e-5, atol=1e-5)
 
 
-def test_resume_equals_uninterrupted(tmp_path, runner, tiny_llama_dir, tiny_calib_dir, monkeypatch):
+@pytest.mark.parametrize("layout", ["hidden", "earlier-lpt"])
+def test_resume_equals_uninterrupted(tmp_path, runner, tiny_llama_dir, tiny_calib_dir, monkeypatch, layout):
+    """Checkpoints live in the hidden .OUTPUT.partial/ (the one partial-output convention); those an earlier lpt left
+    in a visible OUTPUT.partial/ resume too."""
     args = ["prune", tiny_llama_dir, "--calib", tiny_calib_dir, "--ratio", "0.5", *FAST, "--lora-dropout", "0.1"]
     full = tmp_path / "full"
     assert invoke(runner, [*args, "-o", full]).exit_code == 0
@@ -214,9 +217,14 @@ def test_resume_equals_uninterrupted(tmp_path, runner, tiny_llama_dir, tiny_cali
     assert r.exit_code != 0
     assert not cut.exists()  # nothing that looks finished
     assert (prune.partial_dir(cut) / artifacts.CHECKPOINT_DIR).is_dir()
+    assert prune.partial_dir(cut).name == ".cut.partial" and sorted(p.name for p in tmp_path.iterdir()) == [
+        ".cut.partial", "full"]  # nothing visible
+    if layout == "earlier-lpt":
+        prune.partial_dir(cut).rename(artifacts.legacy_partial_dir(cut))
     monkeypatch.setattr(prune.Pruner, "train_step", real_step)
     r = invoke(runner, [*args, "--save-every", "2", "--resume", "-o", cut])
     assert r.exit_code == 0, r.output
+    assert "resuming from step 4" in r.output
     assert (full / artifacts.MASKS).read_text() == (cut / artifacts.MASKS).read_text()
     from safetensors.torch import load_file
 
@@ -226,7 +234,7 @@ def test_resume_equals_uninterrupted(tmp_path, runner, tiny_llama_dir, tiny_cali
         torch.testing.assert_close(a[k], b[k], rtol=1e-6, atol=1e-7)
     logs = [(full / artifacts.TRAIN_LOG).read_text().splitlines(), (cut / artifacts.TRAIN_LOG).read_text().splitlines()]
     assert [json.loads(x)["loss"] for x in logs[0]] == [json.loads(x)["loss"] for x in logs[1]]
-    assert not prune.partial_dir(cut).exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cut", "full"]
 
 
 def test_8bit_prune_runs_and_stays_int8(tmp_path, runner, tiny_llama_dir, tiny_calib_dir):

@@ -75,7 +75,7 @@ def test_run_resumes_a_killed_prune_then_skips_then_reruns_what_changed(tmp_path
     for name in ("calibrate", "prune", "slice"):
         assert (full / name).is_dir()
     assert (full / "slice" / artifacts.PROVENANCE).is_file() and (full / "eval" / "pruned.json").is_file()
-    state = json.loads((full / pipeline.RUN_STATE).read_text())
+    state = json.loads((full / artifacts.RUN_STATE).read_text())
     assert state["stages"] == STAGES and sorted(state["steps"]) == sorted(STAGES) and all(s["status"] == "done" for s in state["steps"].values())
     assert state["steps"]["prune"]["config"]["calib"] == "$RUN_DIR/calibrate"  # same blocks: read, not rebuilt
     # ... and the same model as the stage command that builds them itself (lpt prune --recipe, as the README did)
@@ -98,7 +98,7 @@ def test_run_resumes_a_killed_prune_then_skips_then_reruns_what_changed(tmp_path
                        env={**_env(), "LPT_KILL_AT": "5"})
     assert p.returncode == -signal.SIGKILL, p.stderr[-3000:]
     assert (cut / "calibrate").is_dir() and not (cut / "prune").exists()
-    assert json.loads((cut / pipeline.RUN_STATE).read_text())["steps"]["prune"]["status"] == "running"
+    assert json.loads((cut / artifacts.RUN_STATE).read_text())["steps"]["prune"]["status"] == "running"
     r = invoke(runner, [*args])
     assert r.exit_code == 0, r.output
     assert "calibrate: up to date, skipped" in r.output
@@ -160,7 +160,7 @@ def test_report_names_every_stage_and_embeds_its_pictures(tmp_path, runner, tiny
     # without matplotlib the report keeps its tables and says how to get the pictures
     from lpt import report
 
-    state = json.loads((out / pipeline.RUN_STATE).read_text())
+    state = json.loads((out / artifacts.RUN_STATE).read_text())
     monkeypatch.setattr(report, "_pyplot", lambda: None)
     text = report.markdown(report.blocks(out, state))
     assert "pip install 'lpt[report]'" in text and "## Dense vs pruned" in text and "![" not in text

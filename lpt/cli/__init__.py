@@ -10,6 +10,7 @@ import typer
 
 from lpt import __version__
 from lpt.cli import _common
+from lpt.config import STAGES
 
 app = typer.Typer(
     name="lpt",
@@ -45,8 +46,8 @@ def _root(
     _common.configure_output()
 
 
-STAGES = ("calibrate", "prune", "merge", "slice", "export", "eval", "bench", "run")
-for _stage in STAGES:  # each lpt/cli/<stage>.py adds its command (or command group) to the app
+COMMANDS = (*STAGES, "run")
+for _stage in COMMANDS:  # each lpt/cli/<stage>.py adds its command (or command group) to the app
     importlib.import_module(f"lpt.cli.{_stage}").register(app)
 for _info in [*app.registered_commands,  # every command takes --quiet and --json
               *(c for g in app.registered_groups for c in g.typer_instance.registered_commands)]:

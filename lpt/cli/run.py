@@ -75,17 +75,18 @@ def run(
         params["stages"] = [s.strip() for s in stages.split(",") if s.strip()]
 
     def go():
-        from lpt import pipeline, report
+        import importlib
+
+        from lpt import artifacts, pipeline, report
+        from lpt.config import RUN_STAGES
         from lpt.progress import console
-        from lpt.stages import bench, calibrate, eval, export, prune, slice
 
         cfg = make_config(ctx, C, "run")
         cfg.recipe, cfg.overrides = recipe, overrides
         argv = sys.argv[1:]
         cfg.command = shlex.join(["lpt", *argv]) if "run" in argv else shlex.join(
             ["lpt", "run", recipe, "-o", cfg.output, *(a for o in overrides for a in ("--set", o))])
-        runners = {"calibrate": calibrate.run, "prune": prune.run, "slice": slice.run, "eval": eval.run,
-                   "export": export.run, "bench": bench.run}
+        runners = {s: importlib.import_module(f"lpt.stages.{s}").run for s in RUN_STAGES}
         from rich.markup import escape
 
         done = pipeline.execute(cfg, runners, say=lambda s: console.print(f"[bold]lpt run[/] {escape(s)}", soft_wrap=True),
@@ -94,10 +95,10 @@ def run(
             return None
         ran = [n for n, a in done.actions.items() if a != "skipped"]
         if not ran:
-            console.print(f"lpt run: nothing to do, every stage is up to date ({done.run_dir / pipeline.REPORT_MD})")
+            console.print(f"lpt run: nothing to do, every stage is up to date ({done.run_dir / artifacts.REPORT_MD})")
         else:
-            console.print(f"lpt run: ran {', '.join(ran)}; report {done.run_dir / pipeline.REPORT_MD} and "
-                          f"{pipeline.REPORT_HTML}")
+            console.print(f"lpt run: ran {', '.join(ran)}; report {done.run_dir / artifacts.REPORT_MD} and "
+                          f"{artifacts.REPORT_HTML}")
         return done.run_dir
 
     run_stage(go)

@@ -10,7 +10,7 @@ Output directory:
   importance.safetensors                           moving-average group scores (layers.N.heads / .channels)
   log.jsonl                                        one line per logged optimiser step
   lpt_config.json                                  the resolved configuration and library versions
-While running, checkpoints (``--save-every``) live in ``OUTPUT.partial/checkpoint`` (safetensors + JSON);
+While running, checkpoints (``--save-every``) live in ``.OUTPUT.partial/checkpoint`` (safetensors + JSON);
 ``--resume`` continues from there. Under torchrun / accelerate launch the run is data parallel (equal to one process
 with the same global batch) and only rank 0 writes; ``--device-map`` spreads one model over several devices.
 """
@@ -66,13 +66,13 @@ def run(cfg: PruneConfig) -> Path:
     """Prune; under torchrun / accelerate launch every process runs this and only rank 0 writes the output.
 
     Rank 0 holds the output's lock (``artifacts.output_lock``) for the whole run, so a second run on the same output
-    (which would share ``OUTPUT.partial/``) is refused at once."""
+    (which would share ``.OUTPUT.partial/``) is refused at once."""
     validate(cfg)
     distributed.check_launch(cfg.device, cfg.device_map)
     device_map = distributed.parse_device_map(cfg.device_map)
     out = Path(cfg.output)
     with artifacts.output_lock(out) if distributed.rank() == 0 else contextlib.nullcontext():
-        ckpt = partial_dir(out) / artifacts.CHECKPOINT_DIR
+        ckpt = artifacts.work_dir(out) / artifacts.CHECKPOINT_DIR
         if not cfg.resume:
             artifacts.check_output_dir(out, cfg.overwrite)
         else:
@@ -101,7 +101,7 @@ def _config_if_cheap(cfg: PruneConfig):
 
 def _run(cfg: PruneConfig, world: distributed.World, device_map: str | dict | None) -> Path:
     out = Path(cfg.output)
-    work = partial_dir(out)
+    work = artifacts.work_dir(out)
     ckpt = work / artifacts.CHECKPOINT_DIR
     torch.manual_seed(cfg.seed)
     # --8bit: quantized while loading where possible, so the 16-bit weights never sit on a device
@@ -186,8 +186,8 @@ def _run(cfg: PruneConfig, world: distributed.World, device_map: str | dict | No
 
 
 def _discard_partial(work: Path) -> None:
-    """Remove ``OUTPUT.partial/`` of an earlier run that is no longer alive (this run holds the output's lock), and say
-    what is lost when it held a checkpoint."""
+    """Remove the work directory of an earlier run that is no longer alive (this run holds the output's lock), and
+    say what is lost when it held a checkpoint."""
     ckpt = work / artifacts.CHECKPOINT_DIR
     if checkpoint.exists(ckpt):
         try:

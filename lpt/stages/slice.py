@@ -26,7 +26,6 @@ from lpt.errors import LptError
 from lpt.masks import Masks, round_to_violations
 from lpt.progress import console, steps_bar
 
-ADAPTER_SUBDIR = "adapter"
 RECONSTRUCT_MODES = reconstruct.MODES
 
 
@@ -111,7 +110,7 @@ def run(cfg: SliceConfig) -> Path:
         with artifacts.atomic_dir(out, overwrite=cfg.overwrite) as tmp:
             models.write_model_dir(model, tok, tmp, dtype=dtype, max_shard_size=cfg.max_shard_size, provenance=prov)
             if sliced_adapter is not None and not cfg.merge:
-                lora.write_adapter(tmp / ADAPTER_SUBDIR, adapter_cfg, sliced_adapter, base_model=cfg.output,
+                lora.write_adapter(tmp / artifacts.ADAPTER_SUBDIR, adapter_cfg, sliced_adapter, base_model=cfg.output,
                                    metadata={"lpt_version": lpt.__version__, "sliced": "true"})
         step("done")
     what = " + adapter/" if cfg.adapter and not cfg.merge else (" (adapter merged)" if cfg.merge else "")
