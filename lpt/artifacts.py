@@ -18,7 +18,7 @@ import shutil
 import socket
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Mapping
 
 from lpt.errors import LptError
 
@@ -69,14 +69,68 @@ def write_json(path: str | os.PathLike, obj: Any) -> Path:
     return path
 
 
-def read_json(path: str | os.PathLike) -> Any:
+JSON_MAX_BYTES = 256 * 2**20  # no JSON file lpt reads is near this (a results file with --per-doc: a few MB)
+
+
+def read_json(path: str | os.PathLike, what: str = "JSON file") -> Any:
+    """A JSON file lpt reads (``what`` names it in errors: "masks file", "run record", ...). Whatever is wrong with
+    it -- missing, too large, not UTF-8, not JSON, nested deeper than the parser goes -- is one line naming it."""
     path = Path(path)
     if not path.is_file():
         raise LptError(f"file not found: {path}")
+    size = path.stat().st_size
+    if size > JSON_MAX_BYTES:
+        raise LptError(f"{path} is {size:,} bytes, more than any {what} lpt reads ({JSON_MAX_BYTES:,}); refused")
+    raw = path.read_bytes()
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise LptError(f"{path} is not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start}), so not a {what}"
+                       ) from None
+    try:
+        return json.loads(text)
     except json.JSONDecodeError as e:
         raise LptError(f"{path} is not valid JSON ({e.msg} at line {e.lineno})") from None
+    except RecursionError:
+        raise LptError(f"{path} nests its JSON deeper than the parser goes, so it is not a {what}") from None
+
+
+def json_type(value: Any) -> str:
+    """How a JSON value is named in errors: an object, an array, a string, a number, true/false, null."""
+    if isinstance(value, bool):
+        return "true/false"
+    return {dict: "an object", list: "an array", str: "a string", type(None): "null"}.get(
+        type(value), "a number" if isinstance(value, (int, float)) else type(value).__name__)
+
+
+def read_object(path: str | os.PathLike, what: str) -> dict[str, Any]:
+    """:func:`read_json` of a file that must hold one JSON object (every JSON file lpt writes does)."""
+    doc = read_json(path, what)
+    if not isinstance(doc, dict):
+        raise LptError(f"{path} is not a {what}: it holds {json_type(doc)}, not a JSON object")
+    return doc
+
+
+_JSON_TYPES = {dict: "an object", list: "an array", str: "a string", int: "a whole number", float: "a number",
+               bool: "true or false", type(None): "null"}
+
+
+def check_types(doc: Mapping[str, Any], path: str | os.PathLike, types: Mapping[str, type | tuple[type, ...]],
+                where: str = "") -> None:
+    """Refuse a field of ``doc`` (read from ``path``) whose JSON type is not the one its reader expects: one line
+    naming the file, the field and both types. Absent fields are the reader's business; true/false is never a
+    number (JSON has no integer booleans) and a whole number is a number. ``where`` prefixes the field's name
+    (``layers[3].``)."""
+    for key, want in types.items():
+        if key not in doc:
+            continue
+        wants = want if isinstance(want, tuple) else (want,)
+        v = doc[key]
+        ok = any(isinstance(v, t) and not (isinstance(v, bool) and t in (int, float))
+                 or (t is float and isinstance(v, int) and not isinstance(v, bool)) for t in wants)
+        if not ok:
+            expected = " or ".join(_JSON_TYPES.get(t, t.__name__) for t in wants)
+            raise LptError(f"{path}: '{where}{key}' must be {expected}, not {json_type(v)}")
 
 
 # ------------------------------------------------------------------------------------------------ partial outputs
@@ -359,7 +413,7 @@ def versions() -> dict[str, str]:
 def adapter_record(directory: str | os.PathLike) -> dict[str, Any]:
     """What ``lpt_provenance.json`` records of an adapter directory (path, SHA-256 of the weights, LoRA settings)."""
     d = Path(directory)
-    cfg = read_json(d / ADAPTER_CONFIG)
+    cfg = read_object(d / ADAPTER_CONFIG, "PEFT adapter config")
     return {"path": str(directory), "sha256": sha256_file(d / ADAPTER_WEIGHTS),
             "base_model": cfg.get("base_model_name_or_path"), "r": cfg.get("r"), "lora_alpha": cfg.get("lora_alpha"),
             "target_modules": cfg.get("target_modules")}

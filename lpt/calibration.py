@@ -35,6 +35,10 @@ class CalibData:
         return int(self.tensors["input_ids"].shape[1])
 
 
+META_TYPES = {"source": str, "format": str, "tokenizer": (str, type(None)), "tokenizer_fingerprint": str,
+              "seq_len": int, "nsamples": int, "val_samples": int, "seed": int, "schema_version": int}  # calib.json
+
+
 def check(cfg: CalibrateConfig) -> None:
     """The block sizes of ``cfg`` (--seq-len, --nsamples, --val-fraction), as one-line errors."""
     if cfg.seq_len < 2:
@@ -141,7 +145,8 @@ def load(path: str | Path, tokenizer=None) -> CalibData:
     path = Path(path)
     if not (path / artifacts.TOKENS).is_file() or not (path / artifacts.CALIB_META).is_file():
         raise LptError(f"{path} is not a calibrate output (missing {artifacts.TOKENS} or {artifacts.CALIB_META})")
-    meta = artifacts.read_json(path / artifacts.CALIB_META)
+    meta = artifacts.read_object(path / artifacts.CALIB_META, "calibrate record")
+    artifacts.check_types(meta, path / artifacts.CALIB_META, META_TYPES)
     if tokenizer is not None:
         fp = artifacts.tokenizer_fingerprint(tokenizer)
         if fp != meta.get("tokenizer_fingerprint"):

@@ -8,10 +8,11 @@ Optimiser states are flattened with ``flatten_optimizer`` / ``unflatten_optimize
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 import torch
 
@@ -53,9 +54,32 @@ def require(directory: str | Path) -> None:
 
 
 def load(directory: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The checkpoint's tensors and its record (``step``, ``config`` and the trainer's ``state``); a record that is not
+    one is a one-line error naming it."""
     require(directory)
     d = Path(directory)
-    return artifacts.load_tensors(d / TENSORS), artifacts.read_json(d / META)
+    meta = artifacts.read_object(d / META, "checkpoint record")
+    missing = [k for k in ("step", "config", "state") if k not in meta]
+    if missing:
+        raise LptError(f"{d / META} has no '{missing[0]}': the checkpoint is incomplete; start the run again without "
+                       f"--resume")
+    artifacts.check_types(meta, d / META, {"step": int, "config": dict, "state": dict})
+    return artifacts.load_tensors(d / TENSORS), meta
+
+
+@contextlib.contextmanager
+def restoring(directory: str | Path) -> Iterator[None]:
+    """Around putting a checkpoint's contents back into a trainer: what the trainer does not find there (a missing
+    key, a tensor of another shape) is a one-line error naming the checkpoint, not a ``KeyError``."""
+    try:
+        yield
+    except KeyError as e:
+        raise LptError(f"checkpoint {directory} has no {e}: it is incomplete or from another version; start the run "
+                       f"again without --resume") from None
+    except (TypeError, ValueError, RuntimeError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise LptError(f"checkpoint {directory} does not fit this run ({first}); start the run again without "
+                       f"--resume") from None
 
 
 def flatten_optimizer(state: Mapping[str, Any], prefix: str = "optimizer") -> tuple[dict[str, torch.Tensor], dict]:

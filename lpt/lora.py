@@ -343,7 +343,9 @@ def read_adapter(directory: str | Path) -> tuple[dict[str, Any], dict[str, torch
     if not cfg_path.is_file() or not w_path.is_file():
         raise LptError(f"{directory} is not an adapter directory (missing {artifacts.ADAPTER_CONFIG} or "
                        f"{artifacts.ADAPTER_WEIGHTS})")
-    cfg = artifacts.read_json(cfg_path)
+    cfg = artifacts.read_object(cfg_path, "PEFT adapter config")
+    artifacts.check_types(cfg, cfg_path, {"r": int, "lora_alpha": float, "target_modules": (list, str),
+                                          "peft_type": str, "base_model_name_or_path": (str, type(None))})
     if cfg.get("peft_type", "LORA") != "LORA":
         raise LptError(f"{directory}: only LoRA adapters are supported (peft_type={cfg.get('peft_type')})")
     for key in ("r", "lora_alpha"):

@@ -106,6 +106,8 @@ class Masks:
         for i, m in enumerate(self.layers):
             for name, kept, n in (("attention_heads", m.heads, a.num_heads), ("kv_heads", m.kv_heads, a.num_kv_heads),
                                   ("mlp_channels", m.channels, a.intermediate_size)):
+                if any(isinstance(k, bool) for k in kept):  # JSON true/false would mask as a 0/1 vector
+                    raise MismatchError(f"layer {i}: {name} holds true/false; it lists kept indices")
                 if any((not isinstance(k, int)) or k < 0 or k >= n for k in kept):
                     raise MismatchError(f"layer {i}: {name} index out of range 0..{n - 1}")
                 if sorted(set(kept)) != list(kept):
@@ -152,11 +154,12 @@ class Masks:
             from lpt.arch import describe
 
             arch = describe(_ConfigView(doc))
-        try:
-            layers = [LayerMask(list(m["attention_heads"]), list(m["kv_heads"]), list(m["mlp_channels"]))
-                      for m in doc["layers"]]
-        except (KeyError, TypeError) as e:
-            raise MismatchError(f"masks file is malformed (missing {e})") from None
+        keys = ("attention_heads", "kv_heads", "mlp_channels")
+        if not isinstance(doc.get("layers"), list) or not all(
+                isinstance(m, dict) and all(isinstance(m.get(k), list) for k in keys) for m in doc["layers"]):
+            raise MismatchError(f"masks file is malformed: 'layers' must be a list of objects with the lists "
+                                f"{', '.join(keys)}")
+        layers = [LayerMask(*(list(m[k]) for k in keys)) for m in doc["layers"]]
         m = cls(arch, layers, gqa=doc.get("gqa", "kv-groups"), layout=doc.get("layout", "uniform"),
                 model=doc.get("model", ""), info=dict(doc.get("info", {})))
         m.info["params"] = doc.get("params", {})
@@ -169,7 +172,16 @@ class Masks:
 
     @classmethod
     def load(cls, path, arch: Arch | None = None) -> "Masks":
-        return cls.from_json(artifacts.read_json(path), arch)
+        """``masks.json`` at ``path``; whatever is wrong with it is one line naming the file."""
+        doc = artifacts.read_object(path, "masks file")
+        sizes = ("num_attention_heads", "num_key_value_heads", "hidden_size", "head_dim", "num_hidden_layers",
+                 "intermediate_size")
+        artifacts.check_types(doc, path, {"gqa": str, "layout": str, "model": (str, type(None)), "info": dict,
+                                          "params": dict, "ratio": dict, **dict.fromkeys(sizes, int)})
+        try:
+            return cls.from_json(doc, arch)
+        except MismatchError as e:
+            raise MismatchError(f"{path}: {e}") from None
 
 
 class _ConfigView:

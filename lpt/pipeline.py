@@ -236,15 +236,27 @@ def step_key(step: Step, config: Mapping[str, Any], inputs: Mapping[str, str | N
     return artifacts.sha256_text(json.dumps(doc, sort_keys=True, default=str))[:16]
 
 
+STEP_RECORD = {"stage": str, "output": str, "status": str, "key": str, "config": dict, "inputs": dict,
+               "fingerprint": (str, type(None)), "seconds": (float, type(None)), "resumed": bool, "in_plan": bool,
+               "reason": str, "started": str, "finished": (str, type(None))}  # run.json: steps.NAME's fields
+
+
 def load_state(run_dir: Path) -> dict[str, Any]:
+    """``RUN_DIR/run.json`` (a new record when there is none); anything but an lpt run record is one line naming
+    it."""
     path = run_dir / RUN_STATE
     if not path.exists():
         return {"schema_version": RUN_SCHEMA, "kind": RUN_KIND, "steps": {}}
-    doc = artifacts.read_json(path)
-    if not isinstance(doc, dict) or doc.get("kind") != RUN_KIND:
+    doc = artifacts.read_object(path, "lpt run record")
+    if doc.get("kind") != RUN_KIND:
         raise LptError(f"{path} is not an lpt run record; choose another -o")
     if doc.get("schema_version") != RUN_SCHEMA:
         raise LptError(f"{path}: unsupported run record schema_version {doc.get('schema_version')}")
+    artifacts.check_types(doc, path, {"steps": dict, "stages": list, "last_actions": dict})
+    for name, rec in doc.get("steps", {}).items():
+        if not isinstance(rec, dict):
+            raise LptError(f"{path}: 'steps.{name}' must be an object, not {artifacts.json_type(rec)}")
+        artifacts.check_types(rec, path, STEP_RECORD, where=f"steps.{name}.")
     return doc
 
 
@@ -288,7 +300,10 @@ def decide(step: Step, run_dir: Path, state: Mapping[str, Any], changed: set[str
     if rec.get("status") != "done":
         ckpt = artifacts.work_dir(step.output) / artifacts.CHECKPOINT_DIR
         if step.stage == "prune" and rec.get("key") == key and (ckpt / artifacts.CHECKPOINT_META).is_file():
-            meta = artifacts.read_json(ckpt / artifacts.CHECKPOINT_META)
+            try:
+                meta = artifacts.read_object(ckpt / artifacts.CHECKPOINT_META, "checkpoint record")
+            except LptError as e:
+                return decision(True, f"interrupted; its checkpoint does not read ({e}), so it starts again")
             return decision(True, f"interrupted; resuming from its checkpoint at step {meta.get('step')}", True)
         return decision(True, "interrupted" if rec.get("status") == "running" else f"{rec.get('status')} last time")
     if rec.get("key") != key:

@@ -74,13 +74,31 @@ class Results(TypedDict):
     wall_time_s: float
 
 
+NUMBER = (float, type(None))
+PPL_TYPES = {"ppl": NUMBER, "nll": NUMBER, "tokens": int, "segments": int, "seq_len": int,
+             "text_tokens": (int, type(None)), "dropped_tokens": (int, type(None)), "source": dict}
+TASK_TYPES = {"acc": NUMBER, "acc_norm": NUMBER, "acc_stderr": NUMBER, "acc_norm_stderr": NUMBER, "score": NUMBER,
+              "metric": str, "num_fewshot": (int, type(None)), "samples": (int, type(None))}
+
+
 def load(path: str | Path) -> Results:
-    doc = artifacts.read_json(path)
-    if not isinstance(doc, dict) or doc.get("kind") != KIND:
+    """A results file, its fields of the types the tables read (what is not is one line naming the file)."""
+    doc = artifacts.read_object(path, "lpt eval results file")
+    if doc.get("kind") != KIND:
         raise LptError(f"{path} is not an lpt eval results file")
     if doc.get("schema_version") != artifacts.RESULTS_SCHEMA:
         raise LptError(f"{path}: unsupported results schema_version {doc.get('schema_version')} "
                        f"(this lpt reads {artifacts.RESULTS_SCHEMA})")
+    artifacts.check_types(doc, path, {"label": (str, type(None)), "model": (dict, type(None)), "perplexity": dict,
+                                      "tasks": dict, "averages": (dict, type(None)), "protocol": dict})
+    artifacts.check_types(doc.get("model") or {}, path, {"effective_params": (int, type(None)),
+                                                         "tokenizer_fingerprint": (str, type(None))}, "model.")
+    artifacts.check_types(doc.get("averages") or {}, path, {"paper_7task": NUMBER}, "averages.")
+    for part, types in (("perplexity", PPL_TYPES), ("tasks", TASK_TYPES)):
+        for name, entry in doc.get(part, {}).items():
+            if not isinstance(entry, dict):
+                raise LptError(f"{path}: '{part}.{name}' must be an object, not {artifacts.json_type(entry)}")
+            artifacts.check_types(entry, path, types, f"{part}.{name}.")
     return doc  # type: ignore[return-value]
 
 

@@ -130,7 +130,8 @@ def _run(cfg: PruneConfig, world: distributed.World, device_map: str | dict | No
         diff = sorted(k for k, v in resolved.items() if k not in RESUME_IGNORED and meta["config"].get(k, v) != v)
         if diff:
             raise LptError(f"--resume: the checkpoint was made with different settings ({', '.join(diff)})")
-        pruner.load_state(tensors, meta["state"])
+        with checkpoint.restoring(ckpt):  # a key it lacks is one line naming the checkpoint
+            pruner.load_state(tensors, meta["state"])
         console.print(f"resuming from step {pruner.step} of {total}")
     elif world.main and work.exists():
         _discard_partial(work)

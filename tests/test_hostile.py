@@ -1,0 +1,160 @@
+"""Hostile inputs, round two: every file lpt reads is read with bounded memory and typed, nothing it reads runs code
+unless a flag says so, and an interrupted or starved run leaves nothing that looks finished.
+
+Every case goes through the CLI on a tiny model and checks the promise of ``test_reliability``: one line naming the
+file (or flag) and what is wrong, a non-zero exit, nothing written, earlier outputs intact -- or the right behaviour.
+Memory is measured as the peak RSS of a child process, with a bound proportional to what is read; nothing depends on
+a timing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import invoke
+from lpt import artifacts
+from test_reliability import FAST, _masks_file, nothing_left, refused
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+
+BAD_JSON = {  # what a hostile or damaged JSON file holds -> what the one-line error says
+    "latin1": (b'{"kind": "caf\xe9"}', "is not UTF-8 text"),
+    "array": (b"[1, 2, 3]", "it holds an array, not a JSON object"),
+    "deep": (b"[" * 200_000 + b"]" * 200_000, "nests its JSON deeper than the parser goes"),
+    "truncated": (b'{"kind": ', "is not valid JSON"),
+}
+
+
+def _same_bytes(path: Path, body: bytes) -> None:
+    assert path.read_bytes() == body  # the file lpt refused is left as it was
+
+
+def _adapter_dir(model_dir: Path, out: Path) -> Path:
+    from transformers import AutoModelForCausalLM
+
+    from lpt import lora
+    from lpt.arch import describe
+
+    m = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    lora.inject(m, describe(m.config), r=4, alpha=8)
+    lora.save_adapter(m, out, str(model_dir))
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ typed JSON readers
+@pytest.mark.parametrize("kind", sorted(BAD_JSON))
+def test_every_json_artifact_is_read_typed_and_named(tmp_path, runner, tiny_llama_dir, tiny_calib_dir, kind):
+    body, needle = BAD_JSON[kind]
+    # masks.json (slice)
+    masks = tmp_path / "masks.json"
+    masks.write_bytes(body)
+    refused(invoke(runner, ["slice", tiny_llama_dir, "--masks", masks, "-o", tmp_path / "s"]), str(masks), needle)
+    # calib.json (prune --calib)
+    calib = tmp_path / "calib"
+    shutil.copytree(tiny_calib_dir, calib)
+    (calib / artifacts.CALIB_META).write_bytes(body)
+    refused(invoke(runner, ["prune", tiny_llama_dir, "--calib", calib, *FAST, "-o", tmp_path / "p"]),
+            str(calib / artifacts.CALIB_META), needle)
+    # adapter_config.json (merge)
+    adapter = _adapter_dir(tiny_llama_dir, tmp_path / "adapter")
+    (adapter / artifacts.ADAPTER_CONFIG).write_bytes(body)
+    refused(invoke(runner, ["merge", tiny_llama_dir, "--adapter", adapter, "-o", tmp_path / "m"]),
+            str(adapter / artifacts.ADAPTER_CONFIG), needle)
+    # a results file (eval --compare)
+    res = tmp_path / "r.json"
+    res.write_bytes(body)
+    refused(invoke(runner, ["eval", "--compare", res]), str(res), needle)
+    # run.json (lpt run): refused, and left as it was
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / artifacts.RUN_STATE).write_bytes(body)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("calibrate:\n  nsamples: 2\n  seq_len: 16\n")
+    refused(invoke(runner, ["run", recipe, "--model", tiny_llama_dir, "--stages", "calibrate", "-o", run]),
+            str(run / artifacts.RUN_STATE), needle)
+    _same_bytes(run / artifacts.RUN_STATE, body)
+    nothing_left(tmp_path, "masks.json", "calib", "adapter", "r.json", "run", "r.yaml")
+    assert sorted(p.name for p in run.iterdir()) == [artifacts.RUN_STATE]
+
+
+def test_fields_of_the_wrong_type_are_named(tmp_path, runner, tiny_llama_dir):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / artifacts.RUN_STATE).write_text(json.dumps({"kind": "lpt-run", "schema_version": 1, "steps": []}))
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("calibrate:\n  nsamples: 2\n  seq_len: 16\n")
+    refused(invoke(runner, ["run", recipe, "--model", tiny_llama_dir, "--stages", "calibrate", "-o", run]),
+            f"{run / artifacts.RUN_STATE}: 'steps' must be an object, not an array")
+    (run / artifacts.RUN_STATE).write_text(json.dumps(
+        {"kind": "lpt-run", "schema_version": 1, "steps": {"calibrate": {"status": 1}}}))
+    refused(invoke(runner, ["run", recipe, "--model", tiny_llama_dir, "--stages", "calibrate", "-o", run]),
+            "'steps.calibrate.status' must be a string, not a number")
+    a = tmp_path / "a.json"
+    r = invoke(runner, ["eval", tiny_llama_dir, "--ppl", "builtin:pydoc:test", "--seq-len", "32", "--max-segments",
+                        "1", "-o", a])
+    assert r.exit_code == 0, r.output
+    doc = json.loads(a.read_text())
+    doc["perplexity"]["builtin:pydoc:test"]["seq_len"] = "32"
+    b = tmp_path / "b.json"
+    b.write_text(json.dumps(doc))
+    refused(invoke(runner, ["eval", "--compare", a, b]),
+            f"{b}: 'perplexity.builtin:pydoc:test.seq_len' must be a whole number, not a string")
+    doc["perplexity"] = {"x": [1]}
+    b.write_text(json.dumps(doc))
+    refused(invoke(runner, ["eval", "--compare", a, b]), "'perplexity.x' must be an object, not an array")
+
+
+def test_masks_with_json_booleans_as_indices_are_refused(tmp_path, runner, tiny_llama_dir):
+    """[true, false, true] would pass as the indices 1, 0, 1 -- and mask as a boolean vector. It is refused."""
+    masks = tmp_path / "masks.json"
+    _masks_file(tiny_llama_dir, masks)
+    doc = json.loads(masks.read_text())
+    doc["layers"][0]["kv_heads"] = [False, True]
+    masks.write_text(json.dumps(doc))
+    refused(invoke(runner, ["slice", tiny_llama_dir, "--masks", masks, "-o", tmp_path / "s"]),
+            str(masks), "layer 0: kv_heads holds true/false")
+    refused(invoke(runner, ["eval", tiny_llama_dir, "--masks", masks, "--ppl", "builtin:pydoc:test",
+                            "-o", tmp_path / "e.json"]), "holds true/false")
+    doc["layers"][0]["kv_heads"] = {"0": 1}
+    masks.write_text(json.dumps(doc))
+    refused(invoke(runner, ["slice", tiny_llama_dir, "--masks", masks, "-o", tmp_path / "s"]),
+            str(masks), "'layers' must be a list of objects")
+    nothing_left(tmp_path, "masks.json")
+
+
+def test_a_checkpoint_missing_a_key_is_one_line(tmp_path, runner, tiny_llama_dir, tiny_calib_dir, monkeypatch):
+    from lpt.stages import prune
+
+    real_step = prune.Pruner.train_step
+
+    def stop_at_4(self, batch):
+        if self.step == 4:
+            raise KeyboardInterrupt
+        return real_step(self, batch)
+
+    monkeypatch.setattr(prune.Pruner, "train_step", stop_at_4)
+    out = tmp_path / "o"
+    args = ["prune", tiny_llama_dir, "--calib", tiny_calib_dir, *FAST, "--save-every", "2", "-o", out]
+    assert invoke(runner, args).exit_code == 130
+    monkeypatch.setattr(prune.Pruner, "train_step", real_step)
+    meta = artifacts.work_dir(out) / artifacts.CHECKPOINT_DIR / artifacts.CHECKPOINT_META
+    doc = json.loads(meta.read_text())
+    del doc["state"]["optimizer"]
+    meta.write_text(json.dumps(doc))
+    body = meta.read_bytes()
+    refused(invoke(runner, [*args, "--resume"]), "has no 'optimizer'", str(artifacts.work_dir(out)))
+    _same_bytes(meta, body)  # the checkpoint is left for the user to look at
+    del doc["state"]
+    meta.write_text(json.dumps(doc))
+    refused(invoke(runner, [*args, "--resume"]), f"{meta} has no 'state'")
+    assert not out.exists()
