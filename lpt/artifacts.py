@@ -64,8 +64,28 @@ def dump_json(obj: Any) -> str:
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> Path:
+    return write_file(path, dump_json(obj).encode("utf-8"))
+
+
+def write_file(path: str | os.PathLike, data: bytes) -> Path:
+    """``data`` into ``path`` whole or not at all: written to a hidden sibling (``.NAME.partial-*``) that replaces
+    ``path`` in one rename, so a full disk or a kill never leaves a truncated file under the name. A write that
+    fails (no space left, file too large) removes the sibling and is one line naming ``path``."""
     path = Path(path)
-    path.write_text(dump_json(obj), encoding="utf-8")
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.partial-", dir=path.parent)
+    try:
+        try:
+            os.fchmod(fd, 0o644)
+            _write_all(fd, data)
+        finally:
+            os.close(fd)
+        os.replace(name, path)
+    except BaseException as e:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(name)
+        if isinstance(e, OSError):
+            raise LptError(f"cannot write {path}: {e.strerror or e}") from None
+        raise
     return path
 
 
@@ -194,6 +214,8 @@ def output_lock(path: str | os.PathLike) -> Iterator[Path]:
     The claim is an exclusive ``flock`` on ``.NAME.lock`` next to ``path`` (holding the owner's pid and host for the
     message): the kernel drops it when the owner exits or is killed, so a dead run never blocks a new one. Nested
     claims of the same output in one process are allowed. The lock file is removed when the outermost block ends.
+    It is opened without following a symbolic link and must be a plain file with one name, so a link planted there
+    never makes lpt truncate the file it points to; a lock that cannot be written (a full disk) is removed again.
     Where ``fcntl`` does not exist (Windows) nothing is locked.
     """
     try:
@@ -215,26 +237,11 @@ def output_lock(path: str | os.PathLike) -> Iterator[Path]:
         lock.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise LptError(f"cannot create the directory of output {path}: {e.strerror or e}") from None
-    while True:
-        try:
-            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
-        except OSError as e:
-            raise LptError(f"cannot write next to output {path} ({lock}): {e.strerror or e}") from None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            os.close(fd)
-            raise LptError(f"output {path} is in use by another lpt run ({_holder(lock)}; lock {lock}); wait for it "
-                           f"to finish or write to another output") from None
-        try:  # the file may have been unlinked by its previous holder between our open and flock: lock the new one
-            same = os.stat(lock).st_ino == os.fstat(fd).st_ino
-        except FileNotFoundError:
-            same = False
-        if same:
-            break
-        os.close(fd)
-    os.ftruncate(fd, 0)
-    os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname()}).encode())
+    try:
+        fd = _claim(lock, path, fcntl)
+    except BaseException:
+        _remove_empty(made)
+        raise
     _HELD[key] = 1
     try:
         yield lock
@@ -243,9 +250,65 @@ def output_lock(path: str | os.PathLike) -> Iterator[Path]:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(lock)  # before the flock is released: a waiting process then re-checks the inode
         os.close(fd)
-        for d in made:  # deepest first: directories only this claim created, if nothing was written into them
-            with contextlib.suppress(OSError):
-                d.rmdir()
+        _remove_empty(made)
+
+
+_NOFOLLOW = os.O_NOFOLLOW if hasattr(os, "O_NOFOLLOW") else 0
+
+
+def _claim(lock: Path, path: str | os.PathLike, fcntl) -> int:
+    """Open, lock and fill ``lock``; returns its descriptor (see :func:`output_lock`)."""
+    import stat
+
+    while True:
+        try:
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT | _NOFOLLOW | getattr(os, "O_CLOEXEC", 0), 0o644)
+        except OSError as e:
+            if os.path.islink(lock):
+                raise LptError(f"the lock {lock} of output {path} is a symbolic link, which lpt never follows; "
+                               f"remove it (the file it points to was not touched)") from None
+            raise LptError(f"cannot write next to output {path} ({lock}): {e.strerror or e}") from None
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
+            os.close(fd)
+            what = "a plain file" if stat.S_ISREG(st.st_mode) else "not a plain file"
+            raise LptError(f"the lock {lock} of output {path} is {what} with {st.st_nlink} name(s), not one lpt "
+                           f"made; remove it (lpt did not write to it)")
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            raise LptError(f"output {path} is in use by another lpt run ({_holder(lock)}; lock {lock}); wait for it "
+                           f"to finish or write to another output") from None
+        try:  # the file may have been unlinked by its previous holder between our open and flock: lock the new one
+            same = os.lstat(lock).st_ino == st.st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)
+    try:
+        os.ftruncate(fd, 0)
+        _write_all(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname()}).encode())
+    except OSError as e:  # a full disk: no empty or half-written lock stays behind
+        with contextlib.suppress(OSError):
+            os.unlink(lock)
+        os.close(fd)
+        raise LptError(f"cannot write the lock {lock} of output {path}: {e.strerror or e}") from None
+    return fd
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    """``os.write`` until every byte is written (a short write near a full disk raises on the next call)."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def _remove_empty(made: list[Path]) -> None:
+    for d in made:  # deepest first: directories only this claim created, if nothing was written into them
+        with contextlib.suppress(OSError):
+            d.rmdir()
 
 
 def claims_output(fn: Callable) -> Callable:
@@ -359,9 +422,7 @@ def save_tensors(tensors: dict, path: str | os.PathLike, metadata: dict[str, str
     text = json.dumps(header, separators=(",", ":"), sort_keys=True, ensure_ascii=False).encode()
     assert len(text) <= n, "re-serialised safetensors header grew"
     blob[8:8 + n] = text + b" " * (n - len(text))
-    path = Path(path)
-    path.write_bytes(bytes(blob))
-    return path
+    return write_file(path, bytes(blob))
 
 
 def load_tensors(path: str | os.PathLike) -> dict:

@@ -25,14 +25,16 @@ LEGACY = artifacts.CHECKPOINT_STATE  # pickled checkpoints of lpt 0.1 (never rea
 
 
 def save(directory: str | Path, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any]) -> None:
-    from safetensors.torch import save_file
-
     directory = Path(directory)
     tmp = directory.parent / f".{directory.name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp / TENSORS))
-    artifacts.write_json(tmp / META, dict(meta))
+    try:
+        artifacts.save_tensors({k: v.detach().cpu() for k, v in tensors.items()}, tmp / TENSORS)
+        artifacts.write_json(tmp / META, dict(meta))
+    except BaseException:  # a full disk: the previous checkpoint stays, the half-written one goes
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     shutil.rmtree(directory, ignore_errors=True)
     os.replace(tmp, directory)
 

@@ -158,3 +158,71 @@ def test_a_checkpoint_missing_a_key_is_one_line(tmp_path, runner, tiny_llama_dir
     meta.write_text(json.dumps(doc))
     refused(invoke(runner, [*args, "--resume"]), f"{meta} has no 'state'")
     assert not out.exists()
+
+
+# ------------------------------------------------------------------------------------------------ locks and full disks
+def test_a_planted_lock_link_is_never_followed(tmp_path, runner, tiny_llama_dir):
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    out = tmp_path / "c"
+    lock = artifacts.lock_path(out)
+    lock.symlink_to(victim)
+    args = ["calibrate", tiny_llama_dir, "-n", "2", "--seq-len", "16", "-o", out]
+    refused(invoke(runner, args), f"the lock {lock} of output {out} is a symbolic link")
+    assert victim.read_text() == "precious" and lock.is_symlink() and not out.exists()
+    lock.unlink()
+    os.link(victim, lock)  # a second name of the victim: not a lock lpt made either
+    refused(invoke(runner, args), "with 2 name(s), not one lpt made")
+    assert victim.read_text() == "precious"
+    lock.unlink()
+    # lpt run: RUN_DIR is claimed by .RUN_DIR.lock next to it; an earlier lpt's RUN_DIR/.lock is never opened
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / artifacts.LEGACY_RUN_LOCK).symlink_to(victim)
+    artifacts.lock_path(run).symlink_to(victim)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("calibrate:\n  nsamples: 2\n  seq_len: 16\n")
+    run_args = ["run", recipe, "--model", tiny_llama_dir, "--stages", "calibrate", "-o", run]
+    refused(invoke(runner, run_args), f"the lock {artifacts.lock_path(run)} of output {run} is a symbolic link")
+    assert victim.read_text() == "precious" and sorted(p.name for p in run.iterdir()) == [".lock"]
+    artifacts.lock_path(run).unlink()
+    r = invoke(runner, run_args)
+    assert r.exit_code == 0, r.output
+    assert victim.read_text() == "precious" and (run / "calibrate" / artifacts.TOKENS).is_file()
+
+
+FULL_DISK = """
+import resource, signal, sys
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG, as on a full disk
+limit = int(sys.argv[1])
+resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+from lpt.cli import app
+app(sys.argv[2:], prog_name="lpt")
+"""
+
+
+def _starved(limit: int, *args) -> subprocess.CompletedProcess:
+    """lpt ARGS in a child process where no file may grow past ``limit`` bytes (what a full disk does to a write)."""
+    return subprocess.run([sys.executable, "-c", FULL_DISK, str(limit), *map(str, args)], capture_output=True,
+                          text=True, env=ENV, timeout=600)
+
+
+def test_a_full_disk_leaves_no_empty_lock_nor_truncated_file(tmp_path, runner, tiny_llama_dir, tiny_calib_dir):
+    # not even the lock's few bytes fit: refused in one line, and no (empty) lock file stays behind
+    p = _starved(0, "calibrate", tiny_llama_dir, "-n", "2", "--seq-len", "16", "-o", tmp_path / "c")
+    assert p.returncode == 2 and p.stderr.count("error:") == 1, p.stderr
+    assert f"cannot write the lock {artifacts.lock_path(tmp_path / 'c')}" in p.stderr
+    nothing_left(tmp_path)
+    # room for the lock, the log and the JSON files, not for the adapter's weights: the one line names the file, and
+    # no truncated adapter stays in the work directory (or anywhere)
+    out = tmp_path / "p"
+    p = _starved(8192, "prune", tiny_llama_dir, "--calib", tiny_calib_dir, *FAST, "-o", out)
+    assert p.returncode == 2 and p.stderr.count("error:") == 1, p.stderr
+    assert f"cannot write {artifacts.partial_dir(out) / artifacts.ADAPTER_WEIGHTS}" in " ".join(p.stderr.split())
+    assert not out.exists() and not artifacts.lock_path(out).exists()
+    left = [f for f in tmp_path.rglob("*") if f.is_file()]
+    assert not [f for f in left if "safetensors" in f.name or ".partial-" in f.name], left
+    # the next run, with room, discards what the starved one left and finishes
+    r = invoke(runner, ["prune", tiny_llama_dir, "--calib", tiny_calib_dir, *FAST, "-o", out])
+    assert r.exit_code == 0, r.output
+    nothing_left(tmp_path, "p")

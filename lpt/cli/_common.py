@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import inspect
 import json
@@ -163,6 +164,9 @@ def stdout() -> Any:
     return _STDOUT if _STDOUT is not None else sys.stdout
 
 
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)  # a write that found no room: a user's problem, not a bug
+
+
 def run_stage(fn: Callable[[], Any]) -> Any:
     """Run a stage; user errors become one line and exit code 2, unexpected ones one line and exit code 1.
 
@@ -184,6 +188,9 @@ def run_stage(fn: Callable[[], Any]) -> Any:
     except Exception as e:  # noqa: BLE001 - the CLI promises one line unless --debug
         if STATE.debug:
             traceback.print_exc(file=sys.stderr)
+        if isinstance(e, OSError) and e.errno in DISK_FULL:
+            fail(f"{e.strerror}{f' ({e.filename})' if e.filename else ''}: the output was not written; free some "
+                 f"space and run again", 2)
         msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
         fail(f"{type(e).__name__}: {msg} (run `lpt --debug ...` for the traceback)", 1)
     else:
