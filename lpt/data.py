@@ -8,6 +8,7 @@ blocks, and ``instruction`` records (Alpaca / LaMini fields) rendered with a pro
 from __future__ import annotations
 
 import hashlib
+import itertools
 import random
 import re
 from dataclasses import dataclass
@@ -98,24 +99,53 @@ def load_records(
 
 TEXT_CONTROL_SHARE = 0.05  # a text source with more control / replacement characters than this is refused
 _NOT_TEXT = re.compile("[\x00-\x08\x0e-\x1f\x7f-\x9f\ufffd]")  # control characters but tab and line breaks; U+FFFD
+TEXT_PIECE_BYTES = 1 << 20  # a text file is read (and checked) this many bytes at a time
+
+
+@dataclass(frozen=True)
+class TextFile:
+    """A local text file, read on demand in pieces of ``TEXT_PIECE_BYTES``: what a source of one long text is, so that
+    calibration and perplexity read (and tokenise) only as much of it as their blocks or segments need.
+
+    Every piece is checked as it is read: UTF-8 (a byte-order mark is dropped), and text, not binary -- a piece
+    whose characters are more than ``TEXT_CONTROL_SHARE`` control or replacement characters (binary data, UTF-16)
+    is refused in one line naming the file."""
+
+    path: Path
+    source: str
+
+    def pieces(self) -> Iterator[str]:
+        import codecs
+
+        decoder = codecs.getincrementaldecoder("utf-8-sig")()
+        offset = 0  # bytes of the file before ``raw``
+        with open(self.path, "rb") as f:
+            while True:
+                raw = f.read(TEXT_PIECE_BYTES)
+                try:
+                    text = decoder.decode(raw, final=not raw)
+                except UnicodeDecodeError as e:
+                    at = offset - (len(e.object) - len(raw)) + e.start  # the decoder keeps a split character's bytes
+                    raise LptError(f"{self.source} is not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {at} "
+                                   f"does not decode); convert it to UTF-8 or pass a text file") from None
+                bad = sum(1 for _ in _NOT_TEXT.finditer(text))
+                if text and bad > TEXT_CONTROL_SHARE * len(text):
+                    raise LptError(f"{self.source} does not look like text: {bad / len(text):.0%} of its characters"
+                                   f"{' read so far' if offset else ''} are control or replacement characters (binary "
+                                   f"data, or UTF-16?)")
+                if text:
+                    yield text
+                if not raw:
+                    return
+                offset += len(raw)
+
+    def read(self) -> str:
+        return "".join(self.pieces())
 
 
 def read_text_file(path: Path, source: str | None = None) -> str:
-    """A local text file as a string: UTF-8 (a byte-order mark is dropped) and text, not binary. A file that does not
-    decode, or whose characters are more than ``TEXT_CONTROL_SHARE`` control or replacement characters (binary data,
-    UTF-16), is refused in one line naming it."""
-    what = source or str(path)
-    raw = path.read_bytes()
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        raise LptError(f"{what} is not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start} does not decode); "
-                       f"convert it to UTF-8 or pass a text file") from None
-    bad = sum(1 for _ in _NOT_TEXT.finditer(text))
-    if text and bad > TEXT_CONTROL_SHARE * len(text):
-        raise LptError(f"{what} does not look like text: {bad / len(text):.0%} of its characters are control or "
-                       f"replacement characters (binary data, or UTF-16?)")
-    return text
+    """A local text file as a string, checked as :class:`TextFile` reads it."""
+    return TextFile(Path(path), source or str(path)).read()
 
 
 def _open_dataset(path: str, *, what: str, **kwargs):
@@ -276,7 +306,8 @@ def open_records(source: str, *, seed: int, subset: str | None = None, split: st
                  data_files: str | None = None) -> RecordStream:
     """A source's records in a seeded random order, read lazily (what calibration uses; see :class:`RecordStream`).
 
-    builtin and .txt sources are read whole (they are small); local .parquet files are read in place by row group,
+    builtin sources are read whole (they are small), a .txt file is one record read only as far as the blocks need
+    (:class:`TextFile`); local .parquet files are read in place by row group,
     local .json/.jsonl through datasets' memory-mapped Arrow cache, by index; hub datasets are streamed (a sliced
     split such as ``train[:10%]`` is loaded memory-mapped and read by index instead). Sources of
     up to ``EXACT_SHUFFLE_MAX`` records (all builtin and .txt ones) give the same order as
@@ -289,6 +320,9 @@ def open_records(source: str, *, seed: int, subset: str | None = None, split: st
         return _parquet_stream(path, seed, source)
     if is_local and path.is_file() and kind == "json":
         return _arrow_stream("json", seed, source, data_files=str(path), split="train")
+    if is_local and path.is_file() and kind == "text":  # one record, read only as far as the blocks need
+        record = {"text": TextFile(path, source)}
+        return RecordStream(record, 1, lambda: iter([record]))
     if source.startswith("builtin:") or is_local or source.startswith((".", "/", "~")):
         records = load_records(source, subset=subset, split=split, data_files=data_files)  # errors as before
         return RecordStream(records[0] if records else None, len(records),
@@ -300,9 +334,82 @@ def open_records(source: str, *, seed: int, subset: str | None = None, split: st
 
 def load_text(source: str, **kwargs) -> str:
     """The whole text of a raw source, documents joined by blank lines (for perplexity)."""
+    return "".join(text_pieces(source, **kwargs))
+
+
+def text_pieces(source: str, **kwargs) -> Iterator[str]:
+    """The text of a raw source (documents joined by blank lines) as consecutive pieces, read on demand: a .txt
+    file piece by piece (:class:`TextFile`), other sources record by record."""
+    path = Path(source).expanduser()
+    if not source.startswith("builtin:") and path.suffix.lower() == ".txt" and path.is_file():
+        yield from TextFile(path, source).pieces()
+        return
     records = load_records(source, **kwargs)
     field = detect_text_field(records, None, source)
-    return "\n\n".join(str(r[field]) for r in records if r.get(field))
+    first = True
+    for r in records:
+        if r.get(field):
+            yield str(r[field]) if first else "\n\n" + str(r[field])
+            first = False
+
+
+# ----------------------------------------------------------------------------------------------- tokens
+STREAM_MARGIN = 64  # tokens beyond those asked: where a cut text may tokenise differently from the whole text
+
+
+@dataclass
+class Tokens:
+    """What :func:`stream_tokens` read: token ids, and what they came from."""
+
+    ids: list[int]
+    whole: bool  # the text was read to its end (``ids`` are all its tokens)
+    characters: int  # characters tokenised
+    blank: bool  # those characters are only whitespace (or none)
+
+
+def stream_tokens(tokenizer, pieces: Iterable[str], need: int | None = None, *, special_tokens: bool = True
+                  ) -> Tokens:
+    """The token ids of the text ``pieces`` join to, as one tokenizer call on the whole text gives them; with
+    ``need``, only the first ``need`` of them, reading and tokenising only as much text as they take.
+
+    The text is tokenised in growing windows (doubling from ``8 * need`` characters), each cut at a word's end
+    (before whitespace that follows a non-space character); once a window gives ``STREAM_MARGIN`` tokens more than
+    ``need``, its first ``need`` are those of the whole text (pre-tokenisers split at whitespace, so only the last
+    few tokens of a cut text can differ). Memory stays proportional to the window, never to the whole text."""
+    it = iter(pieces)
+    parts: list[str] = []
+    have, done = 0, False
+    window = max(1 << 15, 8 * need) if need is not None else None
+    while True:
+        while not done and (window is None or have <= window):  # read past the window, or to the end
+            piece = next(it, None)
+            if piece is None:
+                done = True
+            else:
+                parts.append(piece)
+                have += len(piece)
+        text = "".join(parts)
+        parts = [text]
+        if window is None or (done and have <= window):
+            return Tokens(_ids(tokenizer, text, special_tokens), True, have, not text.strip())
+        cut = _word_end(text, window)
+        ids = _ids(tokenizer, text[:cut], special_tokens)
+        if len(ids) >= need + STREAM_MARGIN:
+            return Tokens(ids[:need], False, cut, not text[:cut].strip())
+        window *= 2
+
+
+def _ids(tokenizer, text: str, special_tokens: bool) -> list[int]:
+    return tokenizer(text, add_special_tokens=special_tokens, verbose=False)["input_ids"]
+
+
+def _word_end(text: str, limit: int) -> int:
+    """The last position up to ``limit`` in ``text`` where whitespace follows a non-space character (``limit`` if
+    none)."""
+    for i in range(min(limit, len(text) - 1), 0, -1):
+        if text[i].isspace() and not text[i - 1].isspace():
+            return i
+    return min(limit, len(text))
 
 
 # ----------------------------------------------------------------------------------------------- formats
@@ -368,17 +475,25 @@ class Blocks:
         return len(self.input_ids)
 
 
-def pack_raw(texts: Iterable[str], tokenizer, seq_len: int, n_blocks: int, separator: str = "\n\n",
-             progress=None) -> Blocks:
-    """Tokenise texts in order and pack the stream into ``n_blocks`` non-overlapping blocks of ``seq_len``."""
+def pack_raw(texts: Iterable[str | TextFile], tokenizer, seq_len: int, n_blocks: int, separator: str = "\n\n",
+             progress=None, source: str = "data") -> Blocks:
+    """Tokenise texts in order and pack the stream into ``n_blocks`` non-overlapping blocks of ``seq_len``. Each
+    text (a string, or a :class:`TextFile` read piece by piece) is tokenised with ``separator`` after it, and only as
+    far as the blocks still need (:func:`stream_tokens`). Text that is only whitespace is refused."""
     need = n_blocks * seq_len
     ids: list[int] = []
+    blank, read = True, 0
     for text in texts:
-        ids.extend(tokenizer(text + separator, add_special_tokens=False)["input_ids"])
+        pieces = text.pieces() if isinstance(text, TextFile) else iter([text])
+        got = stream_tokens(tokenizer, itertools.chain(pieces, [separator]), need - len(ids), special_tokens=False)
+        ids.extend(got.ids)
+        blank, read = blank and got.blank, read + got.characters
         if progress is not None:
             progress(min(len(ids), need))
         if len(ids) >= need:
             break
+    if blank:
+        raise LptError(f"'{source}' holds no text: the {read} character(s) read are only whitespace")
     n = min(n_blocks, len(ids) // seq_len)
     blocks = [ids[i * seq_len:(i + 1) * seq_len] for i in range(n)]
     return Blocks(blocks, [[1] * seq_len for _ in blocks], [list(b) for b in blocks])
@@ -445,8 +560,8 @@ def build_blocks(records: list[dict] | RecordStream, tokenizer, *, fmt: str, seq
         records = shuffled(records, seed)
     if fmt == "raw":
         field = detect_text_field(head, text_field, source)
-        blocks = pack_raw((str(r[field]) for r in records if r.get(field)), tokenizer, seq_len, n_blocks,
-                          progress=progress)
+        texts = (r[field] if isinstance(r[field], TextFile) else str(r[field]) for r in records if r.get(field))
+        blocks = pack_raw(texts, tokenizer, seq_len, n_blocks, progress=progress, source=source)
         if len(blocks) == 0:
             raise LptError(f"'{source}' has fewer than --seq-len {seq_len} tokens; lower --seq-len")
     else:

@@ -226,3 +226,97 @@ def test_a_full_disk_leaves_no_empty_lock_nor_truncated_file(tmp_path, runner, t
     r = invoke(runner, ["prune", tiny_llama_dir, "--calib", tiny_calib_dir, *FAST, "-o", out])
     assert r.exit_code == 0, r.output
     nothing_left(tmp_path, "p")
+
+
+# ------------------------------------------------------------------------------------------------ text read as needed
+RSS = """
+import resource, sys
+from lpt.cli import app
+try:
+    app(sys.argv[1:], prog_name="lpt")
+    code = 0
+except SystemExit as e:
+    code = e.code
+print("peak-rss-kib", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)
+sys.exit(code)
+"""
+
+
+def _peak_rss(*args) -> int:
+    """Peak resident memory (bytes) of ``lpt ARGS`` run in a child process."""
+    p = subprocess.run([sys.executable, "-c", RSS, *map(str, args)], capture_output=True, text=True, env=ENV,
+                       timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    return int(p.stderr.rsplit("peak-rss-kib", 1)[1].split()[0]) * 1024
+
+
+@pytest.fixture(scope="module")
+def texts(tmp_path_factory):
+    """The same prose as a small file (~100 kB) and a large one (~16 MB)."""
+    from lpt.data import load_text
+
+    d = tmp_path_factory.mktemp("texts")
+    prose = load_text("builtin:pydoc:test")
+    small, big = d / "small.txt", d / "big.txt"
+    small.write_text(prose[:100_000], encoding="utf-8")
+    with big.open("w", encoding="utf-8") as f:
+        while f.tell() < 16 * 2**20:
+            f.write(prose)
+    return small, big
+
+
+def test_eval_and_calibrate_read_only_what_their_segments_need(tmp_path, tiny_llama_dir, texts):
+    """Peak memory does not grow with the file: a 16 MB text at 2 segments (or 4 blocks) peaks within a fixed
+    bound of the same run on 100 kB (what is read: a window of 8x the tokens asked, at most a 1 MiB piece ahead)."""
+    from lpt import data
+
+    small, big = texts
+    bound = 8 * data.TEXT_PIECE_BYTES  # the piece read ahead, its decoded copy, the joined window: a few MiB
+    for stage in ("eval", "calibrate"):
+        peaks = []
+        for f in (small, big):
+            out = tmp_path / f"{stage}-{f.stem}"
+            if stage == "eval":
+                args = ["eval", tiny_llama_dir, "--ppl", f, "--seq-len", "64", "--max-segments", "2",
+                        "-o", f"{out}.json"]
+            else:
+                args = ["calibrate", tiny_llama_dir, "--data", f, "-n", "4", "--seq-len", "64", "-o", out]
+            peaks.append(_peak_rss(*args))
+        assert peaks[1] - peaks[0] < bound, (stage, peaks, big.stat().st_size)
+    # and the segments are those of the whole text: the same perplexity and blocks from either file
+    a, b = (json.loads((tmp_path / f"eval-{n}.json").read_text())["perplexity"] for n in ("small", "big"))
+    assert a[str(small)]["ppl"] == pytest.approx(b[str(big)]["ppl"], rel=1e-6)
+    assert b[str(big)]["text_tokens"] is None and b[str(big)]["segments"] == 2  # not read to its end
+    x, y = (artifacts.load_tensors(tmp_path / f"calibrate-{n}" / artifacts.TOKENS) for n in ("small", "big"))
+    assert torch.equal(x["input_ids"], y["input_ids"])
+
+
+def test_streamed_tokens_are_those_of_the_whole_text(tiny_tokenizer_dir):
+    from transformers import AutoTokenizer
+
+    from lpt import data
+
+    tok = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
+    text = data.load_text("builtin:pydoc:test") + "\n\n  trailing words.\n"
+    whole = tok(text)["input_ids"]
+    for size in (1, 97, 4096, len(text)):
+        pieces = [text[i:i + size] for i in range(0, len(text), size)]
+        for need in (1, 64, 1000, 9000, len(whole), 10 * len(whole)):
+            got = data.stream_tokens(tok, pieces, need)
+            assert got.ids[:need] == whole[:need], (size, need)
+            assert got.whole == (len(got.ids) == len(whole))
+        assert data.stream_tokens(tok, pieces).ids == whole
+
+
+@pytest.mark.parametrize("body", ["", " \n\t\n   \r\n", "\ufeff\n\n"])
+def test_empty_or_whitespace_text_is_refused(tmp_path, runner, tiny_llama_dir, body):
+    f = tmp_path / "blank.txt"
+    f.write_text(body, encoding="utf-8")
+    refused(invoke(runner, ["eval", tiny_llama_dir, "--ppl", f, "--seq-len", "8", "-o", tmp_path / "r.json"]),
+            str(f), "empty or only whitespace")
+    refused(invoke(runner, ["calibrate", tiny_llama_dir, "--data", f, "-n", "2", "--seq-len", "8", "-o",
+                            tmp_path / "c"]), str(f), "only whitespace")
+    nothing_left(tmp_path, "blank.txt")
+    f.write_text(" " * 100_000 + "words at the end", encoding="utf-8")  # what the segments would read is blank
+    refused(invoke(runner, ["eval", tiny_llama_dir, "--ppl", f, "--seq-len", "8", "--max-segments", "1",
+                            "-o", tmp_path / "r.json"]), "are only whitespace")

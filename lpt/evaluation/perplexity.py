@@ -2,7 +2,9 @@
 
 Protocol, as written into every results file (``PROTOCOL``):
   1. the evaluation text is one string (documents joined as each source specifies) tokenised in one call with the
-     tokenizer's default special tokens;
+     tokenizer's default special tokens -- with a segment cap (``--max-segments``, or the source's), only as much
+     of the text is read and tokenised as the capped segments need, giving the same tokens
+     (``lpt.data.stream_tokens``), so memory does not grow with the size of the text;
   2. the token stream is cut into non-overlapping segments of ``seq_len`` tokens; the incomplete tail is dropped;
   3. each segment is an independent forward pass (no context carried over from the previous segment);
   4. the loss is the mean negative log-likelihood over every predicted token (``seq_len - 1`` per segment),
@@ -17,12 +19,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from lpt.errors import LptError
 
 PROTOCOL = {
-    "tokenization": "whole text tokenised at once, tokenizer's default special tokens",
+    "tokenization": "whole text tokenised at once, tokenizer's default special tokens (with a segment cap, the text "
+                    "is read only as far as the capped segments need: the same tokens)",
     "segments": "non-overlapping, seq_len tokens each, incomplete tail dropped, no context carried over",
     "loss": "mean NLL over all predicted tokens (seq_len - 1 per segment); float32 log-softmax, float64 sums",
     "ppl": "exp(loss)",
@@ -68,13 +71,26 @@ NAMED = {
 
 
 def load_source(source: str) -> tuple[str, dict[str, Any]]:
-    """The evaluation text of a ``--ppl`` source and a description of where it came from."""
+    """The evaluation text of a ``--ppl`` source (whole) and a description of where it came from."""
+    pieces, desc = open_source(source)
+    return "".join(pieces), desc
+
+
+def open_source(source: str) -> tuple[Iterator[str], dict[str, Any]]:
+    """The evaluation text of a ``--ppl`` source as pieces read on demand (a local .txt file piece by piece:
+    ``lpt.data.text_pieces``), and a description of where it came from."""
     from lpt import data
 
     named = NAMED.get(source.lower())
     if named is None:
-        text = data.load_text(source)
-        return text, {"kind": data.describe_source(source).split()[0], "dataset": source}
+        return data.text_pieces(source), {"kind": data.describe_source(source).split()[0], "dataset": source}
+    text, desc = _named_text(source, named)
+    return iter([text]), desc
+
+
+def _named_text(source: str, named: NamedSource) -> tuple[str, dict[str, Any]]:
+    from lpt import data
+
     rows, desc = _local_rows(named)
     if rows is None:
         try:
@@ -121,6 +137,25 @@ def tokenize(tokenizer, text: str):
 
     ids = tokenizer(text, verbose=False)["input_ids"]
     return torch.tensor(ids, dtype=torch.long)
+
+
+def read_tokens(tokenizer, source: str, seq_len: int, max_segments: int = 0):
+    """``(ids, whole, description)`` of a ``--ppl`` source: its token ids as a 1-D LongTensor -- all of them, or with
+    ``max_segments`` only the ``max_segments * seq_len`` the segments take, reading no more of the text than that
+    (``whole``: the text was read to its end, so ``ids`` are all its tokens). Text that is empty or only whitespace
+    is refused."""
+    import torch
+
+    from lpt import data
+
+    pieces, desc = open_source(source)
+    got = data.stream_tokens(tokenizer, pieces, max_segments * seq_len if max_segments else None)
+    if got.blank and got.whole:
+        raise LptError(f"'{source}' holds no text: it is empty or only whitespace")
+    if got.blank:
+        raise LptError(f"'{source}': its first {got.characters} characters, all that {max_segments} segment(s) of "
+                       f"--seq-len {seq_len} need, are only whitespace")
+    return torch.tensor(got.ids, dtype=torch.long), got.whole, desc
 
 
 def segment(ids, seq_len: int, max_segments: int = 0, source: str = "text"):

@@ -38,8 +38,8 @@ class PerplexityResult(TypedDict):
     tokens: int  # predicted tokens = segments * (seq_len - 1)
     segments: int
     seq_len: int
-    text_tokens: int  # tokens in the whole text
-    dropped_tokens: int  # incomplete tail (and segments beyond a cap) not evaluated
+    text_tokens: Optional[int]  # tokens in the whole text (None: a segment cap stopped reading before its end)
+    dropped_tokens: Optional[int]  # incomplete tail (and segments beyond a cap) not evaluated (None: as text_tokens)
     source: dict[str, Any]  # where the text came from (hub coordinates, local file, builtin)
     wall_time_s: float
 

@@ -108,25 +108,27 @@ def load_for_eval(model: str, *, adapter: str | None = None, masks: str | None =
 class PplPlan:
     """Perplexity inputs checked before the model loads: tokenised segments per source, and the protocol."""
 
-    sources: list[tuple[str, Any, Any, dict[str, Any]]]  # (source, all ids, segments [n, seq_len], description)
+    sources: list[tuple[str, Any, Any, dict[str, Any]]]  # (source, ids read, segments [n, seq_len], description)
     protocol: dict[str, Any]
+    whole: dict[str, bool]  # source -> its text was read to the end (else only as far as its segments need)
 
 
 def plan_perplexity(cfg: EvalConfig, tok, config) -> PplPlan:
-    """Read, tokenise and segment every ``--ppl`` source (a source shorter than one segment is an error here)."""
+    """Read, tokenise and segment every ``--ppl`` source (a source shorter than one segment is an error here). With a
+    segment cap only the text the segments need is read (``P.read_tokens``): memory does not grow with the file."""
     seq_len, mx = P.effective_seq_len(cfg.seq_len, config)
     if seq_len < cfg.seq_len:
         console.print(f"[yellow]note:[/] --seq-len {cfg.seq_len} exceeds the model's maximum of {mx} positions; "
                       f"using {seq_len}")
-    sources = []
+    sources, whole = [], {}
     for src in parse_ppl(cfg.ppl):
-        text, desc = P.load_source(src)
-        ids = P.tokenize(tok, text)
         caps = [x for x in (cfg.max_segments, P.source_max_segments(src)) if x]
-        sources.append((src, ids, P.segment(ids, seq_len, min(caps) if caps else 0, src), desc))
+        cap = min(caps) if caps else 0
+        ids, whole[src], desc = P.read_tokens(tok, src, seq_len, cap)
+        sources.append((src, ids, P.segment(ids, seq_len, cap, src), desc))
     protocol = {**P.PROTOCOL, "seq_len": seq_len, "seq_len_requested": cfg.seq_len, "model_max_length": mx,
                 "batch_size": cfg.batch_size, "max_segments": cfg.max_segments or None}
-    return PplPlan(sources, protocol)
+    return PplPlan(sources, protocol, whole)
 
 
 def eval_perplexity(model, plan: PplPlan, batch_size: int) -> dict[str, Any]:
@@ -140,7 +142,9 @@ def eval_perplexity(model, plan: PplPlan, batch_size: int) -> dict[str, Any]:
             if not math.isfinite(r["nll"]):
                 raise LptError(f"ppl {src}: the loss is {r['nll']}: the model (with its adapter / masks) gives "
                                f"non-finite log-probabilities, so its weights are broken; no results were written")
-            r.update(text_tokens=int(ids.numel()), dropped_tokens=int(ids.numel()) - segs.numel(), source=desc,
+            known = plan.whole.get(src, True)  # all the text's tokens counted, or only those its segments need
+            r.update(text_tokens=int(ids.numel()) if known else None,
+                     dropped_tokens=int(ids.numel()) - segs.numel() if known else None, source=desc,
                      wall_time_s=round(time.perf_counter() - t0, 3))
             out[src] = r
     return out
@@ -268,8 +272,9 @@ def run(cfg: EvalConfig) -> Path:
     console.print(R.rich_table([doc], title=f"lpt eval: {doc['label']}"))
     for src, r in doc["perplexity"].items():
         plural = "s" if r["segments"] != 1 else ""
+        rest = (f"{r['dropped_tokens']} of {r['text_tokens']} text tokens not evaluated" if r["text_tokens"] is not None
+                else "the text read only as far as these segments need")
         console.print(f"ppl {src} = {R.fmt_ppl(r['ppl'])} ({r['segments']} segment{plural} x {r['seq_len']} tokens, "
-                      f"{r['tokens']} predicted tokens; {r['dropped_tokens']} of {r['text_tokens']} text tokens not "
-                      f"evaluated)")
+                      f"{r['tokens']} predicted tokens; {rest})")
     console.print(f"wrote {out} ({doc['wall_time_s']:.1f} s)")
     return out
