@@ -356,23 +356,93 @@ class ExportConfig:
                                   "why) to this .json file.")
 
 
+RECIPE_MAX_BYTES = 1 << 20  # a recipe is a page of settings; a larger file is refused unread
+RECIPE_MAX_NODES = 100_000  # YAML nodes of a recipe with every alias expanded (billion laughs stops here)
+
+
 def load_recipe(path: str | Path, stage: str) -> dict[str, Any]:
-    """Read one stage's section from a recipe YAML (keys are flag names, dashes or underscores)."""
+    """Read one stage's section from a recipe YAML (keys are flag names, dashes or underscores). The whole recipe is
+    checked: bounded (:func:`read_recipe`), and every top-level key a section lpt knows."""
+    path = Path(path)
+    doc = read_recipe(path)
+    unknown = sorted(str(k) for k in doc if k not in RECIPE_SECTIONS)
+    if unknown:
+        raise LptError(f"recipe {path}: unknown section{'s' if len(unknown) > 1 else ''} {', '.join(unknown)} "
+                       f"(valid: {', '.join(RECIPE_SECTIONS)})")
+    section = doc.get(stage, {}) or {}
+    if not isinstance(section, dict):
+        raise LptError(f"recipe {path}: section '{stage}' must be a mapping")
+    return {str(k).replace("-", "_"): v for k, v in section.items()}
+
+
+def read_recipe(path: str | Path) -> dict[str, Any]:
+    """A recipe YAML as a mapping, read with bounds: at most ``RECIPE_MAX_BYTES``, plain YAML only (safe tags), at
+    most ``RECIPE_MAX_NODES`` nodes with its aliases expanded (nested anchors cannot blow up), no recursive alias, no
+    key given twice in one mapping (the second would silently win)."""
     import yaml
 
     path = Path(path)
     if not path.is_file():
         raise LptError(f"recipe not found: {path}")
+    if path.stat().st_size > RECIPE_MAX_BYTES:
+        raise LptError(f"recipe {path} is {path.stat().st_size:,} bytes, more than a recipe holds "
+                       f"({RECIPE_MAX_BYTES:,}); refused")
     try:
-        doc = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise LptError(f"recipe {path} is not UTF-8 text (byte at offset {e.start})") from None
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is not None:
+            _check_nodes(node, path)
+        doc = loader.construct_document(node) if node is not None else None
     except yaml.YAMLError as e:
         raise LptError(f"recipe {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    except RecursionError:
+        raise LptError(f"recipe {path} nests its YAML deeper than the parser goes") from None
+    finally:
+        loader.dispose()
+    doc = doc or {}
     if not isinstance(doc, dict):
         raise LptError(f"recipe {path} must be a mapping with one section per stage")
-    section = doc.get(stage, {}) or {}
-    if not isinstance(section, dict):
-        raise LptError(f"recipe {path}: section '{stage}' must be a mapping")
-    return {str(k).replace("-", "_"): v for k, v in section.items()}
+    return doc
+
+
+def _check_nodes(root: Any, path: Path) -> None:
+    """The bounds of :func:`read_recipe` on a composed YAML document (before anything is constructed)."""
+    import yaml
+
+    sizes: dict[int, int] = {}  # node -> nodes it stands for, aliases expanded
+    open_: set[int] = set()
+
+    def size(node: Any) -> int:
+        key = id(node)
+        if key in sizes:
+            return sizes[key]
+        if key in open_:
+            raise LptError(f"recipe {path}: an alias refers to the node that holds it (line {node.start_mark.line + 1})")
+        open_.add(key)
+        total = 1
+        if isinstance(node, yaml.MappingNode):
+            seen: set[str] = set()
+            for k, v in node.value:
+                if isinstance(k, yaml.ScalarNode):
+                    if k.value in seen:
+                        raise LptError(f"recipe {path}: key '{k.value}' given twice in one mapping (line "
+                                       f"{k.start_mark.line + 1})")
+                    seen.add(k.value)
+                total += size(k) + size(v)
+        elif isinstance(node, yaml.SequenceNode):
+            total += sum(size(child) for child in node.value)
+        open_.discard(key)
+        if total > RECIPE_MAX_NODES:
+            raise LptError(f"recipe {path}: its aliases expand to more than {RECIPE_MAX_NODES:,} YAML nodes (nested "
+                           f"anchors?); a recipe is a page of settings")
+        sizes[key] = total
+        return total
+
+    size(root)
 
 
 def coerce(tp: Any, value: Any) -> Any:

@@ -320,3 +320,32 @@ def test_empty_or_whitespace_text_is_refused(tmp_path, runner, tiny_llama_dir, b
     f.write_text(" " * 100_000 + "words at the end", encoding="utf-8")  # what the segments would read is blank
     refused(invoke(runner, ["eval", tiny_llama_dir, "--ppl", f, "--seq-len", "8", "--max-segments", "1",
                             "-o", tmp_path / "r.json"]), "are only whitespace")
+
+
+# ------------------------------------------------------------------------------------------------ recipes
+LAUGHS = "\n".join(["run:", "  model: m", "lol0: &l0 [lol, lol, lol, lol, lol, lol, lol, lol, lol, lol]"]
+                   + [f"lol{i}: &l{i} [{', '.join([f'*l{i - 1}'] * 10)}]" for i in range(1, 9)]
+                   + ["prune:", "  ratio: *l8"]) + "\n"
+
+
+@pytest.mark.parametrize("body, needle", [
+    (LAUGHS, "its aliases expand to more than 100,000 YAML nodes"),
+    ("prune: &a\n  x: *a\n", "an alias refers to the node that holds it"),
+    ("prune:\n  ratio: 0.2\nprune:\n  ratio: 0.9\n", "key 'prune' given twice in one mapping (line 3)"),
+    ("prnue:\n  ratio: 0.2\n", "unknown section prnue (valid: calibrate, prune, merge, slice, eval, export, bench, "
+                               "run)"),
+    ("prune:\n  ratio: !!python/object/apply:os.system [echo hi]\n", "is not valid YAML"),
+    ("[" * 5000 + "]" * 5000 + "\n", "deeper than the parser goes"),
+])
+def test_hostile_recipes_are_refused_unexpanded(tmp_path, runner, tiny_llama_dir, tiny_calib_dir, body, needle):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(body)
+    line = refused(invoke(runner, ["prune", tiny_llama_dir, "--calib", tiny_calib_dir, *FAST, "--recipe", recipe,
+                                   "-o", tmp_path / "o"]), str(recipe), needle)
+    assert len(line) < 300  # never the expanded value
+    run_dir = tmp_path / "run"
+    refused(invoke(runner, ["run", recipe, "--model", tiny_llama_dir, "--stages", "prune", "-o", run_dir]), needle)
+    nothing_left(tmp_path, "r.yaml")
+    recipe.write_bytes(b"x: " + b"y" * (2 << 20))
+    refused(invoke(runner, ["calibrate", tiny_llama_dir, "--recipe", recipe, "-o", tmp_path / "c"]),
+            "more than a recipe holds")
