@@ -10,6 +10,8 @@ tokenizer). ``lpt.models`` decides when; this module knows only files and direct
 
 from __future__ import annotations
 
+import functools
+from dataclasses import dataclass
 from pathlib import Path
 
 from lpt.errors import LptError
@@ -24,64 +26,160 @@ MODEL_TYPES = {"qwen2moe": "qwen2_moe", "qwen3moe": "qwen3_moe", "gpt-oss": "gpt
                "gemma3": "gemma3_text", "gemma4": "gemma4_text", "t5encoder": "t5"}
 _SCALARS = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}  # value type -> bytes
 _STRING, _ARRAY = 8, 9
+_UINT32 = 4
+
+# What a header may hold before lpt hands the file to a reader that allocates per entry (transformers' GGUF loader
+# took 5.4 GB for one array of 10 million strings). Real files hold a few dozen keys, vocabularies of up to ~260k
+# tokens and ~300k merges, chat templates of some kB, at most a few thousand tensors.
+MAX_KEYS = 1 << 16
+MAX_TENSORS = 1 << 17
+MAX_DIMS = 8
+MAX_STRING = 32 << 20  # bytes of one string (a whole tokenizer.json fits)
+MAX_ARRAY = 1 << 20  # entries of one array
+MAX_ENTRIES = 1 << 22  # array entries in the whole header
 
 
-def architecture(path: str | Path) -> str:
-    """``general.architecture`` from a GGUF file's header, reading only the key/value pairs before it (usually the
-    first), never a tensor. Raises LptError for a file that is not GGUF (v2 or later)."""
+@dataclass(frozen=True)
+class Header:
+    """What :func:`check` read from a GGUF file's header."""
+
+    version: int
+    n_tensors: int
+    n_kv: int
+    architecture: str | None  # general.architecture
+    data_offset: int  # where the tensor data starts
+
+
+def check(path: str | Path) -> Header:
+    """Read and check the whole header of the GGUF file at ``path`` with bounds, before anything allocates for it:
+    at most ``MAX_KEYS`` keys and ``MAX_TENSORS`` tensors, strings of at most ``MAX_STRING`` bytes, arrays of at most
+    ``MAX_ARRAY`` entries (``MAX_ENTRIES`` in all), every tensor's data inside the file. A file that breaks one, is
+    truncated or is not GGUF (v2 or later) is one line naming it. The file is mapped, never read into memory; the
+    result is cached per (path, size, modification time)."""
+    p = Path(path)
+    try:
+        st = p.stat()
+    except OSError as e:
+        raise LptError(f"{path} is not a readable GGUF file ({e.strerror or e})") from None
+    return _check(str(p.resolve()), st.st_size, st.st_mtime_ns, str(path))
+
+
+@functools.lru_cache(maxsize=16)
+def _check(resolved: str, size: int, mtime_ns: int, name: str) -> Header:
+    import mmap
     import struct
 
     def fail(why: str) -> LptError:
-        return LptError(f"{path} is not a readable GGUF file ({why})")
+        return LptError(f"{name} is not a readable GGUF file ({why})")
 
-    with open(path, "rb") as f:
-        head = f.read(24)
-        if len(head) < 24 or head[:4] != MAGIC:
-            raise fail("no GGUF magic")
-        version = struct.unpack("<I", head[4:8])[0]
-        if version < 2 or version > 0xFFFF:
-            raise fail(f"unsupported GGUF version {version}")
-        n_kv = struct.unpack("<Q", head[16:24])[0]
+    if size < 24:
+        raise fail("truncated: no GGUF header" if size else "empty file")
+    with open(resolved, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
+        pos = 0
+
+        def take(n: int) -> int:
+            nonlocal pos
+            if pos + n > size:
+                raise fail(f"truncated: the header runs past the end of the file at byte {size:,}")
+            start, pos = pos, pos + n
+            return start
 
         def u32() -> int:
-            b = f.read(4)
-            if len(b) < 4:
-                raise fail("truncated header")
-            return struct.unpack("<I", b)[0]
+            return struct.unpack_from("<I", m, take(4))[0]
 
         def u64() -> int:
-            b = f.read(8)
-            if len(b) < 8:
-                raise fail("truncated header")
-            return struct.unpack("<Q", b)[0]
+            return struct.unpack_from("<Q", m, take(8))[0]
 
-        def string() -> bytes:
+        def string(what: str) -> int:
             n = u64()
-            if n > 1 << 20:
-                raise fail("implausible string length")
-            return f.read(n)
+            if n > MAX_STRING:
+                raise fail(f"{what} is a string of {n:,} bytes, more than {MAX_STRING:,}")
+            return take(n)
 
-        def skip(vtype: int) -> None:
+        if m[:4] != MAGIC:
+            raise fail("no GGUF magic")
+        pos = 4
+        version = u32()
+        if version < 2 or version > 0xFFFF:
+            raise fail(f"unsupported GGUF version {version}")
+        n_tensors, n_kv = u64(), u64()
+        if n_kv > MAX_KEYS:
+            raise fail(f"its header declares {n_kv:,} keys, more than {MAX_KEYS:,}")
+        if n_tensors > MAX_TENSORS:
+            raise fail(f"its header declares {n_tensors:,} tensors, more than {MAX_TENSORS:,}")
+        entries, arch, alignment = 0, None, 32
+        for _ in range(n_kv):
+            k = string("a key")
+            key = bytes(m[k:pos]).decode("utf-8", errors="replace")
+            vtype = u32()
             if vtype in _SCALARS:
-                f.seek(_SCALARS[vtype], 1)
+                at = take(_SCALARS[vtype])
+                if key == "general.alignment" and vtype == _UINT32:
+                    alignment = struct.unpack_from("<I", m, at)[0]
             elif vtype == _STRING:
-                f.seek(u64(), 1)
+                at = string(f"key {key}")
+                if key == "general.architecture":
+                    arch = bytes(m[at:pos]).decode("utf-8", errors="replace")
             elif vtype == _ARRAY:
                 etype, n = u32(), u64()
+                entries += n
+                if n > MAX_ARRAY:
+                    raise fail(f"key {key} is an array of {n:,} entries, more than {MAX_ARRAY:,}")
+                if entries > MAX_ENTRIES:
+                    raise fail(f"its arrays hold more than {MAX_ENTRIES:,} entries in all (key {key}: {n:,})")
                 if etype in _SCALARS:
-                    f.seek(_SCALARS[etype] * n, 1)
-                else:
+                    take(_SCALARS[etype] * n)
+                elif etype == _STRING:
                     for _ in range(n):
-                        skip(etype)
+                        string(f"an entry of key {key}")
+                else:
+                    raise fail(f"key {key} is an array of value type {etype}, which lpt does not read")
             else:
-                raise fail(f"unknown value type {vtype}")
+                raise fail(f"key {key} has unknown value type {vtype}")
+        if alignment < 1 or alignment & (alignment - 1):
+            raise fail(f"general.alignment {alignment} is not a power of two")
+        tensors = []
+        for _ in range(n_tensors):
+            t = string("a tensor name")
+            tname = bytes(m[t:pos]).decode("utf-8", errors="replace")
+            n_dims = u32()
+            if n_dims > MAX_DIMS:
+                raise fail(f"tensor {tname} has {n_dims} dimensions")
+            dims = [u64() for _ in range(n_dims)]
+            tensors.append((tname, dims, u32(), u64()))
+        data_offset = -(-pos // alignment) * alignment
+    for tname, dims, ttype, offset in tensors:
+        nbytes = _tensor_bytes(dims, ttype)
+        if nbytes is None:
+            raise fail(f"tensor {tname} has unknown type {ttype}")
+        if data_offset + offset + nbytes > size:
+            raise fail(f"truncated: tensor {tname} ends at byte {data_offset + offset + nbytes:,}, past the end of "
+                       f"the file at {size:,}")
+    return Header(version, n_tensors, n_kv, arch, data_offset)
 
-        for _ in range(n_kv):
-            key, vtype = string(), u32()
-            if key == b"general.architecture" and vtype == _STRING:
-                return string().decode("utf-8", errors="replace")
-            skip(vtype)
-    raise fail("no general.architecture")
+
+def _tensor_bytes(dims: list[int], ttype: int) -> int | None:
+    """Bytes of a tensor of ``dims`` and GGML type ``ttype`` (gguf's block sizes), None for a type gguf does not
+    know."""
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    try:
+        block, nbytes = GGML_QUANT_SIZES[GGMLQuantizationType(ttype)]
+    except (ValueError, KeyError):
+        return None
+    n = 1
+    for d in dims:
+        n *= d
+    return -(-n // block) * nbytes
+
+
+def architecture(path: str | Path) -> str:
+    """``general.architecture`` from a GGUF file's header (checked whole by :func:`check`, never a tensor read).
+    Raises LptError for a file that is not GGUF (v2 or later) or breaks a bound."""
+    arch = check(path).architecture
+    if arch is None:
+        raise LptError(f"{path} is not a readable GGUF file (no general.architecture)")
+    return arch
 
 
 def model_type(path: str | Path) -> str:

@@ -109,7 +109,10 @@ def gguf_cache_path(ref: ModelRef) -> Path | None:
 
 
 def _source(ref: ModelRef) -> ModelRef:
-    """The directory to read ``ref`` from: its GGUF cache when complete, else ``ref`` itself."""
+    """The directory to read ``ref`` from: its GGUF cache when complete, else ``ref`` itself. A GGUF file's header
+    is checked with bounds first (``gguf_file.check``): nothing reads a file that breaks one."""
+    if ref.gguf_file:
+        gguf_file.check(Path(ref.path) / ref.gguf_file)
     d = gguf_file.cached(Path(ref.path) / ref.gguf_file) if ref.gguf_file else None
     return ModelRef(ref.name, str(d), local=True) if d is not None else ref
 

@@ -349,3 +349,61 @@ def test_hostile_recipes_are_refused_unexpanded(tmp_path, runner, tiny_llama_dir
     recipe.write_bytes(b"x: " + b"y" * (2 << 20))
     refused(invoke(runner, ["calibrate", tiny_llama_dir, "--recipe", recipe, "-o", tmp_path / "c"]),
             "more than a recipe holds")
+
+
+# ------------------------------------------------------------------------------------------------ GGUF headers
+def _gguf(path: Path, kv: list[bytes], tensors: list[bytes] = (), data: bytes = b"") -> Path:
+    import struct
+
+    head = b"GGUF" + struct.pack("<IQQ", 3, len(tensors), len(kv)) + b"".join(kv) + b"".join(tensors)
+    path.write_bytes(head + b"\0" * (-len(head) % 32) + data)
+    return path
+
+
+def _str(s: str) -> bytes:
+    import struct
+
+    return struct.pack("<Q", len(s.encode())) + s.encode()
+
+
+def _kv_str(key: str, value: str) -> bytes:
+    import struct
+
+    return _str(key) + struct.pack("<I", 8) + _str(value)
+
+
+def test_gguf_headers_are_read_with_bounds_and_named(tmp_path, runner):
+    import struct
+
+    arch = _kv_str("general.architecture", "llama")
+    cases = {  # a bomb is refused from its declared size, before anything is read or allocated for it
+        "strings.gguf": ([arch, _str("tokenizer.ggml.tokens") + struct.pack("<IIQ", 9, 8, 10_000_000)],
+                         "key tokenizer.ggml.tokens is an array of 10,000,000 entries, more than 1,048,576"),
+        "string.gguf": ([_str("tokenizer.chat_template") + struct.pack("<IQ", 8, 1 << 40), arch],
+                        "key tokenizer.chat_template is a string of 1,099,511,627,776 bytes"),
+        "keys.gguf": ([arch] * 3, None),  # n_kv patched below
+        "cut.gguf": ([arch, _kv_str("general.name", "lpt")], "truncated: the header runs past the end"),
+    }
+    for name, (kv, needle) in cases.items():
+        f = _gguf(tmp_path / name, kv)
+        if name == "keys.gguf":
+            f.write_bytes(f.read_bytes()[:16] + struct.pack("<Q", 1 << 40) + f.read_bytes()[24:])
+            needle = "declares 1,099,511,627,776 keys"
+        if name == "cut.gguf":
+            f.write_bytes(f.read_bytes()[:24 + sum(map(len, kv)) - 2])
+        refused(invoke(runner, ["eval", f, "--ppl", "builtin:pydoc:test", "-o", tmp_path / "r.json"]), str(f), needle)
+    # a tensor whose data lies past the end of the file (a truncated download)
+    tensor = _str("token_embd.weight") + struct.pack("<IQQIQ", 2, 64, 384, 0, 0)  # 64 x 384 float32 at offset 0
+    f = _gguf(tmp_path / "short.gguf", [arch], [tensor], data=b"\0" * 1000)
+    refused(invoke(runner, ["prune", f, "-o", tmp_path / "p"]), str(f),
+            "truncated: tensor token_embd.weight ends at byte")
+    assert not (tmp_path / "r.json").exists() and not (tmp_path / "p").exists()
+
+
+@pytest.mark.smollm2
+def test_a_truncated_real_gguf_names_the_file(tmp_path, runner, smollm2_path):
+    f = tmp_path / "cut.gguf"
+    with open(smollm2_path, "rb") as src, open(f, "wb") as dst:
+        dst.write(src.read(smollm2_path.stat().st_size // 2))
+    refused(invoke(runner, ["eval", f, "--ppl", "builtin:pydoc:test", "-o", tmp_path / "r.json"]),
+            f"{f} is not a readable GGUF file (truncated: tensor")
