@@ -7,6 +7,7 @@ blocks, and ``instruction`` records (Alpaca / LaMini fields) rendered with a pro
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import itertools
 import random
@@ -457,10 +458,89 @@ def render_prompt(record: dict, template: str, tokenizer=None) -> tuple[str, str
         if tokenizer is None or not getattr(tokenizer, "chat_template", None):
             raise LptError("--template chat needs a tokenizer with a chat template")
         user = f"{instruction}\n\n{inp}" if inp else instruction
-        prompt = tokenizer.apply_chat_template([{"role": "user", "content": user}], tokenize=False,
-                                               add_generation_prompt=True)
+        with bounded_render(tokenizer):
+            prompt = tokenizer.apply_chat_template([{"role": "user", "content": user}], tokenize=False,
+                                                   add_generation_prompt=True)
         return prompt, response
     raise LptError(f"unknown template '{template}' (use {', '.join(TEMPLATES)})")
+
+
+TEMPLATE_SECONDS = 10.0  # one chat-template render may run this long (real templates take milliseconds) ...
+TEMPLATE_BYTES = 1 << 30  # ... and grow the process by this much
+
+
+class _Overrun(Exception):
+    pass
+
+
+@contextlib.contextmanager
+def bounded_render(tokenizer) -> Iterator[None]:
+    """Render a chat template (a small program that came with the model: transformers runs it in jinja's sandbox,
+    so it cannot run code, but it can loop or allocate without end) with a deadline of ``TEMPLATE_SECONDS`` and at
+    most ``TEMPLATE_BYTES`` more address space; a template that overruns either is one line naming the tokenizer.
+    The deadline needs the main thread (a timer signal) and the ceiling Linux or macOS (``RLIMIT_AS``); elsewhere
+    that bound is left out."""
+    import signal
+    import threading
+
+    name = getattr(tokenizer, "name_or_path", "") or "the model"
+    timer = hasattr(signal, "setitimer") and threading.current_thread() is threading.main_thread()
+    ceiling = _address_space()
+    running = [True]
+    if timer:
+        def overrun(signum, frame):
+            if running[0]:  # not once the render is over (the timer is being switched off)
+                raise _Overrun
+
+        previous = signal.signal(signal.SIGALRM, overrun)
+        signal.setitimer(signal.ITIMER_REAL, TEMPLATE_SECONDS)
+    try:
+        with _memory_ceiling(ceiling):
+            yield
+    except _Overrun:
+        raise LptError(f"--template chat: the chat template of {name} ran for more than {TEMPLATE_SECONDS:g} s on "
+                       f"one record (templates render in milliseconds); refused") from None
+    except MemoryError:
+        raise LptError(f"--template chat: the chat template of {name} needed more than {TEMPLATE_BYTES >> 20:,} MiB "
+                       f"for one record; refused") from None
+    finally:
+        running[0] = False
+        if timer:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, previous)
+
+
+def _address_space() -> int | None:
+    """The process's address space in bytes (Linux: /proc/self/statm), None where it cannot be read."""
+    import os
+
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+@contextlib.contextmanager
+def _memory_ceiling(current: int | None) -> Iterator[None]:
+    """``RLIMIT_AS`` at ``current + TEMPLATE_BYTES`` while the block runs (allocations past it raise MemoryError)."""
+    try:
+        import resource
+    except ImportError:  # pragma: no cover - not POSIX
+        current = None
+    if current is None:
+        yield
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    limit = current + TEMPLATE_BYTES
+    if hard != resource.RLIM_INFINITY and limit > hard or soft != resource.RLIM_INFINITY and limit > soft:
+        yield  # already limited more tightly than this
+        return
+    resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
 
 
 # ----------------------------------------------------------------------------------------------- blocks

@@ -407,3 +407,34 @@ def test_a_truncated_real_gguf_names_the_file(tmp_path, runner, smollm2_path):
         dst.write(src.read(smollm2_path.stat().st_size // 2))
     refused(invoke(runner, ["eval", f, "--ppl", "builtin:pydoc:test", "-o", tmp_path / "r.json"]),
             f"{f} is not a readable GGUF file (truncated: tensor")
+
+
+# ------------------------------------------------------------------------------------------------ chat templates
+@pytest.mark.parametrize("template, needle", [
+    ("{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}", "ran for more than 0.5 s"),
+    ("{{ 'x' * 10 ** 11 }}", "needed more than 1,024 MiB"),
+])
+def test_a_chat_template_renders_within_bounds(tmp_path, runner, tiny_llama_dir, monkeypatch, template, needle):
+    from lpt import data
+
+    monkeypatch.setattr(data, "TEMPLATE_SECONDS", 0.5)
+    model = tmp_path / "m"
+    shutil.copytree(tiny_llama_dir, model)
+    cfg = json.loads((model / "tokenizer_config.json").read_text())
+    cfg["chat_template"] = template
+    (model / "tokenizer_config.json").write_text(json.dumps(cfg))
+    records = tmp_path / "r.jsonl"
+    records.write_text("\n".join(json.dumps({"instruction": f"Say {i}.", "response": f"{i}."}) for i in range(4)))
+    refused(invoke(runner, ["calibrate", model, "--data", records, "--template", "chat", "-n", "2", "--seq-len", "32",
+                            "-o", tmp_path / "c"]), f"the chat template of {model}", needle)
+    nothing_left(tmp_path, "m", "r.jsonl")
+    # a real template still renders, and the bounds are lifted afterwards
+    import resource
+
+    before = resource.getrlimit(resource.RLIMIT_AS), signal.getsignal(signal.SIGALRM)
+    cfg["chat_template"] = "{% for m in messages %}<|{{ m.role }}|>{{ m.content }}{% endfor %}<|assistant|>"
+    (model / "tokenizer_config.json").write_text(json.dumps(cfg))
+    r = invoke(runner, ["calibrate", model, "--data", records, "--template", "chat", "-n", "2", "--seq-len", "32",
+                        "-o", tmp_path / "c"])
+    assert r.exit_code == 0, r.output
+    assert (resource.getrlimit(resource.RLIMIT_AS), signal.getsignal(signal.SIGALRM)) == before
