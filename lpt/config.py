@@ -242,7 +242,9 @@ class EvalConfig(ModelOptions):
                         "openbookqa; 'paper' = those seven; mmlu) or local task names from --include-path; "
                         "TASK:N gives that task N few-shot examples (paper,mmlu:5).")
     include_path: str | None = _f(None, "Directory of local lm-eval task YAML files (relative data_files are "
-                                        "resolved against each YAML's directory).")
+                                        "resolved against each YAML's directory). Runs code: a task YAML may name "
+                                        "Python with !function (lm-eval's design), which lm-eval imports and runs; "
+                                        "lpt says which before it does. Pass only a directory you trust.")
     num_fewshot: int | None = _f(None, "Few-shot examples per task (default: the task's own, 0 for most).")
     task_batch_size: str = _f("8", "lm-eval batch size: an integer or 'auto'.")
     limit: float | None = _f(None, "lm-eval: at most this many examples per task (a fraction if < 1); "

@@ -438,3 +438,34 @@ def test_a_chat_template_renders_within_bounds(tmp_path, runner, tiny_llama_dir,
                         "-o", tmp_path / "c"])
     assert r.exit_code == 0, r.output
     assert (resource.getrlimit(resource.RLIMIT_AS), signal.getsignal(signal.SIGALRM)) == before
+
+
+# ------------------------------------------------------------------------------------------------ code from a task dir
+def test_include_path_names_the_code_it_runs_and_resolves_relative_paths_once(tmp_path, runner, tiny_llama_dir,
+                                                                               monkeypatch):
+    from lpt.config import EvalConfig, help_of
+
+    assert "Runs code" in help_of(EvalConfig, "include_path") and "!function" in help_of(EvalConfig, "include_path")
+    text = " ".join(invoke(runner, ["eval", "--help"]).output.replace("│", " ").split())
+    assert "Runs code: a task YAML may name Python with !function" in text
+    # the README's relative example, from the repository root
+    monkeypatch.chdir(ROOT)
+    out = tmp_path / "local.json"
+    r = invoke(runner, ["eval", tiny_llama_dir, "--tasks", "lpt_tiny_mc", "--include-path", "tests/data/tasks",
+                        "--limit", "4", "-o", out])
+    assert r.exit_code == 0, r.output
+    assert "runs Python code" not in r.output  # this task brings none
+    # a task that names Python: said before lm-eval imports it (the flag trusts the directory; nothing else runs it)
+    tasks = tmp_path / "tasks"
+    shutil.copytree(ROOT / "tests" / "data" / "tasks", tasks)
+    (tasks / "helpers.py").write_text("import pathlib\npathlib.Path(__file__).with_name('RAN').write_text('x')\n"
+                                      "def keep(dataset):\n    return dataset\n")
+    body = (tasks / "lpt_tiny_mc.yaml").read_text().replace("task: lpt_tiny_mc", "task: lpt_code_mc")
+    (tasks / "code.yaml").write_text(body + "process_docs: !function helpers.keep\n")
+    monkeypatch.chdir(tmp_path)
+    r = invoke(runner, ["eval", tiny_llama_dir, "--tasks", "lpt_code_mc", "--include-path", "tasks", "--limit", "4",
+                        "-o", tmp_path / "code.json"])
+    assert r.exit_code == 0, r.output
+    said = " ".join(r.output.split())
+    assert f"task lpt_code_mc from --include-path runs Python code: keep in {tasks / 'helpers.py'}" in said
+    assert (tasks / "RAN").exists()

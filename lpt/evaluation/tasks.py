@@ -16,6 +16,7 @@ import contextlib
 import difflib
 import logging
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -262,14 +263,54 @@ class Prepared:
             self.local.cleanup()
 
 
-def _include_names(include_path: str | None) -> set[str]:
+def _include_tasks(include_path: str | None) -> dict[str, Path | None]:
+    """The tasks defined under ``include_path``: name -> its YAML file (read as text only: nothing is imported)."""
     if include_path is None:
-        return set()
+        return {}
     from lm_eval.tasks import TaskManager
 
     if not Path(include_path).is_dir():
         raise LptError(f"--include-path {include_path} is not a directory")
-    return set(TaskManager(include_path=str(include_path), include_defaults=False).all_tasks)
+    tm = TaskManager(include_path=str(include_path), include_defaults=False)
+    index = getattr(tm, "task_index", {})
+    return {n: (Path(p) if (p := getattr(index.get(n), "yaml_path", None)) else None) for n in tm.all_tasks}
+
+
+_FUNCTION = re.compile(r"!function\s+([\w.]+)")
+_INCLUDE = re.compile(r"^include:\s*['\"]?([^'\"#\n]+?)['\"]?\s*(?:#.*)?$", re.MULTILINE)
+
+
+def task_python(yaml_path: Path) -> list[str]:
+    """The Python a task YAML (and the YAMLs it includes) makes lm-eval import and run: every ``!function
+    module.name`` tag, as ``name`` in ``DIR/module.py``. Read as text; nothing is imported here."""
+    out: list[str] = []
+    seen: set[Path] = set()
+
+    def walk(path: Path) -> None:
+        if path in seen or not path.is_file():
+            return
+        seen.add(path)
+        text = path.read_text(encoding="utf-8", errors="replace")
+        for m in _FUNCTION.finditer(text):
+            module, _, name = m.group(1).rpartition(".")
+            out.append(f"{name} in {path.parent / (module.replace('.', '/') + '.py')}")
+        for inc in _INCLUDE.findall(text):
+            walk((path.parent / inc.strip()).resolve())
+
+    walk(Path(yaml_path).resolve())
+    return list(dict.fromkeys(out))
+
+
+def announce_python(tasks: dict[str, Path | None], names: Sequence[str]) -> None:
+    """Say which of the requested tasks from --include-path bring Python that lm-eval will run (its ``!function``
+    tags): the flag trusts that directory's code, and the user should see what it is."""
+    from lpt.progress import console
+
+    for name in names:
+        code = task_python(tasks[name]) if tasks.get(name) else []
+        if code:
+            console.print(f"[yellow]note:[/] task {name} from --include-path runs Python code: {', '.join(code)}",
+                          soft_wrap=True)
 
 
 def prepare(specs: Sequence[str] | Sequence[tuple[str, int | None]], include_path: str | None = None,
@@ -283,12 +324,15 @@ def prepare(specs: Sequence[str] | Sequence[tuple[str, int | None]], include_pat
     """
     pairs = [(s, None) if isinstance(s, str) else (s[0], s[1]) for s in specs]
     names = [n for n, _ in pairs]
+    if include_path is not None:  # resolved once: lm-eval and the YAMLs' data_files then agree on where it is
+        include_path = str(Path(include_path).expanduser().resolve())
     if not debug:  # datasets' per-split "Generating" / "Map" bars while the documents load
         import datasets
 
         datasets.disable_progress_bars()
     with _quiet_lm_eval(debug):
-        own = _include_names(include_path)
+        own = _include_tasks(include_path)
+        announce_python(own, [n for n in names if n in own])
         others = [n for n in names if n not in own]
         root = local_tasks.choose(task_data, others) if others else None
         local = local_tasks.write_tasks(others, root) if root is not None else None
