@@ -37,9 +37,8 @@ from typing import Any, Callable, Mapping
 
 from lpt import artifacts
 from lpt.artifacts import RUN_KIND, RUN_SCHEMA, RUN_STATE
-from lpt.config import (RUN_STAGES, STAGE_CONFIGS, BenchRuntimeConfig, CalibrateConfig, DataOptions, EvalConfig,
-                        ExportConfig, PruneConfig, RunConfig, SliceConfig, build, field_names, load_recipe,
-                        parse_setting)
+from lpt.config import (RUN_STAGES, STAGE_CONFIGS, CalibrateConfig, DataOptions, PruneConfig, RunConfig, build,
+                        field_names, load_recipe, parse_setting)
 from lpt.errors import LptError
 
 SAVE_EVERY = 10  # prune checkpoints every N steps under lpt run unless the recipe or --set says otherwise
@@ -54,6 +53,7 @@ class Step:
     stage: str  # the stage function that runs it (a key of the runners)
     config: Any  # the stage's config dataclass
     needs: tuple[str, ...] = ()  # steps whose outputs it reads
+    model: str | None = None  # the run's model, when the step reads it (its fingerprint is then an input)
 
     @property
     def output(self) -> Path:
@@ -127,8 +127,21 @@ def same_blocks(calib: CalibrateConfig, prune: PruneConfig) -> bool:
     return all(getattr(calib, k) == getattr(prune, k) for k in keys)
 
 
+NEEDS = {"slice": "prune", "export": "slice", "bench": "prune", "eval": "prune"}  # stage -> the stage it reads
+
+
 def plan(cfg: RunConfig) -> list[Step]:
     """The steps of a run, their configs resolved; nothing is read but the recipe."""
+    stages = _stages(cfg)
+    planner = _Planner(cfg, parse_overrides(cfg.overrides))
+    for stage in RUN_STAGES:
+        if stage in stages:
+            getattr(planner, f"plan_{stage}")()
+    return planner.steps
+
+
+def _stages(cfg: RunConfig) -> list[str]:
+    """The run's stages (recipe run: stages, or --stages), checked: known, and with the stages they read."""
     if not cfg.recipe:
         raise LptError("RECIPE is required (e.g. lpt run recipes/smollm2-135m-20.yaml -o runs/smollm2-20)")
     names = cfg.stages.split(",") if isinstance(cfg.stages, str) else list(cfg.stages or [])
@@ -138,67 +151,81 @@ def plan(cfg: RunConfig) -> list[Step]:
         raise LptError(f"unknown stage '{bad[0]}' in the run's stages (use {', '.join(RUN_STAGES)})")
     if not stages:
         raise LptError("the run names no stages (recipe run: stages:, or --stages)")
-    need = {"slice": "prune", "export": "slice", "bench": "prune", "eval": "prune"}
     for s in stages:
-        if s in need and need[s] not in stages:
-            raise LptError(f"stage {s} needs stage {need[s]} in the same run")
+        if s in NEEDS and NEEDS[s] not in stages:
+            raise LptError(f"stage {s} needs stage {NEEDS[s]} in the same run")
     if cfg.reconstruct and "calibrate" not in stages:
         raise LptError("--reconstruct refits on RUN_DIR/calibrate: add the calibrate stage")
     if cfg.reconstruct and "slice" not in stages:
         raise LptError("--reconstruct happens while slicing: add the slice stage")
-    over = parse_overrides(cfg.overrides)
-    run_dir = Path(cfg.output)
-    model = cfg.model
-    steps: list[Step] = []
+    return stages
 
-    def add(name, stage, cls, fixed, needs=()):
-        steps.append(Step(name, stage, _config(cls, stage, cfg, over, fixed), tuple(needs)))
 
-    calib_dir = str(run_dir / "calibrate")
-    if "calibrate" in stages:
-        add("calibrate", "calibrate", CalibrateConfig, {"model": model, "output": calib_dir, "overwrite": True})
-    if "prune" in stages:
-        fixed = {"model": model, "output": str(run_dir / "prune"), "overwrite": True}
-        prune_cfg = _config(PruneConfig, "prune", cfg, over, fixed)
-        if not prune_cfg.save_every:
-            prune_cfg.save_every = SAVE_EVERY
+class _Planner:
+    """Adds the steps of each stage in order (``plan_<stage>``), each config resolved as :func:`_config` does, with
+    what the run fixes: the model, the outputs under RUN_DIR and the outputs of earlier steps as inputs."""
+
+    def __init__(self, cfg: RunConfig, overrides: Mapping[str, Mapping[str, Any]]):
+        self.cfg, self.overrides, self.steps = cfg, overrides, []
+        self.run_dir, self.model = Path(cfg.output), cfg.model
+        self.calib_dir, self.prune_dir = str(self.run_dir / "calibrate"), self.run_dir / "prune"
+        self.pruned: str | None = None  # the sliced model, once slice is planned (else prune's unmerged output)
+        self.pruned_needs: tuple[str, ...] = ("prune",)
+
+    def config(self, stage: str, fixed: dict[str, Any]) -> Any:
+        return _config(SECTIONS[stage], stage, self.cfg, self.overrides, fixed)
+
+    def add(self, name: str, stage: str, fixed: dict[str, Any], needs: tuple[str, ...] = (),
+            reads_model: bool = True) -> None:
+        self.steps.append(Step(name, stage, self.config(stage, fixed), needs, self.model if reads_model else None))
+
+    def plan_calibrate(self) -> None:
+        self.add("calibrate", "calibrate", {"model": self.model, "output": self.calib_dir, "overwrite": True})
+
+    def plan_prune(self) -> None:
+        prune = self.config("prune", {"model": self.model, "output": str(self.prune_dir), "overwrite": True})
+        if not prune.save_every:
+            prune.save_every = SAVE_EVERY
         needs: tuple[str, ...] = ()
-        if steps and steps[0].name == "calibrate" and same_blocks(steps[0].config, prune_cfg):
-            prune_cfg.calib, needs = calib_dir, ("calibrate",)
-        steps.append(Step("prune", "prune", prune_cfg, needs))
-    prune_dir = run_dir / "prune"
-    pruned, pruned_needs = None, ("prune",)
-    if "slice" in stages:
-        fixed = {"model": model, "masks": str(prune_dir / artifacts.MASKS), "adapter": str(prune_dir),
-                 "merge": True, "output": str(run_dir / "slice"), "overwrite": True}
-        if cfg.reconstruct:
-            fixed["reconstruct"] = calib_dir
-        add("slice", "slice", SliceConfig, fixed, ("prune", "calibrate") if cfg.reconstruct else ("prune",))
-        pruned, pruned_needs = str(run_dir / "slice"), ("slice",)
-    if "eval" in stages:
-        add("eval-dense", "eval", EvalConfig, {"model": model, "label": "dense", "adapter": None, "masks": None,
-                                                "output": str(run_dir / "eval" / "dense.json"), "overwrite": True})
-        unmerged = {} if pruned else {"adapter": str(prune_dir), "masks": str(prune_dir / artifacts.MASKS)}
-        add("eval-pruned", "eval", EvalConfig,
-            {"model": pruned or model, "label": "pruned", "adapter": None, "masks": None, **unmerged,
-             "output": str(run_dir / "eval" / "pruned.json"), "overwrite": True}, pruned_needs)
-        for s in steps[-2:]:
+        if self.steps and self.steps[0].name == "calibrate" and same_blocks(self.steps[0].config, prune):
+            prune.calib, needs = self.calib_dir, ("calibrate",)  # the same blocks: read, not built again
+        self.steps.append(Step("prune", "prune", prune, needs, self.model))
+
+    def plan_slice(self) -> None:
+        fixed = {"model": self.model, "masks": str(self.prune_dir / artifacts.MASKS), "adapter": str(self.prune_dir),
+                 "merge": True, "output": str(self.run_dir / "slice"), "overwrite": True}
+        if self.cfg.reconstruct:
+            fixed["reconstruct"] = self.calib_dir
+        self.add("slice", "slice", fixed, ("prune", "calibrate") if self.cfg.reconstruct else ("prune",))
+        self.pruned, self.pruned_needs = str(self.run_dir / "slice"), ("slice",)
+
+    def plan_eval(self) -> None:
+        none = {"adapter": None, "masks": None, "overwrite": True}
+        self.add("eval-dense", "eval", {"model": self.model, "label": "dense", **none,
+                                        "output": str(self.run_dir / "eval" / "dense.json")})
+        unmerged = {} if self.pruned else {"adapter": str(self.prune_dir),
+                                           "masks": str(self.prune_dir / artifacts.MASKS)}
+        self.add("eval-pruned", "eval", {"model": self.pruned or self.model, "label": "pruned", **none, **unmerged,
+                                         "output": str(self.run_dir / "eval" / "pruned.json")},
+                 self.pruned_needs, reads_model=not self.pruned)
+        for s in self.steps[-2:]:
             if not s.config.ppl and not s.config.tasks:
-                raise LptError(f"stage eval has nothing to evaluate: give the recipe an eval: section with ppl: "
-                               f"and/or tasks: (or --ppl SOURCE)")
-    if "export" in stages:
-        outtype = _config(ExportConfig, "export", cfg, over, {}).outtype
-        add("export", "export", ExportConfig, {"model": pruned, "gguf": True, "overwrite": True,
-                                               "output": str(run_dir / "export" / f"pruned-{outtype}.gguf")},
-            ("slice",))
-    if "bench" in stages:
-        models = [model, pruned or model]
-        adapters = ["-", "-"] if pruned else ["-", str(prune_dir)]
-        masks = ["-", "-"] if pruned else ["-", str(prune_dir / artifacts.MASKS)]
-        add("bench", "bench", BenchRuntimeConfig,
-            {"models": models, "adapter": adapters, "masks": masks, "label": ["dense", "pruned"], "random_init": [],
-             "output": str(run_dir / "bench" / "bench.json"), "overwrite": True}, pruned_needs)
-    return steps
+                raise LptError("stage eval has nothing to evaluate: give the recipe an eval: section with ppl: "
+                               "and/or tasks: (or --ppl SOURCE)")
+
+    def plan_export(self) -> None:
+        outtype = self.config("export", {}).outtype
+        self.add("export", "export", {"model": self.pruned, "gguf": True, "overwrite": True,
+                                      "output": str(self.run_dir / "export" / f"pruned-{outtype}.gguf")},
+                 ("slice",), reads_model=False)
+
+    def plan_bench(self) -> None:
+        unmerged = [str(self.prune_dir), str(self.prune_dir / artifacts.MASKS)]
+        adapters, masks = (["-", "-"], ["-", "-"]) if self.pruned else (["-", unmerged[0]], ["-", unmerged[1]])
+        self.add("bench", "bench", {"models": [self.model, self.pruned or self.model], "adapter": adapters,
+                                    "masks": masks, "label": ["dense", "pruned"], "random_init": [],
+                                    "output": str(self.run_dir / "bench" / "bench.json"), "overwrite": True},
+                 self.pruned_needs)
 
 
 # ------------------------------------------------------------------------------------------------ state
@@ -213,6 +240,21 @@ def fingerprint(path: str | Path) -> str | None:
         st = f.stat()
         h.update(f"{f.relative_to(p) if f != p else f.name}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
     return h.hexdigest()[:16]
+
+
+def model_fingerprint(model: str) -> str | None:
+    """:func:`fingerprint` of a local model (a directory: its config, weight and tokenizer files; a .gguf file, or
+    the alias naming one); None for a hub id (the hub revision names its weights) or a model that does not
+    resolve."""
+    from lpt import models
+
+    try:
+        ref = models.resolve(model)
+    except LptError:
+        return None
+    if not ref.local:
+        return None
+    return fingerprint(Path(ref.path) / ref.gguf_file if ref.gguf_file else Path(ref.path))
 
 
 def resolved(step: Step, run_dir: Path) -> dict[str, Any]:
@@ -286,6 +328,8 @@ def decide(step: Step, run_dir: Path, state: Mapping[str, Any], changed: set[str
     config = resolved(step, run_dir)
     records = state.get("steps", {})
     inputs = {n: (records.get(n) or {}).get("fingerprint") for n in step.needs}
+    if step.model is not None:  # a model directory replaced in place reruns every step that reads it
+        inputs["model"] = model_fingerprint(step.model)
     key = step_key(step, config, inputs)
     rec = records.get(step.name)
 
@@ -388,6 +432,7 @@ def _start(cfg: RunConfig, steps: list[Step], run_dir: Path) -> dict[str, Any]:
 
     state = load_state(run_dir)
     state.update(recipe=cfg.recipe, recipe_sha256=_file_hash(cfg.recipe), model=cfg.model,
+                 model_fingerprint=model_fingerprint(cfg.model),
                  stages=[s.name for s in steps], reconstruct=cfg.reconstruct, command=cfg.command,
                  lpt_version=lpt.__version__, started=_now(), finished=None)
     state.setdefault("created", state["started"])

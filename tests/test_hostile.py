@@ -469,3 +469,44 @@ def test_include_path_names_the_code_it_runs_and_resolves_relative_paths_once(tm
     said = " ".join(r.output.split())
     assert f"task lpt_code_mc from --include-path runs Python code: keep in {tasks / 'helpers.py'}" in said
     assert (tasks / "RAN").exists()
+
+
+# ------------------------------------------------------------------------------------------------ lpt run
+def _recipe(path: Path, steps: int = 2) -> Path:
+    path.write_text(f"""calibrate:
+  nsamples: 4
+  seq_len: 16
+prune:
+  data: builtin:pydoc:train
+  nsamples: 4
+  seq_len: 16
+  batch_size: 2
+  micro_batch_size: 2
+  max_steps: {steps}
+  prune_freq: 1
+  ratio: 0.3
+eval:
+  ppl: builtin:pydoc:test
+  seq_len: 32
+  max_segments: 1
+""")
+    return path
+
+
+def test_a_model_replaced_in_place_reruns_what_reads_it(tmp_path, runner, tiny_llama_dir):
+    from conftest import build_model, tiny_config
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_llama_dir, model)
+    recipe = _recipe(tmp_path / "r.yaml")
+    args = ["run", recipe, "--model", model, "--stages", "calibrate,prune", "-o", tmp_path / "run"]
+    assert invoke(runner, args).exit_code == 0
+    r = invoke(runner, args)
+    assert r.exit_code == 0 and "nothing to do" in r.output, r.output
+    state = json.loads((tmp_path / "run" / artifacts.RUN_STATE).read_text())
+    assert state["model_fingerprint"] and state["steps"]["prune"]["inputs"]["model"] == state["model_fingerprint"]
+    build_model(tiny_config(), seed=1).save_pretrained(model)  # new weights, same path, same config
+    r = invoke(runner, args)
+    assert r.exit_code == 0, r.output
+    out = " ".join(r.output.split())
+    assert "calibrate: running (model changed)" in out and "prune: running (calibrate and model changed)" in out, out
