@@ -48,6 +48,10 @@ def check(cfg: CalibrateConfig) -> None:
         raise LptError(f"--nsamples must be positive (got {cfg.nsamples})")
     if not 0.0 <= cfg.val_fraction < 1.0:
         raise LptError(f"--val-fraction must be in [0, 1) (got {cfg.val_fraction})")
+    if cfg.data:
+        from lpt.data import check_local
+
+        check_local(cfg.data, "--data")
 
 
 def make_blocks(cfg: CalibrateConfig, tokenizer, *, progress=None):

@@ -69,6 +69,16 @@ def describe_source(source: str) -> str:
         "builtin" if source.startswith("builtin:") else "hub dataset")
 
 
+def check_local(source: str, flag: str) -> None:
+    """Refuse a source that names a local file (a data suffix, or a path starting with . / ~) which is not there,
+    before anything loads (one line naming ``flag``)."""
+    path = Path(source).expanduser()
+    if source.startswith("builtin:") or path.is_file():
+        return
+    if path.suffix.lower() in LOCAL_SUFFIXES or source.startswith((".", "/", "~")):
+        raise LptError(f"{flag} {source}: file not found")
+
+
 def load_records(
     source: str,
     *,

@@ -379,9 +379,12 @@ class Outcome:
 
 def execute(cfg: RunConfig, runners: Mapping[str, Callable[[Any], Any]],
             say: Callable[[str], None] = lambda s: None,
-            write_report: Callable[[Path, dict[str, Any]], Path] | None = None) -> Outcome:
+            write_report: Callable[[Path, dict[str, Any]], Path] | None = None,
+            validators: Mapping[str, Callable[[Any], Any]] | None = None) -> Outcome:
     """Run (or, with ``cfg.dry_run``, only decide) every step of :func:`plan`; ``runners`` maps a stage name to
-    its ``run(config) -> Path``. ``write_report(run_dir, state)`` is called when anything ran (or no report exists).
+    its ``run(config) -> Path``, ``validators`` to its ``validate(config)``: every step is checked (:func:`check`)
+    before the first one runs, in dry runs too. ``write_report(run_dir, state)`` is called when anything ran (or
+    no report exists).
 
     The run holds RUN_DIR's lock (``artifacts.output_lock``) throughout, and each step its output's while it first
     removes what killed runs left next to it (``artifacts.remove_stale_partials``) and then runs."""
@@ -390,6 +393,7 @@ def execute(cfg: RunConfig, runners: Mapping[str, Callable[[Any], Any]],
     if missing:
         raise LptError(f"no runner for stage(s) {', '.join(missing)}")
     run_dir = _check_run_dir(Path(cfg.output))
+    check(cfg, steps, validators or {})
     if cfg.dry_run:
         return _dry_run(steps, run_dir, say)
     with artifacts.output_lock(run_dir):
@@ -400,6 +404,61 @@ def execute(cfg: RunConfig, runners: Mapping[str, Callable[[Any], Any]],
                    for i, step in enumerate(steps, 1)}
         report = _finish(run_dir, state, actions, time.perf_counter() - t_all, write_report)
     return Outcome(run_dir, state, actions, report)
+
+
+def check(cfg: RunConfig, steps: list[Step], validators: Mapping[str, Callable[[Any], Any]]) -> None:
+    """Everything about the run that can be refused before its first step runs: the model resolves, the stages fit
+    together, and every step's config passes its stage's ``validate`` -- the settings of slice, eval, export and
+    bench are checked before a long prune, not when their turn comes. Inputs that earlier steps will write (masks,
+    the adapter, the sliced model) do not exist yet: while a step is checked they are stood in for by empty
+    placeholders in a temporary directory (a directory with an empty ``config.json`` for a model)."""
+    import tempfile
+
+    from lpt import models
+
+    models.resolve(cfg.model)
+    prune = next((s.config for s in steps if s.stage == "prune"), None)
+    if prune is not None and any(s.stage == "export" for s in steps) and (prune.layout != "uniform"
+                                                                          or prune.skip_layers):
+        raise LptError("stage export needs a model with the same widths in every layer, but prune makes per-layer "
+                       "widths (--layout per-layer or --skip-layers); GGUF cannot describe them: drop export from "
+                       "the stages or prune with --layout uniform")
+    run_dir = Path(cfg.output)
+    with tempfile.TemporaryDirectory(prefix="lpt-run-check-") as tmp:
+        written: list[Path] = []  # outputs of the steps checked so far
+        for step in steps:
+            validate = validators.get(step.stage)
+            if validate is not None:
+                config = _stand_ins(step.config, written, run_dir, Path(tmp))
+                try:
+                    validate(config)
+                except LptError as e:
+                    raise LptError(f"stage {step.name}: {e} (nothing was run)") from None
+            written.append(step.output)
+
+
+def _stand_ins(config: Any, written: list[Path], run_dir: Path, tmp: Path) -> Any:
+    """A copy of ``config`` whose paths into ``written`` outputs point at placeholders under ``tmp``."""
+    def stand_in(value: Any) -> Any:
+        if isinstance(value, list):
+            return [stand_in(v) for v in value]
+        if not isinstance(value, str) or not value:
+            return value
+        p = Path(value)
+        out = next((w for w in written if p == w or w in p.parents), None)
+        if out is None:
+            return value
+        where = tmp / p.relative_to(run_dir) if run_dir in p.parents else tmp / p.name
+        if p == out:  # an output directory: a model directory as far as a check can tell
+            where.mkdir(parents=True, exist_ok=True)
+            (where / "config.json").write_text("{}")
+        else:  # a file inside one (masks.json)
+            where.parent.mkdir(parents=True, exist_ok=True)
+            where.touch()
+        return str(where)
+
+    return dataclasses.replace(config, **{f.name: stand_in(getattr(config, f.name))
+                                          for f in dataclasses.fields(config) if f.name != "output"})
 
 
 def _check_run_dir(run_dir: Path) -> Path:

@@ -510,3 +510,24 @@ def test_a_model_replaced_in_place_reruns_what_reads_it(tmp_path, runner, tiny_l
     assert r.exit_code == 0, r.output
     out = " ".join(r.output.split())
     assert "calibrate: running (model changed)" in out and "prune: running (calibrate and model changed)" in out, out
+
+
+@pytest.mark.parametrize("extra, needle", [
+    (["--set", "slice.reconstruct-mode=fast"], "stage slice: unknown --reconstruct-mode 'fast'"),
+    (["--set", "eval.batch-size=0"], "stage eval-dense: --batch-size must be positive"),
+    (["--set", "eval.ppl=missing.txt"], "stage eval-dense: --ppl missing.txt: file not found"),
+    (["--set", "bench.seq-len=0"], "stage bench: --seq-len must be positive"),
+    (["--set", "export.outtype=q9"], "stage export: unknown --outtype 'q9'"),
+    (["--set", "prune.layout=per-layer"], "stage export needs a model with the same widths in every layer"),
+    (["--model", "no/such/model/dir"], "model path not found: no/such/model/dir"),
+])
+@pytest.mark.parametrize("dry", [False, True])
+def test_lpt_run_checks_every_stage_before_the_first_runs(tmp_path, runner, tiny_llama_dir, extra, needle, dry):
+    recipe = _recipe(tmp_path / "r.yaml")
+    run = tmp_path / "run"
+    args = ["run", recipe, "--model", tiny_llama_dir, "--stages", "calibrate,prune,slice,eval,export,bench",
+            *extra, "-o", run, *(["--dry-run"] if dry else [])]
+    r = invoke(runner, args)
+    refused(r, needle, "(nothing was run)" if needle.startswith("stage ") and "widths" not in needle else "")
+    assert "would run" not in r.output and "running" not in r.output
+    nothing_left(tmp_path, "r.yaml")  # not even RUN_DIR

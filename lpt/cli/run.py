@@ -86,11 +86,13 @@ def run(
         argv = sys.argv[1:]
         cfg.command = shlex.join(["lpt", *argv]) if "run" in argv else shlex.join(
             ["lpt", "run", recipe, "-o", cfg.output, *(a for o in overrides for a in ("--set", o))])
-        runners = {s: importlib.import_module(f"lpt.stages.{s}").run for s in RUN_STAGES}
+        stage_modules = {s: importlib.import_module(f"lpt.stages.{s}") for s in RUN_STAGES}
+        runners = {s: m.run for s, m in stage_modules.items()}
+        validators = {s: m.validate for s, m in stage_modules.items()}
         from rich.markup import escape
 
         done = pipeline.execute(cfg, runners, say=lambda s: console.print(f"[bold]lpt run[/] {escape(s)}", soft_wrap=True),
-                                write_report=report.write)
+                                write_report=report.write, validators=validators)
         if cfg.dry_run:
             return None
         ran = [n for n, a in done.actions.items() if a != "skipped"]

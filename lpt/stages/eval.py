@@ -15,7 +15,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from lpt import artifacts, lora, models
+from lpt import artifacts, data, lora, models
 from lpt.arch import describe
 from lpt.config import EvalConfig
 from lpt.errors import LptError
@@ -30,6 +30,9 @@ from lpt.progress import console, progress_bar
 def validate(cfg: EvalConfig) -> None:
     if not parse_ppl(cfg.ppl) and not T.parse_tasks(cfg.tasks):
         raise LptError("nothing to evaluate: pass --ppl SOURCE[,SOURCE] and/or --tasks TASK[,TASK]")
+    for src in parse_ppl(cfg.ppl):
+        if src.lower() not in P.NAMED:
+            data.check_local(src, "--ppl")
     if cfg.seq_len < 2:
         raise LptError(f"--seq-len must be at least 2 (got {cfg.seq_len})")
     if cfg.batch_size < 1:
