@@ -531,3 +531,46 @@ def test_lpt_run_checks_every_stage_before_the_first_runs(tmp_path, runner, tiny
     refused(r, needle, "(nothing was run)" if needle.startswith("stage ") and "widths" not in needle else "")
     assert "would run" not in r.output and "running" not in r.output
     nothing_left(tmp_path, "r.yaml")  # not even RUN_DIR
+
+
+# ------------------------------------------------------------------------------------------------ SIGTERM
+TERM_DRIVER = """
+import os, signal, sys
+from lpt import pruner, slicing
+where = os.environ["LPT_TERM_IN"]
+if where == "prune":
+    step = pruner.Pruner.train_step
+    def train_step(self, batch):
+        if self.step == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return step(self, batch)
+    pruner.Pruner.train_step = train_step
+else:
+    cut = slicing.slice_model
+    def slice_model(*a, **k):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return cut(*a, **k)
+    slicing.slice_model = slice_model
+from lpt.cli import app
+app(sys.argv[1:], prog_name="lpt")
+"""
+
+
+@pytest.mark.parametrize("where, save_every", [("prune", "0"), ("prune", "2"), ("slice", None)])
+def test_sigterm_is_handled_like_ctrl_c(tmp_path, tiny_llama_dir, tiny_calib_dir, where, save_every):
+    out = tmp_path / "o"
+    if where == "prune":
+        args = ["prune", tiny_llama_dir, "--calib", tiny_calib_dir, *FAST, "--save-every", save_every, "-o", out]
+    else:
+        masks = tmp_path / "masks.json"
+        _masks_file(tiny_llama_dir, masks)
+        args = ["slice", tiny_llama_dir, "--masks", masks, "-o", out]
+    p = subprocess.run([sys.executable, "-c", TERM_DRIVER, *map(str, args)], capture_output=True, text=True,
+                       env={**ENV, "LPT_TERM_IN": where}, timeout=600)
+    assert p.returncode == 130 and "error: interrupted; no output was written" in p.stderr, p.stderr[-2000:]
+    assert p.stderr.count("error:") == 1 and "Traceback" not in p.stderr
+    if save_every == "2":  # as after Ctrl-C: the checkpoint stays for --resume, nothing else
+        nothing_left(tmp_path, ".o.partial")
+        assert (tmp_path / ".o.partial" / artifacts.CHECKPOINT_DIR / artifacts.CHECKPOINT_META).is_file()
+    else:
+        nothing_left(tmp_path, *(["masks.json"] if where == "slice" else []))

@@ -164,6 +164,28 @@ def stdout() -> Any:
     return _STDOUT if _STDOUT is not None else sys.stdout
 
 
+@contextlib.contextmanager
+def sigterm_as_interrupt() -> Any:
+    """SIGTERM (a scheduler's or ``kill``'s stop) handled like Ctrl-C while a stage runs: a KeyboardInterrupt, so
+    every lock is released, every partial output removed (prune keeps a resumable checkpoint, as on Ctrl-C) and the
+    command ends with the one line and exit code of an interruption. Only the main thread receives signals."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def on_term(signum, frame):
+        raise KeyboardInterrupt("SIGTERM")
+
+    previous = signal.signal(signal.SIGTERM, on_term)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+
+
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)  # a write that found no room: a user's problem, not a bug
 
 
@@ -175,7 +197,7 @@ def run_stage(fn: Callable[[], Any]) -> Any:
     global _STDOUT
     _STDOUT = sys.stdout
     try:
-        with contextlib.redirect_stdout(sys.stderr):
+        with contextlib.redirect_stdout(sys.stderr), sigterm_as_interrupt():
             result = fn()
     except (typer.Exit, click.exceptions.Exit, click.ClickException, typer.Abort):
         raise
