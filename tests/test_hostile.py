@@ -574,3 +574,50 @@ def test_sigterm_is_handled_like_ctrl_c(tmp_path, tiny_llama_dir, tiny_calib_dir
         assert (tmp_path / ".o.partial" / artifacts.CHECKPOINT_DIR / artifacts.CHECKPOINT_META).is_file()
     else:
         nothing_left(tmp_path, *(["masks.json"] if where == "slice" else []))
+
+
+# ------------------------------------------------------------------------------------------------ display
+def test_compare_tables_are_never_wrapped_nor_cut(tmp_path, runner, tiny_llama_dir):
+    a = tmp_path / "a.json"
+    r = invoke(runner, ["eval", tiny_llama_dir, "--ppl", "builtin:pydoc:test", "--seq-len", "32", "--max-segments",
+                        "1", "-o", a])
+    assert r.exit_code == 0, r.output
+    doc = json.loads(a.read_text())
+    files = []
+    for i in range(8):  # eight wide columns: far more than 80 terminal columns
+        doc["label"] = f"a-rather-long-model-label-{i}"
+        doc["perplexity"]["builtin:pydoc:test"]["ppl"] = 4.6123 + 1234.5 * i
+        files.append(tmp_path / f"r{i}.json")
+        files[-1].write_text(json.dumps(doc))
+    from lpt.cli import app
+
+    md = runner.invoke(app, ["eval", "--compare", *map(str, files), "--markdown"], env={"COLUMNS": "80"})
+    assert md.exit_code == 0, md.output
+    lines = md.stdout.splitlines()  # a header, the alignment row and two rows, one line each
+    assert len(lines) == 4 and all(x.startswith("|") and x.endswith("|") for x in lines), md.stdout
+    assert lines[2].count("|") == 10 and "8646.11" in lines[3]
+    plain = runner.invoke(app, ["eval", "--compare", *map(str, files)], env={"COLUMNS": "80"})
+    assert plain.exit_code == 0 and "…" not in plain.stdout, plain.stdout
+    for i in range(8):
+        assert f"{4.6123 + 1234.5 * i:.2f}" in plain.stdout and f"a-rather-long-model-label-{i}" in plain.stdout
+
+
+def test_help_is_legible_at_80_columns(runner):
+    import click
+    import typer.main
+
+    from lpt.cli import app
+
+    root = typer.main.get_command(app)
+    for args in (["calibrate"], ["prune"], ["merge"], ["slice"], ["export"], ["eval"], ["run"], ["bench", "runtime"],
+                 ["bench", "prune-step"]):
+        r = runner.invoke(app, [*args, "--help"], env={"COLUMNS": "80"})
+        assert r.exit_code == 0 and "…" not in r.output, (args, r.output)
+        assert max(map(len, r.output.splitlines())) <= 80
+        cmd = root
+        for a in args:
+            cmd = cmd.commands[a]
+        text = r.output.replace("│", " ").replace(",", " ") + " "
+        for flag in (o for p in cmd.params if isinstance(p, click.Option) for o in (*p.opts, *p.secondary_opts)
+                     if o.startswith("--")):
+            assert f" {flag} " in text, (args, flag)  # e.g. --gradient-checkpointing, whole

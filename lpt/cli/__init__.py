@@ -12,6 +12,7 @@ from lpt import __version__
 from lpt.cli import _common
 from lpt.config import STAGES
 
+_common.legible_help()
 app = typer.Typer(
     name="lpt",
     help=(

@@ -64,6 +64,34 @@ def arg(cls: type, name: str, **kw: Any):
     return typer.Argument(kw.pop("default", default_of(cls, name)), help=help_of(cls, name), **kw)
 
 
+def legible_help() -> None:
+    """``--help`` legible at 80 columns: in typer's option tables only the help column may wrap (it folds a word
+    longer than the column); rich otherwise shrank every column of a narrow terminal, cutting flag names to
+    ``--gradient-checkpoint…``. Installed once, when the CLI is imported."""
+    from rich.columns import Columns
+    from rich.table import Table
+    from rich.text import Text
+    from typer import rich_utils
+
+    if getattr(rich_utils.Table, "lpt_legible", False):
+        return
+
+    class HelpTable(Table):
+        lpt_legible = True
+
+        def add_row(self, *cells: Any, **kw: Any) -> None:
+            super().add_row(*cells, **kw)
+            for column in self.columns[:-1]:  # names, short names, metavars: never cut
+                column.no_wrap = True
+            self.columns[-1].overflow = "fold"
+            last = cells[-1] if cells else None
+            for item in last.renderables if isinstance(last, Columns) else [last]:
+                if isinstance(item, Text):
+                    item.overflow = "fold"
+
+    rich_utils.Table = HelpTable
+
+
 RECIPE_HELP = "YAML recipe whose section for this stage sets any flag; flags typed on the command line win."
 
 

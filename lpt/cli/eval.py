@@ -109,10 +109,10 @@ def _compare(paths: list[str], markdown: bool) -> None:
                                "rows": [{"metric": n, "values": c} for n, c in R.table_rows(docs)]}),
                    file=stdout())
         return
-    if markdown:
-        out.print(R.markdown_table(docs, paths), end="", markup=False)
+    if markdown:  # written as is: a Markdown table is never wrapped at the terminal's width
+        stdout().write(R.markdown_table(docs, paths))
     else:
-        out.print(R.rich_table(docs, paths))
+        R.print_table(out, R.rich_table(docs, paths))
     for note in R.protocol_notes(docs):
         console.print(f"[yellow]note:[/] {note}")
 

@@ -161,15 +161,31 @@ def labels(docs: Sequence[Results], paths: Sequence[str | Path] | None = None) -
 
 
 def rich_table(docs: Sequence[Results], paths: Sequence[str | Path] | None = None, title: str | None = None):
+    """The comparison as a rich table: numbers never wrap nor shrink (only the metric names wrap); print it with
+    :func:`print_table` so that a table wider than the terminal is not cut either."""
     from rich.table import Table
 
     table = Table(title=title, title_justify="left")
-    table.add_column("metric")
+    table.add_column("metric", overflow="fold")
     for lab in labels(docs, paths):
-        table.add_column(lab, justify="right")
+        table.add_column(lab, justify="right", no_wrap=True)
     for name, cells in table_rows(docs):
         table.add_row(name, *cells)
     return table
+
+
+def print_table(console, table) -> None:
+    """Print ``table`` on ``console`` at least as wide as its unwrappable cells need (wider than the terminal if
+    need be: lines then run on, but no number is cut to ``4.6…``)."""
+    from rich.measure import Measurement
+
+    need = Measurement.get(console, console.options.update_width(1 << 16), table).minimum
+    width = console.width
+    console.width = max(width, need)
+    try:
+        console.print(table, crop=False)
+    finally:
+        console.width = width
 
 
 def markdown_table(docs: Sequence[Results], paths: Sequence[str | Path] | None = None,

@@ -272,7 +272,7 @@ def run(cfg: EvalConfig) -> Path:
     doc = evaluate(cfg)
     with artifacts.atomic_file(out, overwrite=cfg.overwrite) as tmp:
         artifacts.write_json(tmp, doc)
-    console.print(R.rich_table([doc], title=f"lpt eval: {doc['label']}"))
+    R.print_table(console, R.rich_table([doc], title=f"lpt eval: {doc['label']}"))
     for src, r in doc["perplexity"].items():
         plural = "s" if r["segments"] != 1 else ""
         rest = (f"{r['dropped_tokens']} of {r['text_tokens']} text tokens not evaluated" if r["text_tokens"] is not None
