@@ -37,7 +37,8 @@ IMPORTANCE = "importance.safetensors"
 TRAIN_LOG = "log.jsonl"
 RESOLVED_CONFIG = "lpt_config.json"
 CHECKPOINT_DIR = "checkpoint"
-CHECKPOINT_STATE = "trainer_state.pt"
+CHECKPOINT_TENSORS = "trainer_state.safetensors"
+CHECKPOINT_STATE = "trainer_state.pt"  # the pickled checkpoints of lpt 0.1: never read
 CHECKPOINT_META = "checkpoint.json"
 
 # merge / slice
@@ -47,7 +48,10 @@ ADAPTER_SUBDIR = "adapter"  # slice --adapter without --merge: OUTPUT/adapter/ (
 # eval / bench
 RESULTS_SCHEMA = 1
 
-# lpt run
+# lpt run: RUN_DIR/<stage>/ as each stage command writes it (calibrate/, prune/, slice/), and these
+RUN_EVAL_DENSE, RUN_EVAL_PRUNED = "eval/dense.json", "eval/pruned.json"
+RUN_EXPORT = "export/pruned-{outtype}.gguf"
+RUN_BENCH = "bench/bench.json"
 RUN_STATE = "run.json"
 RUN_SCHEMA = 1
 RUN_KIND = "lpt-run"

@@ -19,7 +19,7 @@ import torch
 from lpt import artifacts
 from lpt.errors import LptError
 
-TENSORS = "trainer_state.safetensors"
+TENSORS = artifacts.CHECKPOINT_TENSORS
 META = artifacts.CHECKPOINT_META
 LEGACY = artifacts.CHECKPOINT_STATE  # pickled checkpoints of lpt 0.1 (never read: unpickling can run code)
 

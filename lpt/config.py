@@ -423,7 +423,8 @@ def _check_nodes(root: Any, path: Path) -> None:
         if key in sizes:
             return sizes[key]
         if key in open_:
-            raise LptError(f"recipe {path}: an alias refers to the node that holds it (line {node.start_mark.line + 1})")
+            raise LptError(f"recipe {path}: an alias refers to the node that holds it "
+                           f"(line {node.start_mark.line + 1})")
         open_.add(key)
         total = 1
         if isinstance(node, yaml.MappingNode):

@@ -202,11 +202,11 @@ class _Planner:
     def plan_eval(self) -> None:
         none = {"adapter": None, "masks": None, "overwrite": True}
         self.add("eval-dense", "eval", {"model": self.model, "label": "dense", **none,
-                                        "output": str(self.run_dir / "eval" / "dense.json")})
+                                        "output": str(self.run_dir / artifacts.RUN_EVAL_DENSE)})
         unmerged = {} if self.pruned else {"adapter": str(self.prune_dir),
                                            "masks": str(self.prune_dir / artifacts.MASKS)}
         self.add("eval-pruned", "eval", {"model": self.pruned or self.model, "label": "pruned", **none, **unmerged,
-                                         "output": str(self.run_dir / "eval" / "pruned.json")},
+                                         "output": str(self.run_dir / artifacts.RUN_EVAL_PRUNED)},
                  self.pruned_needs, reads_model=not self.pruned)
         for s in self.steps[-2:]:
             if not s.config.ppl and not s.config.tasks:
@@ -216,7 +216,7 @@ class _Planner:
     def plan_export(self) -> None:
         outtype = self.config("export", {}).outtype
         self.add("export", "export", {"model": self.pruned, "gguf": True, "overwrite": True,
-                                      "output": str(self.run_dir / "export" / f"pruned-{outtype}.gguf")},
+                                      "output": str(self.run_dir / artifacts.RUN_EXPORT.format(outtype=outtype))},
                  ("slice",), reads_model=False)
 
     def plan_bench(self) -> None:
@@ -224,7 +224,7 @@ class _Planner:
         adapters, masks = (["-", "-"], ["-", "-"]) if self.pruned else (["-", unmerged[0]], ["-", unmerged[1]])
         self.add("bench", "bench", {"models": [self.model, self.pruned or self.model], "adapter": adapters,
                                     "masks": masks, "label": ["dense", "pruned"], "random_init": [],
-                                    "output": str(self.run_dir / "bench" / "bench.json"), "overwrite": True},
+                                    "output": str(self.run_dir / artifacts.RUN_BENCH), "overwrite": True},
                  self.pruned_needs)
 
 
