@@ -62,8 +62,8 @@ def test_group_importance_matches_autograd_and_no_base_gradients(gqa_mode):
 def test_masked_forward_equals_zeroed_heads_and_channels(gqa, mode):
     p, cfg = _pruner(gqa_model=gqa, gqa=mode)
     ref = build_model(cfg)  # same seed: same weights, no LoRA (B = 0 at the start anyway)
-    p.ema_heads = [torch.rand(p.heads_pruned[0].numel()) for _ in range(cfg.num_hidden_layers)]
-    p.ema_channels = [torch.rand(cfg.intermediate_size) for _ in range(cfg.num_hidden_layers)]
+    p.state.head_scores = [torch.rand(p.heads_pruned[0].numel()) for _ in range(cfg.num_hidden_layers)]
+    p.state.channel_scores = [torch.rand(cfg.intermediate_size) for _ in range(cfg.num_hidden_layers)]
     p.prune_to(0.5)
     masks = p.masks()
     x = _batch(cfg)["input_ids"]
@@ -92,13 +92,13 @@ def test_masked_forward_equals_zeroed_heads_and_channels(gqa, mode):
 def test_balance_search_keeps_the_candidate_with_the_lowest_loss(layout):
     p, cfg = _pruner(gqa_model=False, gqa="kv-groups", layout=layout, ratio=0.5, balance="search")  # 0..3 heads
     g = torch.Generator().manual_seed(3)
-    p.ema_heads = [torch.rand(4, generator=g) for _ in range(cfg.num_hidden_layers)]
-    p.ema_channels = [torch.rand(cfg.intermediate_size, generator=g) for _ in range(cfg.num_hidden_layers)]
+    p.state.head_scores = [torch.rand(4, generator=g) for _ in range(cfg.num_hidden_layers)]
+    p.state.channel_scores = [torch.rand(cfg.intermediate_size, generator=g) for _ in range(cfg.num_hidden_layers)]
     batch = _batch(cfg, n=4, seq=24, seed=5)
     before = p.model(batch["input_ids"]).logits.detach()
     assert p.target_counts is None  # decided at the first mask update
-    p.choose_balance(batch)
-    cands = p.balance_losses
+    p.search(batch)
+    cands = p.search_losses
     assert [(c["attention_units"], c["mlp_channels"]) for c in cands] == \
         groups.balance_candidates(p.arch, 0.5, "kv-groups", p.cfg.round_to)
     assert len(cands) >= 3
@@ -107,11 +107,11 @@ def test_balance_search_keeps_the_candidate_with_the_lowest_loss(layout):
     arch = describe(cfg)
     lora.inject(ref, arch, r=4, alpha=8)
     policy = selection.Policy.of(arch, layout=layout, prunable=[0, 1], gqa="kv-groups", round_to=p.cfg.round_to)
-    state = selection.State(p.ema_heads, p.ema_channels, p.heads_pruned, p.channels_pruned)
+    state = selection.State(p.state.head_scores, p.state.channel_scores, p.heads_pruned, p.channels_pruned)
     for c in cands:
         counts = selection.step_counts(1.0, (c["attention_units"], c["mlp_channels"]), policy, state)
         hp, cp = selection.grow(counts, policy, state)
-        groups.apply_masks(ref, groups.Masks.from_pruned(arch, hp, cp, "kv-groups", layout=layout))
+        groups.apply_masks(ref, groups.Masks.from_pruned(arch, hp, cp, "kv-groups"))
         with torch.no_grad():
             want = float(ref(**batch).loss)
         assert c["loss"] == pytest.approx(want, rel=1e-4, abs=1e-5)
@@ -364,8 +364,8 @@ def test_distill_teacher_is_the_unpruned_base_without_a_copy():
     for layer in p.layers.values():
         if layer.r:
             torch.nn.init.normal_(layer.lora_B.weight, std=0.05)
-    p.ema_heads = [torch.rand(p.heads_pruned[0].numel()) for _ in range(cfg.num_hidden_layers)]
-    p.ema_channels = [torch.rand(cfg.intermediate_size) for _ in range(cfg.num_hidden_layers)]
+    p.state.head_scores = [torch.rand(p.heads_pruned[0].numel()) for _ in range(cfg.num_hidden_layers)]
+    p.state.channel_scores = [torch.rand(cfg.intermediate_size) for _ in range(cfg.num_hidden_layers)]
     p.prune_to(0.5)
     x = _batch(cfg)["input_ids"]
     storages = {t.untyped_storage().data_ptr() for t in p.model.parameters()}
@@ -445,8 +445,8 @@ def test_gqa_auto_prunes_query_heads_with_a_single_key_value_head():
     p = prune.Pruner(build_model(cfg), describe(cfg), PruneConfig(lora_r=4, ratio=0.5, balance="proportional"),
                      total_steps=4)
     assert p.cfg.gqa == "query-heads" and "single key/value head" in p.note
-    p.ema_heads = [torch.rand(4) for _ in range(cfg.num_hidden_layers)]
-    p.ema_channels = [torch.rand(cfg.intermediate_size) for _ in range(cfg.num_hidden_layers)]
+    p.state.head_scores = [torch.rand(4) for _ in range(cfg.num_hidden_layers)]
+    p.state.channel_scores = [torch.rand(cfg.intermediate_size) for _ in range(cfg.num_hidden_layers)]
     p.prune_to(0.5)
     assert all(len(m.heads) < 4 and m.kv_heads == [0] for m in p.masks().layers)
     # with several key/value heads auto is kv-groups, the paper's grouping

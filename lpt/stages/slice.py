@@ -54,7 +54,7 @@ def validate(cfg: SliceConfig) -> None:
 def expected_params(masks, params_before: int) -> int:
     """The parameter count ``masks.json`` promises for the sliced model."""
     promised = masks.info.get("params", {}).get("model_after")
-    before, after = masks.block_params()
+    before, after = masks.model_params()
     return int(promised) if promised is not None else params_before - (before - after)
 
 
