@@ -70,6 +70,9 @@ class Family:
     block_norms: int = 2
     norm_offset: float = 0.0
     embed_scale: bool = False
+    # transformers' config of the family refuses a hidden size that is not a multiple of num_attention_heads (its
+    # validate_architecture), even with an explicit head_dim: uniform prunes keep that true
+    heads_divide_hidden: bool = False
 
     def module_path(self, layer: int, proj: str) -> str:
         parent = self.attn if proj in ATTN_OUT + ATTN_IN else self.mlp
@@ -77,16 +80,16 @@ class Family:
 
 
 FAMILIES: dict[str, Family] = {
-    "llama": Family("llama", ("llama",)),
+    "llama": Family("llama", ("llama",), heads_divide_hidden=True),
     "mistral": Family("mistral", ("mistral",), qkv_bias=False, mlp_bias=False, hf_class="MistralForCausalLM"),
     "qwen2": Family("qwen2", ("qwen2",), qkv_bias=True, o_bias=False, mlp_bias=False, hf_class="Qwen2ForCausalLM"),
     "qwen3": Family("qwen3", ("qwen3",), mlp_bias=False, qk_norm="head", hf_class="Qwen3ForCausalLM"),
     "gemma": Family("gemma", ("gemma",), mlp_bias=False, hf_class="GemmaForCausalLM", norm_offset=1.0,
                     embed_scale=True),
     "gemma2": Family("gemma2", ("gemma2",), mlp_bias=False, hf_class="Gemma2ForCausalLM", block_norms=4,
-                     norm_offset=1.0, embed_scale=True),
+                     norm_offset=1.0, embed_scale=True, heads_divide_hidden=True),
     "gemma3": Family("gemma3", ("gemma3_text",), mlp_bias=False, qk_norm="head", hf_class="Gemma3ForCausalLM",
-                     block_norms=4, norm_offset=1.0, embed_scale=True),
+                     block_norms=4, norm_offset=1.0, embed_scale=True, heads_divide_hidden=True),
     "granite": Family("granite", ("granite",), hf_class="GraniteForCausalLM"),
     "olmo2": Family("olmo2", ("olmo2",), mlp_bias=False, qk_norm="full", hf_class="Olmo2ForCausalLM"),
 }

@@ -205,7 +205,8 @@ def plan(cfg: Any, arch: Arch) -> Budget:
     if len(prunable) - depth < 1:
         raise LptError(f"--prune-layers {cfg.prune_layers:g} leaves no prunable block with --skip-layers "
                        f"{cfg.skip_layers}")
-    hidden = hidden_count(arch, cfg.hidden_ratio, hidden_round) if cfg.hidden_ratio > 0 else 0
+    hidden = hidden_count(arch, cfg.hidden_ratio, hidden_unit(arch, arch.num_heads, hidden_round, layout)) \
+        if cfg.hidden_ratio > 0 else 0
     at = shrunk(arch, depth, hidden)
     layer_ratio = _layer_ratio(at, ratio, prunable, depth) if ratio > 0 else 0.0
     if ratio <= 0:
@@ -215,6 +216,7 @@ def plan(cfg: Any, arch: Arch) -> Budget:
     else:
         width = [groups.uniform_counts(at, layer_ratio, gqa, round_to=unit, heads=groups.parse_balance(cfg.balance))]
     cands = [Candidate(depth, hidden, h, c) for h, c in width]
+    cands = _loadable(cands, arch, gqa, layout)
     cands = _meeting_tp(cands, arch, gqa, tp, unit)
     search = ratio > 0 and cfg.balance == "search" and len(cands) > 1
     return Budget(**common, layer_ratio=layer_ratio, candidates=tuple(cands), search=search,
@@ -248,6 +250,33 @@ def hidden_count(arch: Arch, ratio: float, unit: int) -> int:
     return max(0, d - min(kept, d // unit * unit if unit > 1 else d))
 
 
+def hidden_unit(arch: Arch, heads: int, round_to: int, layout: str = "uniform") -> int:
+    """What a kept hidden size must be a multiple of: ``round_to``, and -- for families whose transformers config
+    refuses a hidden size that is not a multiple of ``num_attention_heads`` (``Family.heads_divide_hidden``) --
+    ``heads`` (the kept query heads of a uniform prune; the unpruned count, which a per-layer config keeps)."""
+    if not arch.family.heads_divide_hidden:
+        return round_to
+    return math.lcm(round_to, arch.num_heads if layout == "per-layer" else heads)
+
+
+def loadable(arch: Arch, gqa: str, c: Candidate, layout: str = "uniform") -> bool:
+    """Whether the sliced config of candidate ``c`` loads in transformers (``hidden_unit``'s rule)."""
+    if not arch.family.heads_divide_hidden:
+        return True
+    heads = arch.num_heads if layout == "per-layer" else kept_widths(arch, gqa, c.heads, c.channels)[0]
+    return (arch.hidden_size - c.hidden) % heads == 0
+
+
+def _loadable(cands: list[Candidate], arch: Arch, gqa: str, layout: str) -> list[Candidate]:
+    ok = [c for c in cands if loadable(arch, gqa, c, layout)]
+    if cands and not ok:
+        c = cands[0]
+        heads = kept_widths(arch, gqa, c.heads, c.channels)[0]
+        raise LptError(f"{arch.name}: transformers refuses a hidden size ({arch.hidden_size - c.hidden}) that is not a "
+                       f"multiple of the attention heads ({heads}); choose another --balance or --hidden-ratio")
+    return ok
+
+
 def _meeting_tp(cands: list[Candidate], arch: Arch, gqa: str, tp: tuple[int, ...], unit: int) -> list[Candidate]:
     if not tp:
         return cands
@@ -278,10 +307,15 @@ def _target_budget(cfg: Any, arch: Arch, common: dict[str, Any], unit: int) -> B
     axes = parse_axes(cfg.axes)
     gqa, prunable = common["gqa"], common["prunable"]
     cands = []
+    layout = common["layout"]
+    kept_heads = sorted({kept_widths(arch, gqa, h, 0)[0] for h in range(groups.head_units(arch, gqa))
+                         } if "width" in axes else {arch.num_heads}, reverse=True)
     for shares in share_grid(axes, max(1, int(cfg.search_grid))):
-        c = meet(arch, total - goal, shares, gqa, unit, common["hidden_round"], len(prunable))
-        cands.extend(c)
-    cands = _meeting_tp(list(dict.fromkeys(cands)), arch, gqa, common["tp"], unit) if cands else []
+        for heads in kept_heads:  # the hidden sizes each kept head count allows (hidden_unit)
+            hround = hidden_unit(arch, heads, common["hidden_round"], layout)
+            cands.extend(meet(arch, total - goal, shares, gqa, unit, hround, len(prunable)))
+    cands = [c for c in dict.fromkeys(cands) if loadable(arch, gqa, c, layout)]
+    cands = _meeting_tp(cands, arch, gqa, common["tp"], unit) if cands else []
     if not cands:
         raise LptError(f"no division of --axes {','.join(axes)} reaches {goal:,} parameters (of {total:,}); add an "
                        f"axis or ask for less")

@@ -140,7 +140,8 @@ def check_model(cfg: PruneConfig, arch: Arch) -> Budget:
 def resolved(cfg: PruneConfig) -> PruneConfig:
     """``cfg`` with the values that default to something derived made concrete (``--ratio``, ``--round-to``'s
     preset): a copy, the config given is unchanged."""
-    return dataclasses.replace(cfg, ratio=prune_ratio(cfg), round_to=round_to_channels(cfg.round_to))
+    return dataclasses.replace(cfg, ratio=prune_ratio(cfg), round_to=round_to_channels(cfg.round_to),
+                               tp=list(budgets.tp_sizes(cfg.tp)))
 
 
 def _state_field(name: str) -> property:
