@@ -394,3 +394,27 @@ def candidate_params(arch: Arch, gqa: str, c: Candidate, prunable: int | None = 
     full = at.block_linear_params(0) + at.block_other_params()
     cut = at.block_params_for(h, kv, ch) + at.block_other_params()
     return at.embedding_params() + (prunable - c.blocks) * cut + (arch.num_layers - prunable) * full
+
+
+def model_widths(arch: Arch, masks: Any = None) -> list[tuple[int, int, int]]:
+    """(query heads, key/value heads, MLP channels) of every block of ``arch`` (per-layer widths included), or of
+    every kept block of ``masks`` (an ``lpt.masks.Masks``) when given."""
+    if masks is not None:
+        return [(len(masks.layers[i].heads), len(masks.layers[i].kv_heads), len(masks.layers[i].channels))
+                for i in masks.kept_layers()]
+    return [(arch.heads(i), arch.kv_heads(i), arch.intermediate(i)) for i in range(arch.num_layers)]
+
+
+def tp_warnings(arch: Arch, sizes: Sequence[int | str], masks: Any = None) -> list[str]:
+    """One line per tensor-parallel size of ``sizes`` at which the model (or its masked shape) does not shard the way
+    vLLM and SGLang split it (``shards``)."""
+    out = []
+    widths = model_widths(arch, masks)
+    for t in tp_sizes(sizes):
+        bad = next(((i, w) for i, w in enumerate(widths) if not shards(*w, t)), None)
+        if bad is not None:
+            i, (h, kv, c) = bad
+            out.append(f"this model does not shard at tensor-parallel size {t} (vLLM / SGLang): block {i} has {h} "
+                       f"query heads, {kv} key/value heads and an MLP width of {c}, which {t} devices cannot split "
+                       f"evenly (lpt prune --tp {t} keeps them divisible)")
+    return out

@@ -299,6 +299,8 @@ class EvalConfig(ModelOptions):
     per_doc: bool = _f(False, "Also record every evaluated document's acc / acc_norm in the results (for paired "
                               "comparisons of two models on the same documents).")
     label: str | None = _f(None, "Name of this run in comparison tables (default: the model / adapter name).")
+    tp: list[int] = _f([], "Tensor-parallel sizes you will serve the model at (vLLM / SGLang): warn when its heads, "
+                           "key/value heads or MLP width (with --masks: the pruned shape) do not split over them.")
     output: str = _f("results.json", "Results JSON file.")
     overwrite: bool = _f(False, "Replace an existing results file.")
 
@@ -314,6 +316,8 @@ class BenchRuntimeConfig(ModelOptions):
     masks: list[str] = _f([], "masks.json applied (unmerged) to the model in the same position, one --masks per model "
                               "('-' for none); e.g. a prune output's masks with --adapter of the same output.")
     label: list[str] = _f([], "Row names, one per model (default: derived from the model and adapter).")
+    tp: list[int] = _f([], "Tensor-parallel sizes you will serve the models at (vLLM / SGLang): warn for every model "
+                           "whose heads, key/value heads or MLP width do not split over them.")
     random_init: list[str] = _f([], "Add a model with random weights at a real shape: SHAPE or SHAPE@RATIO, with "
                                     "SHAPE a built-in name (llama-7b, llama-13b, llama-3-8b, tinyllama-1.1b, "
                                     "smollm2-135m), a JSON config file or inline JSON, and @RATIO giving the "

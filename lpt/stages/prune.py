@@ -31,6 +31,7 @@ import torch
 
 import lpt
 from lpt import artifacts, calibration, checkpoint, distributed, int8, llamacpp, lora, models, schedule
+from lpt import budget as budgets
 from lpt.arch import describe
 from lpt.config import CalibrateConfig, PruneConfig
 from lpt.errors import DivergedError, LptError
@@ -165,7 +166,7 @@ def _run(cfg: PruneConfig, world: distributed.World, device_map: str | dict | No
         **({"round_to": cfg.round_to} if cfg.round_to > 1 else {}),
         **({"balance": pruner.balance_info()} if pruner.estimator is not None else {}),
         **({"search": search} if search is not None else {}),
-        **({"tp": list(budget.tp)} if budget.tp else {}),
+        "tp": {"requested": list(budget.tp), "supported": budgets.supported_tp(budgets.model_widths(arch, masks))},
         "ratio": {"requested": cfg.ratio, "model": removed / params_before},
         "params": {"model_before": params_before, "model_after": params_before - removed},
     }
