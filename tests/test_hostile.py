@@ -122,9 +122,9 @@ def test_masks_with_json_booleans_as_indices_are_refused(tmp_path, runner, tiny_
     doc["layers"][0]["kv_heads"] = [False, True]
     masks.write_text(json.dumps(doc))
     refused(invoke(runner, ["slice", tiny_llama_dir, "--masks", masks, "-o", tmp_path / "s"]),
-            str(masks), "layer 0: kv_heads holds true/false")
+            str(masks), "layer 0: kv_heads index out of range 0..1 (or not an integer)")
     refused(invoke(runner, ["eval", tiny_llama_dir, "--masks", masks, "--ppl", "builtin:pydoc:test",
-                            "-o", tmp_path / "e.json"]), "holds true/false")
+                            "-o", tmp_path / "e.json"]), str(masks), "not an integer")
     doc["layers"][0]["kv_heads"] = {"0": 1}
     masks.write_text(json.dumps(doc))
     refused(invoke(runner, ["slice", tiny_llama_dir, "--masks", masks, "-o", tmp_path / "s"]),

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import lpt
 from lpt import artifacts, calibration, lora, models, reconstruct, slicing
+from lpt import budget as budgets
 from lpt.arch import describe
 from lpt.config import SliceConfig
 from lpt.errors import LptError
@@ -53,7 +54,7 @@ def validate(cfg: SliceConfig) -> None:
 def expected_params(masks, params_before: int) -> int:
     """The parameter count ``masks.json`` promises for the sliced model."""
     promised = masks.info.get("params", {}).get("model_after")
-    before, after = masks.block_params()
+    before, after = masks.model_params()
     return int(promised) if promised is not None else params_before - (before - after)
 
 
@@ -103,10 +104,11 @@ def run(cfg: SliceConfig) -> Path:
                            f"masks made for another checkpoint of this architecture?)")
         step("writing")
         layout = masks.width_layout()
+        tp = budgets.supported_tp(budgets.model_widths(loaded.arch, masks))
         prov = artifacts.provenance("slice", cfg, masks=artifacts.masks_record(cfg.masks, masks),
                                     adapter=artifacts.adapter_record(cfg.adapter) if cfg.adapter else None,
                                     merged=cfg.merge, layout=layout, dtype=str(dtype).replace("torch.", ""),
-                                    params={"before": before, "after": after})
+                                    params={"before": before, "after": after}, tensor_parallel=tp)
         with artifacts.atomic_dir(out, overwrite=cfg.overwrite) as tmp:
             models.write_model_dir(model, tok, tmp, dtype=dtype, max_shard_size=cfg.max_shard_size, provenance=prov)
             if sliced_adapter is not None and not cfg.merge:
@@ -118,4 +120,7 @@ def run(cfg: SliceConfig) -> Path:
                   f"{layout} widths{what} -> {out}")
     if layout == "per-layer":
         console.print("per-layer widths: load with AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)")
+    else:
+        console.print(f"shards at tensor-parallel {', '.join(map(str, tp))} (vLLM / SGLang: heads, key/value heads "
+                      f"and MLP width divisible)")
     return out
