@@ -153,7 +153,7 @@ def main() -> None:
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
     log = out / "log.txt"
-    loaded = models.load(args.model, dtype="float32", device="cpu")
+    loaded = models.load(args.model, models.LoadOptions(dtype="float32", device="cpu"))
     base, tok, arch = loaded.model, loaded.tokenizer, loaded.arch
     ids = eval_blocks(tok, args.blocks, args.seq_len)
     torch.save(ids, out / "ids.pt")

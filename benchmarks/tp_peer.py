@@ -370,7 +370,7 @@ def run(cfg: TpPeerConfig) -> dict[str, Any]:
     from lpt import artifacts, calibration, models
     from lpt.arch import describe
     from lpt.errors import LptError
-    from lpt.models import write_model_dir
+    from lpt.model_dir import write_model_dir
     from lpt.progress import console, progress_bar
     from lpt.slicing import linear_block_params
 

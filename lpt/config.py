@@ -75,6 +75,7 @@ class CalibrateConfig(ModelOptions, DataOptions):
 
 
 PROJECTION_LIST = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
+INT8_THRESHOLD = 6.0  # LLM.int8's outlier threshold (--int8-threshold): bitsandbytes' and the paper authors' default
 
 
 @dataclass
@@ -150,7 +151,9 @@ class PruneConfig(ModelOptions, DataOptions):
                                              "about a third more compute).")
     load_8bit: bool = _f(False, "Freeze the base weights in int8 (see --int8-backend).")
     int8_backend: str = _f("auto", "int8 backend of --8bit: auto (torch on CPU, bitsandbytes on CUDA), bitsandbytes (LLM.int8, the paper's; slow on CPU) or torch (weight-only int8 with PyTorch's own int8 matmul: fast on CPU; --int8-threshold does not apply).")
-    int8_threshold: float = _f(6.0, "LLM.int8 outlier threshold with --8bit: inputs of this magnitude or more are multiplied in 16 bits (bitsandbytes' default 6.0; 0 quantizes every input).")
+    int8_threshold: float = _f(INT8_THRESHOLD, "LLM.int8 outlier threshold with --8bit: inputs of this magnitude or "
+                                               "more are multiplied in 16 bits (bitsandbytes' default "
+                                               f"{INT8_THRESHOLD}; 0 quantizes every input).")
     device_map: str | None = _f(None, "Spread one model over several devices with accelerate: auto, balanced, sequential, a JSON object or a .json file.")
     # outputs
     output: str = _f("prune-out", "Output directory.")

@@ -27,7 +27,7 @@ from typing import Iterable, Mapping
 
 import torch
 
-from lpt import criteria, groups, lora
+from lpt import criteria, groups, int8, lora
 from lpt.arch import FAN_IN, PROJECTIONS, Arch
 from lpt.errors import LptError
 
@@ -138,7 +138,7 @@ class LoraImportance(Importance):
             layer = self._layer(i, proj)
             if not layer.r or layer.lora_A.weight.grad is None:
                 continue
-            w0, scale = lora.weight_parts(layer.base_layer)
+            w0, scale = int8.weight_parts(layer.base_layer)
             out[proj] = criteria.lora_group_sums(
                 w0, layer.lora_A.weight, layer.lora_B.weight, layer.lora_A.weight.grad, layer.lora_B.weight.grad,
                 layer.scaling, self.score_kind, fan_in=proj in FAN_IN, row_scale=scale)
@@ -152,7 +152,7 @@ class VanillaImportance(Importance):
     needs_base_grad = True
 
     def _attach(self) -> None:
-        check_int8(self.name, any(lora.is_int8(layer.base_layer) for layer in self.layers.values()))
+        check_int8(self.name, any(int8.is_int8(layer.base_layer) for layer in self.layers.values()))
         for layer in self.layers.values():
             layer.base_layer.weight.requires_grad_(True)
 
@@ -182,7 +182,7 @@ class VanillaImportance(Importance):
             g = layer.base_layer.weight.grad
             if g is None:
                 continue
-            w = lora.dense_weight(layer.base_layer) + layer.delta().to(g.device)
+            w = int8.dense_weight(layer.base_layer) + layer.delta().to(g.device)
             out[proj] = criteria.reduce(criteria.vanilla_importance(w, g, self.score_kind), proj in FAN_IN)
         return out
 
@@ -198,7 +198,7 @@ class MagnitudeImportance(Importance):
         out = {}
         for proj in PROJECTIONS:
             layer = self._layer(i, proj)
-            w = lora.dense_weight(layer.base_layer) + layer.delta().to(layer.base_layer.weight.device)
+            w = int8.dense_weight(layer.base_layer) + layer.delta().to(layer.base_layer.weight.device)
             out[proj] = criteria.reduce(criteria.magnitude_importance(w, self.score_kind), proj in FAN_IN)
         return out
 

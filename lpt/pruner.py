@@ -146,7 +146,7 @@ class Pruner:
         self.model, self.arch, self.cfg, self.total_steps = model, arch, cfg, total_steps
         self.model_name = model_name or cfg.model
         self.criterion = cfg.criterion if cfg.ratio > 0 else "none"
-        quantize = cfg.load_8bit and not any(lora.is_int8(m) for m in model.modules())  # not quantized on load
+        quantize = cfg.load_8bit and not any(int8.is_int8(m) for m in model.modules())  # not quantized on load
         self.layers = lora.inject(model, arch, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
                                   targets=targets(cfg), load_8bit=quantize, int8_threshold=cfg.int8_threshold,
                                   int8_backend=cfg.int8_backend)

@@ -19,6 +19,7 @@ from typing import Iterable, Mapping
 import torch
 from torch import nn
 
+from lpt import int8
 from lpt.arch import FAN_IN, Arch
 
 MODES = ("sequential", "independent")  # lpt slice --reconstruct-mode
@@ -107,7 +108,7 @@ def refit(model, arch: Arch, batches: Iterable[Mapping[str, torch.Tensor]], mask
             mod = get_module(model, arch.module_path(i, proj))
             if isinstance(mod, lora.LoraLinear):  # LoRA's change on the kept columns; the pruned ones as trained on
                 keep = kept_columns(masks, arch, i, proj).to(mod.base_layer.weight.device)
-                w = lora.dense_weight(mod.base_layer).clone()  # never the base weight itself
+                w = int8.dense_weight(mod.base_layer).clone()  # never the base weight itself
                 w[:, keep] += mod.delta().to(w.device)[:, keep]
             else:
                 w = mod.weight.detach().float()
@@ -239,7 +240,7 @@ def sequential_refit(model, arch: Arch, batches: Iterable[Mapping[str, torch.Ten
                         xk = x[:, keep]
                     c, g = (x.T @ xk).double().cpu(), (xk.T @ xk).double().cpu()
                     C, G = (c, g) if C is None else (C + c, G + g)
-                W = lora.dense_weight(mod.base_layer).float().clone()
+                W = int8.dense_weight(mod.base_layer).float().clone()
                 if mod.r:  # LoRA's change on the kept columns only
                     W[:, keep] += mod.delta().to(W.device).float()[:, keep]
                 new = torch.zeros_like(W)

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from conftest import invoke, tiny_config
-from lpt import artifacts, groups, lora, slicing
+from lpt import artifacts, groups, int8, lora, slicing
 from lpt.arch import describe
 
 SEQ = torch.randint(0, 384, (2, 10), generator=torch.Generator().manual_seed(7))
@@ -32,8 +32,8 @@ def load(path, lora_dir=None, masks=None, load_8bit=False):
     """A model directory as lpt loads it (per-layer directories through lpt.modeling), optionally with LoRA + masks."""
     from lpt import models
 
-    return models.load(str(path), adapter=lora_dir, masks=masks, dtype="float32", device="cpu", tokenizer=False,
-                       load_8bit=load_8bit).model
+    return models.load(str(path), models.LoadOptions(dtype="float32", device="cpu", tokenizer=False, adapter=lora_dir,
+                                                     masks=masks, load_8bit=load_8bit)).model
 
 
 def make_prune_dir(model_dir, out, gqa_mode, heads, channels, seed=0, nan=False):
@@ -324,7 +324,7 @@ def test_merge_8bit_base_and_dtype(runner, tiny_llama_dir, gqa_prune, tmp_path):
     # every projection is de-quantized int8 + s·B·A
     ref = load(tiny_llama_dir, prune_dir, load_8bit=True)
     for path, layer in lora.lora_layers(ref).items():
-        want = (lora.dense_weight(layer.base_layer) + layer.delta()).half()
+        want = (int8.dense_weight(layer.base_layer) + layer.delta()).half()
         torch.testing.assert_close(got[f"{path}.weight"], want, rtol=0, atol=1e-3)
     # int8 ≈ dense: the 8-bit merge stays close to the full-precision one
     ok(runner, ["merge", tiny_llama_dir, "--adapter", prune_dir, "-o", tmp_path / "m32"])
@@ -357,7 +357,7 @@ def test_slice_model_int8_lora(tiny_llama_dir, gqa_prune):
         slicing.slice_model(model, masks)
         got = model(SEQ).logits
     layer = lora.lora_layers(model)["model.layers.0.self_attn.k_proj"]
-    assert lora.is_int8(layer.base_layer) and layer.out_features == 16 and layer.lora_B.weight.shape == (16, 4)
+    assert int8.is_int8(layer.base_layer) and layer.out_features == 16 and layer.lora_B.weight.shape == (16, 4)
     assert (got - want).abs().max() < 0.02 * want.abs().max()
 
 
@@ -493,7 +493,7 @@ def test_sequential_refit_first_layer_is_the_independent_fit_and_leaves_the_mode
     assert {n: type(m) for n, m in model.named_modules()} == modules
     with lora.disabled(model):
         grams = reconstruct.collect_grams(model, arch, batches, range(arch.num_layers))
-    ws = {k: lora.dense_weight(get(model, arch.module_path(*k)).base_layer) for k in seq}
+    ws = {k: int8.dense_weight(get(model, arch.module_path(*k)).base_layer) for k in seq}
     ind = reconstruct.refit_weights(ws, grams, masks, arch, damp=0.01)
     torch.testing.assert_close(seq[(0, "o_proj")], ind[(0, "o_proj")], rtol=1e-4, atol=1e-5)
     assert not torch.allclose(seq[(2, "down_proj")], ind[(2, "down_proj")], rtol=1e-3, atol=1e-4)

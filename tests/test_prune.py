@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from conftest import build_model, invoke, tiny_config
-from lpt import artifacts, groups, lora, selection
+from lpt import artifacts, groups, int8, lora, selection
 from lpt.arch import describe
 from lpt.config import PruneConfig
 from lpt.stages import prune
@@ -237,11 +237,11 @@ def test_8bit_prune_runs_and_stays_int8(tmp_path, runner, tiny_llama_dir, tiny_c
     masks = groups.Masks.load(out / artifacts.MASKS)
     assert masks.block_params()[1] < masks.block_params()[0]
     p, cfg = _pruner(load_8bit=True)
-    assert all(lora.is_int8(layer.base_layer) for layer in p.layers.values())
+    assert all(int8.is_int8(layer.base_layer) for layer in p.layers.values())
     p.train_step(_batch(cfg))
     # int8 de-quantisation is close to the dense weight it came from
     dense = build_model(cfg)
-    w8 = lora.dense_weight(p.layers["model.layers.0.mlp.up_proj"].base_layer)
+    w8 = int8.dense_weight(p.layers["model.layers.0.mlp.up_proj"].base_layer)
     torch.testing.assert_close(w8, dense.model.layers[0].mlp.up_proj.weight, rtol=0, atol=0.08 * 4 / 127)
 
 

@@ -87,10 +87,10 @@ def load_entry(entry: Entry, proto: RuntimeProtocol | PruneStepProtocol, device:
             layers, _, _ = models.attach(model, describe(model.config), adapter=adapter, masks=masks)
     else:
         real = None if random_rank else adapter
-        loaded = models.load(entry.model, adapter=real, masks=None if random_rank else masks, dtype=proto.dtype,
-                             device=device, revision=proto.revision, trust_remote_code=proto.trust_remote_code,
-                             tokenizer=False, load_8bit=int8_backend is not None, int8_backend=int8_backend or "auto",
-                             check_arch=True)
+        loaded = models.load(entry.model, models.LoadOptions(
+            dtype=proto.dtype, device=device, revision=proto.revision, trust_remote_code=proto.trust_remote_code,
+            tokenizer=False, check_arch=True, adapter=real, masks=None if random_rank else masks,
+            load_8bit=int8_backend is not None, int8_backend=int8_backend or "auto"))
         model, layers = loaded.model, loaded.layers
     if random_rank:
         arch = describe(model.config)

@@ -74,9 +74,11 @@ def load_for_eval(model: str, *, adapter: str | None = None, masks: str | None =
     results file. With masks but no adapter, rank-0 LoRA layers carry the masks. Pass ``tokenizer`` when it is
     already loaded (it is not loaded again).
     """
-    loaded = models.load(model, adapter=adapter, masks=masks, dtype=dtype, device=device, revision=revision,
-                         trust_remote_code=trust_remote_code, tokenizer=tokenizer if tokenizer is not None else True)
-    m, tok, mk, acfg = loaded.model, loaded.tokenizer, loaded.masks, loaded.adapter_config
+    loaded = models.load(model, models.LoadOptions(dtype=dtype, device=device, revision=revision,
+                                                   trust_remote_code=trust_remote_code, tokenizer=tokenizer is None,
+                                                   adapter=adapter, masks=masks))
+    m, mk, acfg = loaded.model, loaded.masks, loaded.adapter_config
+    tok = loaded.tokenizer if tokenizer is None else tokenizer
     base_params = effective = models.count_params(m) - lora.lora_param_count(m)
     adapter_info = masks_info = None
     if acfg is not None:

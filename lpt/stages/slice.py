@@ -24,6 +24,7 @@ from lpt.arch import describe
 from lpt.config import SliceConfig
 from lpt.errors import LptError
 from lpt.masks import Masks, round_to_violations
+from lpt.model_dir import output_dtype, write_model_dir
 from lpt.progress import console, steps_bar
 
 ADAPTER_SUBDIR = "adapter"
@@ -76,7 +77,7 @@ def run(cfg: SliceConfig) -> Path:
     if cfg.adapter:
         adapter_cfg, sd = lora.read_adapter(cfg.adapter)
         sliced_adapter = slicing.slice_adapter(sd, masks)
-    dtype = models.output_dtype(cfg.dtype, config)
+    dtype = output_dtype(cfg.dtype, config)
 
     bar, step = steps_bar("loading model", 4 if cfg.reconstruct else 3)
     with bar:
@@ -109,7 +110,7 @@ def run(cfg: SliceConfig) -> Path:
                                     merged=cfg.merge, layout=layout, dtype=str(dtype).replace("torch.", ""),
                                     params={"before": before, "after": after})
         with artifacts.atomic_dir(out, overwrite=cfg.overwrite) as tmp:
-            models.write_model_dir(model, tok, tmp, dtype=dtype, max_shard_size=cfg.max_shard_size, provenance=prov)
+            write_model_dir(model, tok, tmp, dtype=dtype, max_shard_size=cfg.max_shard_size, provenance=prov)
             if sliced_adapter is not None and not cfg.merge:
                 lora.write_adapter(tmp / ADAPTER_SUBDIR, adapter_cfg, sliced_adapter, base_model=cfg.output,
                                    metadata={"lpt_version": lpt.__version__, "sliced": "true"})
