@@ -19,10 +19,10 @@ import torch
 from lpt import (calibration, checkpoint, criteria, distributed, groups, importance, int8, lora, losses, schedule,
                  selection)
 from lpt.arch import PROJECTIONS, Arch
-from lpt.benchmarking.memory import peak_memory_bytes
 from lpt.config import PROJECTION_LIST, CalibrateConfig, PruneConfig, check_finite, round_to_channels
 from lpt.errors import DivergedError, LptError
 from lpt.masks import Masks, apply_masks
+from lpt.memory import peak_bytes
 
 
 def resolve_gqa(arch: Arch, gqa: str) -> tuple[str, str | None]:
@@ -381,7 +381,7 @@ class Pruner:
             torch.cuda.synchronize(self.device)  # honest per-step seconds on a GPU
         return {"step": self.step, "loss": round(loss, 6), "sparsity": round(self.sparsity, 6),
                 "target_sparsity": round(self.target_sparsity, 6), "lr": self.scheduler.get_last_lr()[0],
-                "seconds": round(time.perf_counter() - t0, 4), "peak_memory_bytes": peak_memory_bytes(self.device)}
+                "seconds": round(time.perf_counter() - t0, 4), "peak_memory_bytes": peak_bytes(self.device)}
 
     def check_weights(self) -> None:
         """Stop with :class:`DivergedError` when an optimiser step left a LoRA factor non-finite (identical on every
