@@ -21,7 +21,6 @@ import torch
 
 from lpt.arch import Arch
 from lpt.errors import LptError
-from lpt.masks import LayerMask, Masks, apply_masks, round_to_violations  # noqa: F401  (their earlier home)
 
 GQA_MODES = ("kv-groups", "query-heads")
 LAYOUTS = ("uniform", "per-layer")

@@ -127,7 +127,7 @@ def test_slice_keeps_codes_and_outputs():
 
 
 def test_masked_int8_model_equals_sliced_int8_model():
-    from lpt import groups
+    from lpt.masks import Masks, apply_masks
 
     cfg = tiny_config()
     m = build_model(cfg)
@@ -135,8 +135,8 @@ def test_masked_int8_model_equals_sliced_int8_model():
     lora.inject(m, arch, r=0, alpha=1, load_8bit=True, int8_backend="torch")
     heads = [torch.tensor([True, False]), torch.tensor([False, False])]
     chans = [torch.arange(96) % 3 == 0, torch.arange(96) < 8]
-    masks = groups.Masks.from_pruned(arch, heads, chans, "kv-groups")
-    groups.apply_masks(m, masks)
+    masks = Masks.from_pruned(arch, heads, chans, "kv-groups")
+    apply_masks(m, masks)
     x = torch.randint(0, cfg.vocab_size, (2, 12))
     with torch.no_grad():
         masked = m(x).logits

@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from lpt import artifacts, calibration, models
-from lpt.calibration import CalibData, load, make_blocks, make_blocks_rank0  # noqa: F401  (their earlier home)
+from lpt.calibration import make_blocks
 from lpt.config import CalibrateConfig
 from lpt.progress import console, progress_bar
 
