@@ -2,9 +2,9 @@
 
 How a group is scored lives in ``lpt.importance`` (estimators) and ``lpt.criteria`` (math); the budgets in
 ``lpt.groups``, which units are cut in ``lpt.selection``, the masks in ``lpt.masks``; the sparsity schedule and
-moving average in ``lpt.schedule``; the losses in ``lpt.losses``. ``validate`` checks a ``PruneConfig`` (the stage
-and ``lpt bench prune-step`` call it). The stage around the loop (loading, calibration, outputs) is
-``lpt prune``'s.
+moving average in ``lpt.schedule``; the losses in ``lpt.losses``. A ``PruneConfig``'s rules are declared with its
+fields (``lpt.config.check``); ``check_model`` checks it against the model's widths. The stage around the loop
+(loading, calibration, outputs) is ``lpt prune``'s.
 """
 
 from __future__ import annotations
@@ -16,10 +16,9 @@ from typing import Any, Iterable
 
 import torch
 
-from lpt import (calibration, checkpoint, criteria, distributed, groups, importance, int8, lora, losses, schedule,
-                 selection)
-from lpt.arch import PROJECTIONS, Arch
-from lpt.config import PROJECTION_LIST, CalibrateConfig, PruneConfig, check_finite, round_to_channels
+from lpt import checkpoint, distributed, groups, importance, int8, lora, losses, schedule, selection
+from lpt.arch import Arch
+from lpt.config import PruneConfig
 from lpt.errors import DivergedError, LptError
 from lpt.masks import Masks, apply_masks
 from lpt.memory import peak_bytes
@@ -55,65 +54,10 @@ def targets(cfg: PruneConfig) -> list[str]:
     return [t.strip() for t in cfg.targets.split(",") if t.strip()]
 
 
-def validate(cfg: PruneConfig) -> None:
-    """Every option of a pruning run, as one-line errors naming the flag (before anything is loaded)."""
-    def need(ok: bool, msg: str) -> None:
-        if not ok:
-            raise LptError(msg)
-
-    choices = (("criterion", importance.CRITERIA), ("score", criteria.SCORES), ("gqa", ("auto", *groups.GQA_MODES)),
-               ("layout", groups.LAYOUTS), ("normalize_by", importance.NORMALIZE))
-    for name, allowed in choices:
-        need(getattr(cfg, name) in allowed,
-             f"unknown --{name.replace('_', '-')} '{getattr(cfg, name)}' (use {', '.join(allowed)})")
-    groups.check_ratio(cfg.ratio)
-    importance.check_int8(cfg.criterion, cfg.load_8bit)
-    need(cfg.int8_backend in int8.BACKENDS,
-         f"unknown --int8-backend '{cfg.int8_backend}' (use {', '.join(int8.BACKENDS)})")
-    need(cfg.lora_r > 0, f"--lora-r must be positive (got {cfg.lora_r})")
-    need(cfg.batch_size > 0 and cfg.micro_batch_size > 0, "--batch-size and --micro-batch-size must be positive")
-    need(cfg.batch_size % cfg.micro_batch_size == 0,
-         f"--batch-size {cfg.batch_size} must be a multiple of --micro-batch-size {cfg.micro_batch_size}")
-    need(0.0 <= cfg.ema < 1.0, f"--ema must be in [0, 1) (got {cfg.ema})")
-    need(cfg.prune_freq > 0, f"--prune-freq must be positive (got {cfg.prune_freq})")
-    need(0.0 <= cfg.warmup < 1.0 and 0.0 <= cfg.cooldown < 1.0 and cfg.warmup + cfg.cooldown < 1.0,
-         "--warmup and --cooldown must be fractions in [0, 1) with warmup + cooldown < 1")
-    need(cfg.epochs > 0 or cfg.max_steps > 0, "give --epochs > 0 or --max-steps > 0")
-    need(cfg.lr > 0, f"--lr must be positive (got {cfg.lr})")
-    need(cfg.distill_temperature > 0, f"--distill-temperature must be positive (got {cfg.distill_temperature})")
-    need(0.0 <= cfg.distill_weight <= 1.0, f"--distill-weight must be in [0, 1] (got {cfg.distill_weight})")
-    need(not (cfg.distill and cfg.distill_weight == 1.0 and cfg.ratio > 0 and not cfg.one_shot
-              and importance.ESTIMATORS[cfg.criterion].needs_backward),
-         f"--distill-weight 1 leaves --criterion {cfg.criterion} no gradient to score with (the KL's gradient is "
-         f"zero while the student equals the teacher); use a weight below 1 or --one-shot")
-    groups.parse_balance(cfg.balance)  # a one-line error for anything but search, proportional or a count
-    cfg.round_to = round_to_channels(cfg.round_to)  # a preset name becomes its channel count (as masks.json records)
-    bad = [t for t in targets(cfg) if t not in PROJECTIONS]
-    need(not bad, f"unknown --targets {', '.join(bad)} (choose from {PROJECTION_LIST})")
-    check_ranges(cfg)
-
-
-def check_ranges(cfg: PruneConfig) -> None:
-    """The numeric flags :func:`validate` does not check above: finite and in range (typer reads nan and inf as
-    floats), and the inline calibration flags when there is no --calib."""
-    check_finite(cfg)
-    ranges = (("lora_alpha", cfg.lora_alpha > 0, "positive"), ("lora_dropout", 0 <= cfg.lora_dropout < 1, "in [0, 1)"),
-              ("lr_warmup", 0 <= cfg.lr_warmup <= 1, "in [0, 1]"), ("weight_decay", cfg.weight_decay >= 0, ">= 0"),
-              ("max_grad_norm", cfg.max_grad_norm >= 0, ">= 0 (0 disables clipping)"),
-              ("int8_threshold", cfg.int8_threshold >= 0, ">= 0"), ("epochs", cfg.epochs >= 0, ">= 0"),
-              ("max_steps", cfg.max_steps >= 0, ">= 0"), ("save_every", cfg.save_every >= 0, ">= 0 (0: never)"),
-              ("log_every", cfg.log_every >= 1, "positive"))
-    for name, ok, what in ranges:
-        if not ok:
-            raise LptError(f"--{name.replace('_', '-')} must be {what} (got {getattr(cfg, name)})")
-    if not cfg.calib:
-        calibration.check(CalibrateConfig(nsamples=cfg.nsamples, seq_len=cfg.seq_len))
-
-
 def check_model(cfg: PruneConfig, arch: Arch) -> None:
-    """What :func:`validate` cannot know without the model's config: the flags against the model's widths (--round-to
-    against the MLP width, --balance N against the attention units, --skip-layers and --ratio against the layers),
-    checked before anything is written, instead of at the first mask update."""
+    """What a config's own rules (``lpt.config.check``) cannot know without the model's config: the flags against
+    the model's widths (--round-to against the MLP width, --balance N against the attention units, --skip-layers and
+    --ratio against the layers), checked before anything is written, instead of at the first mask update."""
     if cfg.ratio <= 0:
         return
     gqa, _ = resolve_gqa(arch, cfg.gqa)

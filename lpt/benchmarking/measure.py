@@ -17,7 +17,7 @@ from lpt.arch import describe
 from lpt.benchmarking import flops, shapes, timing
 from lpt.benchmarking.memory import MemoryMeter
 from lpt.benchmarking.protocol import Entry, PruneStepProtocol, RuntimeProtocol, StepRun, Task
-from lpt.config import PruneConfig
+from lpt.config import PruneConfig, check
 from lpt.errors import LptError
 from lpt.masks import Masks, apply_masks
 from lpt.progress import progress_bar
@@ -247,7 +247,7 @@ def measure_prune_step(entry: Entry, proto: PruneStepProtocol, run: StepRun) -> 
                      load_8bit=run.load_8bit, int8_backend=backend or "auto", warmup=0.0, cooldown=0.0,
                      max_steps=total, seed=proto.seed,
                      balance="proportional")  # the per-step cost: --balance search's one-time forwards are not timed
-    pruner.validate(pc)
+    check(pc)
     loop = pruner.Pruner(model, arch, pc, total_steps=total, model_name=info["label"])
     gen = torch.Generator().manual_seed(proto.seed)
     ids = torch.randint(0, _vocab(model), (proto.batch_size, proto.seq_len), generator=gen)

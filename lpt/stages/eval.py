@@ -17,7 +17,7 @@ from typing import Any
 
 from lpt import artifacts, lora, models
 from lpt.arch import describe
-from lpt.config import EvalConfig
+from lpt.config import EvalConfig, check
 from lpt.errors import LptError
 from lpt.evaluation import local_tasks
 from lpt.evaluation import perplexity as P
@@ -28,28 +28,16 @@ from lpt.progress import console, progress_bar
 
 
 def validate(cfg: EvalConfig) -> None:
+    """The config's rules (``lpt.config.check``), then what it asks for and the files it names."""
+    check(cfg)
     if not parse_ppl(cfg.ppl) and not T.parse_tasks(cfg.tasks):
         raise LptError("nothing to evaluate: pass --ppl SOURCE[,SOURCE] and/or --tasks TASK[,TASK]")
-    if cfg.seq_len < 2:
-        raise LptError(f"--seq-len must be at least 2 (got {cfg.seq_len})")
-    if cfg.batch_size < 1:
-        raise LptError(f"--batch-size must be positive (got {cfg.batch_size})")
-    if cfg.max_segments < 0:
-        raise LptError(f"--max-segments must be >= 0 (got {cfg.max_segments})")
     if cfg.adapter is not None and not Path(cfg.adapter).is_dir():
         raise LptError(f"adapter directory not found: {cfg.adapter}")
     if cfg.masks is not None and not Path(cfg.masks).is_file():
         raise LptError(f"masks file not found: {cfg.masks}")
     if cfg.include_path is not None and not Path(cfg.include_path).is_dir():
         raise LptError(f"--include-path {cfg.include_path} is not a directory")
-    if cfg.num_fewshot is not None and cfg.num_fewshot < 0:
-        raise LptError(f"--num-fewshot must be >= 0 (got {cfg.num_fewshot})")
-    if cfg.limit is not None and cfg.limit <= 0:
-        raise LptError(f"--limit must be positive (got {cfg.limit})")
-    if cfg.samples < 0:
-        raise LptError(f"--samples must be >= 0 (got {cfg.samples})")
-    if cfg.samples and cfg.limit is not None:
-        raise LptError("give --limit or --samples, not both")
     if cfg.task_data not in local_tasks.TASK_DATA and not Path(cfg.task_data).expanduser().is_dir():
         raise LptError(f"--task-data must be {', '.join(local_tasks.TASK_DATA)} or a directory "
                        f"(got {cfg.task_data})")

@@ -23,7 +23,7 @@ import torch
 from lpt import artifacts, lora, models
 from lpt.model_dir import output_dtype, write_model_dir
 from lpt.arch import describe
-from lpt.config import MergeConfig
+from lpt.config import MergeConfig, check
 from lpt.errors import LptError
 from lpt.int8 import resolve_backend
 from lpt.masks import Masks
@@ -32,6 +32,8 @@ from lpt.progress import console, steps_bar
 
 # ------------------------------------------------------------------------------------------------ stage
 def validate(cfg: MergeConfig) -> None:
+    """The config's rules (``lpt.config.check``), then the files it names."""
+    check(cfg)
     if not cfg.adapter:
         raise LptError("--adapter is required (a directory with adapter_config.json and adapter_model.safetensors)")
     if cfg.masks and not Path(cfg.masks).is_file():

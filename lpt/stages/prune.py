@@ -32,10 +32,10 @@ import torch
 import lpt
 from lpt import artifacts, calibration, checkpoint, distributed, int8, llamacpp, lora, models, schedule
 from lpt.arch import describe
-from lpt.config import CalibrateConfig, PruneConfig
+from lpt.config import CalibrateConfig, PruneConfig, check, resolved
 from lpt.errors import DivergedError, LptError
 from lpt.progress import console, progress_bar
-from lpt.pruner import Pruner, check_model, validate  # validate: a PruneConfig's rules, shared with lpt bench prune-step
+from lpt.pruner import Pruner, check_model
 from lpt.schedule import batch_indices
 
 PAPER_DATA = "MBZUAI/LaMini-instruction"
@@ -62,12 +62,19 @@ def _calibration(cfg: PruneConfig, tokenizer) -> calibration.CalibData:
 partial_dir = artifacts.partial_dir
 
 
+def validate(cfg: PruneConfig) -> PruneConfig:
+    """Every rule of a PruneConfig (declared with its fields: ``lpt.config.check``); returns the copy the run uses,
+    presets resolved (``--round-to llamacpp`` -> 32, as masks.json records it). ``cfg`` is left as it is."""
+    check(cfg)
+    return resolved(cfg)
+
+
 def run(cfg: PruneConfig) -> Path:
     """Prune; under torchrun / accelerate launch every process runs this and only rank 0 writes the output.
 
     Rank 0 holds the output's lock (``artifacts.output_lock``) for the whole run, so a second run on the same output
     (which would share ``OUTPUT.partial/``) is refused at once."""
-    validate(cfg)
+    cfg = validate(cfg)
     distributed.check_launch(cfg.device, cfg.device_map)
     device_map = distributed.parse_device_map(cfg.device_map)
     out = Path(cfg.output)
