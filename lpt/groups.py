@@ -167,7 +167,7 @@ def parse_balance(spec: str | int) -> int | None:
     return n
 
 
-# ------------------------------------------------------------------------------------------------ policy
+# ------------------------------------------------------------------------------------------------ layers
 def parse_layers(spec: str, num_layers: int) -> list[int]:
     """'0-2,31' -> [0, 1, 2, 31]; 'paper' -> first 10% and the last layer (the authors' choice); '' -> []."""
     spec = (spec or "").strip()

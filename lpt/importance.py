@@ -4,7 +4,7 @@ An estimator is attached to a model that carries LoRA layers (``lora.inject``), 
 model runs forward and backward (LoRA gradients, base-weight gradients, or activation gradients through hooks),
 and returns group scores per decoder block on request: ``(heads, channels)``, with ``heads`` one score per
 attention unit of the ``gqa`` mode (key/value groups or query heads) and ``channels`` one per MLP channel. The
-pruning loop (``lpt.stages.prune``) never knows how a score was made; the pure tensor math lives in
+pruning loop (``lpt.pruner``) never knows how a score was made; the pure tensor math lives in
 ``lpt.criteria`` and the group sums in ``lpt.groups``.
 
     est = importance.make("fisher").attach(model, arch, gqa="kv-groups")
@@ -28,7 +28,7 @@ from typing import Iterable, Mapping
 import torch
 
 from lpt import criteria, groups, int8, lora
-from lpt.arch import FAN_IN, PROJECTIONS, Arch
+from lpt.arch import FAN_IN, PROJECTIONS, Arch, describe
 from lpt.errors import LptError
 
 NORMALIZE = ("group", "projection")
@@ -367,7 +367,6 @@ def score(model, batches: Iterable[Mapping[str, torch.Tensor]], criterion: str |
     return the estimator's group scores per block. The model must carry LoRA layers (``lora.inject``; rank 0 is
     enough for every criterion but ``lora``). LoRA gradients are cleared afterwards; nothing else changes.
     """
-    from lpt.arch import describe
 
     arch = arch or describe(model.config)
     est = criterion if isinstance(criterion, Importance) else make(criterion, **kw)

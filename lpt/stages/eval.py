@@ -7,15 +7,13 @@ a LoRA adapter and group masks applied without merging (``--adapter DIR --masks 
 from __future__ import annotations
 
 import math
-import os
-import sys
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from lpt import artifacts, lora, models
+from lpt import artifacts, lora, models, quiet
 from lpt.arch import describe
 from lpt.config import EvalConfig, check
 from lpt.errors import LptError
@@ -140,7 +138,7 @@ def eval_tasks(model, tok, cfg: EvalConfig, prepared) -> tuple[dict[str, Any], d
     names = T.parse_tasks(cfg.tasks)
     samples = T.subsample(prepared, cfg.samples, cfg.samples_seed) if cfg.samples else None
     raw = T.run_tasks(model, tok, prepared, batch_size=cfg.task_batch_size, limit=cfg.limit, samples=samples,
-                      log_samples=cfg.per_doc, debug=_debug())
+                      log_samples=cfg.per_doc, debug=quiet.debug())
     scores = T.extract_scores(raw, names)
     docs = T.per_doc(raw, prepared) if cfg.per_doc else {}
     for name, info in T.task_splits(prepared).items():
@@ -175,12 +173,6 @@ def precheck_artifacts(cfg: EvalConfig, config) -> None:
         Masks.load(cfg.masks, a)
 
 
-def _debug() -> bool:
-    """--debug (or LPT_DEBUG) also lets lm-eval log; without it only its progress bars show."""
-    cli = sys.modules.get("lpt.cli._common")
-    return bool(os.environ.get("LPT_DEBUG")) or bool(cli is not None and cli.STATE.debug)
-
-
 def default_label(cfg: EvalConfig) -> str:
     if cfg.label:
         return cfg.label
@@ -212,7 +204,7 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
         tok = models.load_tokenizer(ref, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
         ppl_plan = plan_perplexity(cfg, tok, config)
     if T.parse_tasks(cfg.tasks):
-        tasks_plan = T.prepare(T.parse_task_specs(cfg.tasks), cfg.include_path, debug=_debug(),
+        tasks_plan = T.prepare(T.parse_task_specs(cfg.tasks), cfg.include_path, debug=quiet.debug(),
                                task_data=cfg.task_data, num_fewshot=cfg.num_fewshot)
     try:
         model, tok, info = load_for_eval(cfg.model, adapter=cfg.adapter, masks=cfg.masks, dtype=cfg.dtype,

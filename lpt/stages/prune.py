@@ -96,9 +96,6 @@ def run(cfg: PruneConfig) -> Path:
 def _config_if_cheap(cfg: PruneConfig):
     """The model's ``Arch`` when its config is a small JSON file (a local directory or a hub id), else None (a GGUF
     file's config is read from its whole header: then :func:`check_model` runs once the model is loaded)."""
-    from lpt import models
-    from lpt.arch import describe
-
     ref = models.resolve(cfg.model)
     if ref.gguf_file:
         return None
