@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from conftest import VOCAB, build_model, invoke, tiny_config
-from lpt import artifacts, groups, llamacpp
+from lpt import artifacts, llamacpp
+from lpt.masks import Masks
 from lpt.arch import describe
 
 NEEDS_CONVERTER = pytest.mark.skipif(
@@ -70,8 +71,8 @@ def sliced(tmp_path_factory):
     build_llama_tokenizer(model_dir)
     arch = describe(tiny_config(gqa=True))
     channels = torch.arange(arch.intermediate_size)
-    masks = groups.Masks.from_pruned(arch, [torch.tensor([False, True]), torch.tensor([True, False])],
-                                     [channels % 4 == 1, channels % 4 == 2], "kv-groups", model=str(model_dir))
+    masks = Masks.from_pruned(arch, [torch.tensor([False, True]), torch.tensor([True, False])],
+                              [channels % 4 == 1, channels % 4 == 2], "kv-groups", model=str(model_dir))
     masks.save(tmp / artifacts.MASKS)
     r = invoke(CliRunner(), ["slice", model_dir, "--masks", tmp / artifacts.MASKS, "-o", tmp / "sliced",
                              "--device", "cpu"])
