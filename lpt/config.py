@@ -178,8 +178,11 @@ def round_to_channels(value: int | str) -> int:
     return n
 
 
-DTYPE_HELP = ("Output weights dtype: auto (the source checkpoint's dtype, float32 when it declares none), float32, "
-              "bfloat16, float16. Arithmetic is float32.")
+DTYPE_HELP = ("Output weights dtype: auto (the dtype the model was trained in, where the source says so: the dtype a "
+              "checkpoint's config declares -- bfloat16 for SmolLM2, Llama, Qwen, Gemma --, a GGUF file's float type "
+              "F32 / F16 / BF16, bfloat16 for a quantized GGUF such as SmolLM2's Q4_1 or a checkpoint that declares "
+              "none), float32, bfloat16, float16. float32 only when asked for; lpt_provenance.json records the dtype "
+              "and why. Merging adds the LoRA product in float32 per layer.")
 
 
 @dataclass

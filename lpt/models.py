@@ -488,17 +488,33 @@ def _load_int8_torch(ref: ModelRef, *, dtype: str, device: str, revision: str | 
 
 
 # ------------------------------------------------------------------------------------------------ writing
-def output_dtype(name: str, config: Any):
-    """--dtype of merge / slice as a torch dtype; ``auto`` is the dtype the source checkpoint declares (float32 if
-    none)."""
+def output_dtype(name: str, config: Any, ref: ModelRef | None = None):
+    """--dtype of merge / slice as a torch dtype (:func:`choose_output_dtype`)."""
+    return choose_output_dtype(name, config, ref)[0]
+
+
+def choose_output_dtype(name: str, config: Any, ref: ModelRef | None = None) -> tuple[Any, str]:
+    """--dtype of merge / slice as a torch dtype, and why (``lpt_provenance.json`` records both).
+
+    ``auto`` is the dtype the model was trained in where the source says so: a GGUF file (``ref``) whose weights are
+    float keeps that type (F32, F16, BF16); a quantized GGUF file gives bfloat16 (its de-quantized weights fit it,
+    at half the bytes of float32); a checkpoint gives the dtype its config declares (bfloat16 for SmolLM2, Llama,
+    Qwen, Gemma); bfloat16 when it declares none. float32 is written only when asked for.
+    """
     import torch
 
-    if name == "auto":
-        declared = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
-        if isinstance(declared, torch.dtype):
-            return declared if declared in (torch.float32, torch.bfloat16, torch.float16) else torch.float32
-        return getattr(torch, str(declared)) if str(declared) in DTYPES else torch.float32
-    return resolve_dtype(name, "cpu")
+    if name != "auto":
+        return resolve_dtype(name, "cpu"), f"--dtype {name}"
+    if ref is not None and ref.gguf_file:
+        kind = gguf_file.file_type(Path(ref.path) / ref.gguf_file)
+        if kind in gguf_file.FLOAT_TYPES:
+            return getattr(torch, gguf_file.FLOAT_TYPES[kind]), f"auto: the GGUF source's weights are {kind}"
+        return torch.bfloat16, f"auto: the GGUF source is quantized ({kind}), its de-quantized weights as bfloat16"
+    declared = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    declared = str(declared).replace("torch.", "") if declared is not None else None
+    if declared in DTYPES:
+        return getattr(torch, declared), f"auto: the source checkpoint declares {declared}"
+    return torch.bfloat16, "auto: the source checkpoint declares no float dtype, bfloat16"
 
 
 def check_finite(model) -> None:

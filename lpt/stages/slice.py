@@ -63,8 +63,8 @@ def run(cfg: SliceConfig) -> Path:
     validate(cfg)
     out = artifacts.check_output_dir(cfg.output, cfg.overwrite)
     # the contract first: masks (and adapter) against the model's config, before any weight is read
-    config = models.load_config(models.resolve(cfg.model), trust_remote_code=cfg.trust_remote_code,
-                                revision=cfg.revision)
+    ref = models.resolve(cfg.model)
+    config = models.load_config(ref, trust_remote_code=cfg.trust_remote_code, revision=cfg.revision)
     arch = describe(config)
     slicing.check_sliceable(arch)
     masks = Masks.load(cfg.masks, arch)
@@ -76,7 +76,7 @@ def run(cfg: SliceConfig) -> Path:
     if cfg.adapter:
         adapter_cfg, sd = lora.read_adapter(cfg.adapter)
         sliced_adapter = slicing.slice_adapter(sd, masks)
-    dtype = models.output_dtype(cfg.dtype, config)
+    dtype, dtype_why = models.choose_output_dtype(cfg.dtype, config, ref)
 
     bar, step = steps_bar("loading model", 4 if cfg.reconstruct else 3)
     with bar:
@@ -107,6 +107,7 @@ def run(cfg: SliceConfig) -> Path:
         prov = artifacts.provenance("slice", cfg, masks=artifacts.masks_record(cfg.masks, masks),
                                     adapter=artifacts.adapter_record(cfg.adapter) if cfg.adapter else None,
                                     merged=cfg.merge, layout=layout, dtype=str(dtype).replace("torch.", ""),
+                                    dtype_reason=dtype_why,
                                     params={"before": before, "after": after})
         with artifacts.atomic_dir(out, overwrite=cfg.overwrite) as tmp:
             models.write_model_dir(model, tok, tmp, dtype=dtype, max_shard_size=cfg.max_shard_size, provenance=prov)
@@ -116,7 +117,7 @@ def run(cfg: SliceConfig) -> Path:
         step("done")
     what = " + adapter/" if cfg.adapter and not cfg.merge else (" (adapter merged)" if cfg.merge else "")
     console.print(f"sliced {cfg.model}: {before:,} -> {after:,} parameters ({1 - after / before:.1%} fewer), "
-                  f"{layout} widths{what} -> {out}")
+                  f"{layout} widths{what}, {str(dtype).replace('torch.', '')} ({dtype_why}) -> {out}")
     if layout == "per-layer":
         console.print("per-layer widths: load with AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)")
     return out
