@@ -356,6 +356,10 @@ class ExportConfig:
                                      "PATH.")
     report: str | None = _f(None, "Also write the tensor report (types per tensor group, what kept a larger type and "
                                   "why) to this .json file.")
+    fallback_outtype: str | None = _f(None, "When --outtype is one of llama.cpp's quantizations and no quantizer is "
+                                            "installed: write this type instead (one llama.cpp's converter writes "
+                                            "itself: f32, f16, bf16, q8_0) and say so. Default: refuse. lpt run's "
+                                            "recipes for GGUF sources set q8_0.")
 
 
 def load_recipe(path: str | Path, stage: str) -> dict[str, Any]:

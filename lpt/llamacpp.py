@@ -280,6 +280,26 @@ def find_quantizer(spec: str | None = None) -> Quantizer | None:
     return Quantizer(tool, tool) if tool else None
 
 
+def resolve_outtype(outtype: str, fallback: str | None = None, quantizer: str | None = None) -> tuple[str, str | None]:
+    """The ``--outtype`` to write, and a note when it is not the one asked for.
+
+    ``outtype`` itself when the converter writes it or llama.cpp's quantizer is installed (``find_quantizer``);
+    otherwise ``fallback`` (a type the converter writes itself, e.g. ``q8_0``) with a note saying why, or, without a
+    fallback, one ``LptError`` line with the install command -- before anything is converted.
+    """
+    base_type(outtype)  # an unknown type is one line
+    if fallback is not None and fallback not in CONVERTER_TYPES:
+        raise LptError(f"--fallback-outtype must be a type llama.cpp's converter writes itself "
+                       f"({', '.join(CONVERTER_TYPES)}), got '{fallback}'")
+    if outtype not in QUANTIZE_TYPES or find_quantizer(quantizer) is not None:
+        return outtype, None
+    if fallback is None:
+        raise LptError(f"--outtype {outtype} is llama.cpp's quantization, and no quantizer was found: "
+                       f"{QUANTIZER_INSTALL}; or --fallback-outtype q8_0 to write the converter's own q8_0 instead")
+    return fallback, (f"--outtype {outtype} needs llama.cpp's quantizer, which is not installed ({QUANTIZER_INSTALL}): "
+                      f"writing {fallback} instead (--fallback-outtype), with llama.cpp's converter")
+
+
 def quantize(quantizer: Quantizer, src: Path, dst: Path, outtype: str, threads: int = 0) -> str:
     """Quantize the GGUF ``src`` into ``dst`` with llama.cpp; returns the tool's log, raises one ``LptError`` line."""
     if outtype not in QUANTIZE_TYPES:

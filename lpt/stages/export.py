@@ -17,6 +17,7 @@ file is read back and every tensor that kept a larger type is reported with the 
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import tempfile
 from pathlib import Path
@@ -80,6 +81,17 @@ def validate(cfg: ExportConfig) -> tuple[Path, Path]:
     return model, out
 
 
+def resolve(cfg: ExportConfig) -> ExportConfig:
+    """``cfg`` with the --outtype that will be written (``llamacpp.resolve_outtype``: --fallback-outtype when the
+    quantizer is missing, said on the console)."""
+    if cfg.fallback_outtype is None:
+        return cfg  # validate() refuses a quantization without a quantizer
+    outtype, note = llamacpp.resolve_outtype(cfg.outtype, cfg.fallback_outtype, cfg.quantizer)
+    if note:
+        console.print(f"[yellow]note:[/] {note}", soft_wrap=True)
+    return dataclasses.replace(cfg, outtype=outtype)
+
+
 def convert(model: Path, outfile: Path, outtype: str, converter: str | None = None) -> None:
     """Run the converter into ``outfile``; a failure is one ``LptError`` line (the converter's own message)."""
     conv = llamacpp.find_converter(converter)
@@ -109,6 +121,8 @@ def convert_and_quantize(cfg: ExportConfig, model: Path, outfile: Path) -> None:
 
 
 def run(cfg: ExportConfig) -> Path:
+    if cfg.outtype in OUTTYPES and cfg.gguf:
+        cfg = resolve(cfg)
     model, out = validate(cfg)
     for line in llamacpp.width_warnings(artifacts.read_json(model / "config.json"), cfg.outtype):
         console.print(f"[yellow]warning:[/] {line}", soft_wrap=True)
