@@ -113,6 +113,25 @@ def width_warnings(config: dict[str, Any], outtype: str) -> list[str]:
     return out
 
 
+def attention_problem(config: dict[str, Any]) -> str | None:
+    """Why llama.cpp could not load a GGUF of this model directory (its config.json), or None. llama.cpp's graph for
+    some families (``lpt.arch.Family.attn_width_is_hidden``: Phi-3) makes the query and output projections
+    hidden_size wide, so a model that keeps fewer query heads converts but does not load."""
+    from lpt.arch import FAMILIES
+
+    fam = next((f for f in FAMILIES.values() if config.get("model_type") in f.model_types), None)
+    if fam is None or not fam.attn_width_is_hidden:
+        return None
+    hidden, heads = int(config["hidden_size"]), int(config["num_attention_heads"])
+    head_dim = int(config.get("head_dim") or hidden // heads)
+    if heads * head_dim == hidden:
+        return None
+    return (f"llama.cpp sizes {config['model_type']}'s attention from the hidden size (num_attention_heads x head_dim "
+            f"must be {hidden}), and this model keeps {heads} x {head_dim} = {heads * head_dim}: its GGUF would not "
+            f"load; for llama.cpp prune MLP channels only (lpt prune --balance 0). The directory itself loads with "
+            f"transformers")
+
+
 def round_to_note(hidden_size: int, round_to: int) -> str | None:
     """What ``--round-to`` 32 / 256 cannot fix: rows that read the hidden state have the hidden size as width."""
     if round_to in (LEGACY_BLOCK, K_BLOCK) and hidden_size % round_to:

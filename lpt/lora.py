@@ -209,10 +209,12 @@ def inject(model: nn.Module, arch: Arch, *, r: int, alpha: float, dropout: float
     each layer's device, see ``lpt.int8.resolve_backend``; LLM.int8 outlier threshold ``int8_threshold``). Only
     LoRA A and B train.
     """
+    from lpt.fused import expand_targets
     from lpt.int8 import resolve_backend
 
     targets = set(targets)
     target_paths(arch, targets)  # validates the names
+    targets = expand_targets(arch.family, targets)  # a fused layer (Phi-3's qkv_proj) is one LoRA target
     out = {}
     for p in target_paths(arch, PROJECTIONS):
         base = get_module(model, p)
@@ -316,11 +318,14 @@ def check_adapter_finite(tensors: dict[str, torch.Tensor], where: str) -> None:
 def save_adapter(model: nn.Module, directory: str | Path, base_model: str, metadata: dict[str, str] | None = None
                  ) -> None:
     """Write ``model``'s LoRA layers as a PEFT adapter directory; non-finite factors are refused before any byte."""
+    from lpt.fused import adapter_to_file
+
     directory = Path(directory)
     sd = adapter_state_dict(model)
     check_adapter_finite(sd, "the trained adapter")
+    sd, cfg = adapter_to_file(sd, adapter_config(model, base_model))  # fused layers in PEFT's layout
     directory.mkdir(parents=True, exist_ok=True)
-    artifacts.write_json(directory / artifacts.ADAPTER_CONFIG, adapter_config(model, base_model))
+    artifacts.write_json(directory / artifacts.ADAPTER_CONFIG, cfg)
     artifacts.save_tensors(sd, directory / artifacts.ADAPTER_WEIGHTS, {"format": "pt", **(metadata or {})})
 
 
@@ -328,9 +333,11 @@ def write_adapter(directory: str | Path, adapter_cfg: dict[str, Any], state_dict
                   base_model: str, metadata: dict[str, str] | None = None) -> None:
     """A PEFT adapter directory from a config and LoRA factors (e.g. ``slicing.slice_adapter``'s, for the sliced
     model): the same LoRA settings, ``base_model_name_or_path`` set to ``base_model``."""
+    from lpt.fused import adapter_to_file
+
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    doc = dict(adapter_cfg)
+    state_dict, doc = adapter_to_file(state_dict, adapter_cfg)  # fused layers in PEFT's layout
     doc["base_model_name_or_path"] = base_model
     artifacts.write_json(directory / artifacts.ADAPTER_CONFIG, doc)
     artifacts.save_tensors(state_dict, directory / artifacts.ADAPTER_WEIGHTS, {"format": "pt", **(metadata or {})})
@@ -357,8 +364,12 @@ def read_adapter(directory: str | Path) -> tuple[dict[str, Any], dict[str, torch
 
 def load_adapter(model: nn.Module, directory: str | Path, arch: Arch, load_8bit: bool = False,
                  int8_threshold: float = INT8_THRESHOLD, int8_backend: str = "auto") -> dict[str, LoraLinear]:
-    """Wrap ``model`` with the LoRA layers of a PEFT adapter directory and load their weights."""
+    """Wrap ``model`` with the LoRA layers of a PEFT adapter directory and load their weights (a fused layer's LoRA
+    split into its parts', as the model is: ``lpt.fused``)."""
+    from lpt.fused import adapter_from_file
+
     cfg, sd = read_adapter(directory)
+    sd = adapter_from_file(sd, arch, f"adapter {directory}")
     paths = sorted({k[len(PEFT_PREFIX):].rsplit(".lora_", 1)[0] for k in sd if k.startswith(PEFT_PREFIX)})
     if not paths:
         raise LptError(f"{directory}: adapter holds no LoRA weights")

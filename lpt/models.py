@@ -249,7 +249,11 @@ def load_model(
 
 def _freeze(m, ref: ModelRef) -> None:
     """What every load ends with: eval mode, every parameter frozen (callers decide what trains), no KV cache in
-    training forwards, and where the model came from (``lpt_ref``, for provenance)."""
+    training forwards, and where the model came from (``lpt_ref``, for provenance). Fused projections (Phi-3's
+    ``qkv_proj``, ``gate_up_proj``) are split into lpt's (``lpt.fused``; ``write_model_dir`` fuses them again)."""
+    from lpt import fused
+
+    fused.split(m)
     m.eval()
     m.requires_grad_(False)
     m.config.use_cache = False
@@ -453,6 +457,8 @@ def _load_int8_torch(ref: ModelRef, *, dtype: str, device: str, revision: str | 
         return None
     config = load_config(src, trust_remote_code=trust_remote_code, revision=revision)
     arch = describe(config)
+    if arch.family.fused:
+        return None  # fused layers (lpt.fused): loaded whole, split, then quantized
     torch_dtype = resolve_dtype(dtype, device)
     with init_empty_weights():
         m = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code, dtype=torch_dtype)
@@ -544,6 +550,26 @@ def _fix_tokenizer_config(path: Path) -> None:
         artifacts.write_json(f, doc)
 
 
+def _copy_sentencepiece(ref: ModelRef | None, directory: Path) -> None:
+    """The source's SentencePiece model (``tokenizer.model``), which transformers' fast tokenizers do not write back
+    but llama.cpp's converter reads for some families (Phi-3, Llama 2): copied when the source has one (a local
+    directory, or a hub model's cached files)."""
+    import shutil
+
+    name = "tokenizer.model"
+    if ref is None or ref.gguf_file or (directory / name).exists():
+        return
+    if ref.local:
+        f = Path(ref.path) / name
+    else:
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(ref.path, name)
+        f = Path(cached) if isinstance(cached, str) else None
+    if f is not None and f.is_file():
+        shutil.copy(f, directory / name)
+
+
 def write_model_dir(model, tokenizer, directory: Path, *, dtype, max_shard_size: str,
                     provenance: dict[str, Any]) -> None:
     """Save ``model`` (cast to ``dtype``) as a plain Hugging Face directory; per-layer models get the modeling file.
@@ -552,8 +578,9 @@ def write_model_dir(model, tokenizer, directory: Path, *, dtype, max_shard_size:
     """
     import shutil
 
-    from lpt import modeling
+    from lpt import fused, modeling
 
+    fused.fuse(model)
     model.to(dtype)
     check_finite(model)
     cfg = model.config
@@ -577,4 +604,5 @@ def write_model_dir(model, tokenizer, directory: Path, *, dtype, max_shard_size:
     if tokenizer is not None:
         tokenizer.save_pretrained(directory)
         _fix_tokenizer_config(directory)
+        _copy_sentencepiece(getattr(model, "lpt_ref", None), directory)
     artifacts.write_json(directory / artifacts.PROVENANCE, provenance)

@@ -118,6 +118,13 @@ def check_model(cfg: PruneConfig, arch: Arch) -> None:
         return
     gqa, _ = resolve_gqa(arch, cfg.gqa)
     skip = groups.parse_layers(cfg.skip_layers, arch.num_layers)
+    if cfg.layout == "per-layer" or skip:
+        from lpt import modeling
+
+        modeling.class_name(arch.model_type)  # a family lpt.modeling cannot build with per-layer widths: one line
+    if arch.heads_locked and groups.parse_balance(cfg.balance) != 0:
+        raise LptError(f"{arch.heads_locked}, so a model with fewer query heads would not load: prune MLP channels "
+                       f"only, with --balance 0")
     ratio = groups.layer_ratio(arch, cfg.ratio, [i for i in range(arch.num_layers) if i not in skip])
     widths = arch.layer_intermediate or [arch.intermediate_size]
     if cfg.round_to > min(widths):

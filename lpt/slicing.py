@@ -226,9 +226,11 @@ def slice_adapter(state_dict: Mapping[str, torch.Tensor], masks: Masks) -> dict[
     ``B`` loses the pruned rows of fan-out layers, ``A`` the pruned columns of fan-in layers; the other factor of
     each layer is unchanged. Keys of modules that are not block projections are refused.
     """
+    from lpt.fused import adapter_from_file
     from lpt.lora import PEFT_PREFIX
 
     arch = masks.arch
+    state_dict = adapter_from_file(state_dict, arch)  # a fused layer's LoRA as its parts' (lpt.fused)
     where: dict[str, tuple[int, str]] = {arch.module_path(i, p): (i, p) for i in range(arch.num_layers)
                                           for p in PROJECTIONS}
     cache: dict[int, dict[str, torch.Tensor]] = {}

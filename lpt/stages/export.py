@@ -66,6 +66,9 @@ def validate(cfg: ExportConfig) -> tuple[Path, Path]:
     if has_layer_widths(config):
         raise LptError(f"{cfg.model} has per-layer widths (lpt_layer_* in config.json), which GGUF cannot describe; "
                        f"export a model sliced with uniform masks (lpt prune --layout uniform)")
+    problem = llamacpp.attention_problem(config)
+    if problem:
+        raise LptError(f"{cfg.model}: {problem}")
     out = Path(cfg.output).expanduser() if cfg.output else default_output(model, cfg.outtype)
     if out.suffix != ".gguf":
         raise LptError(f"the output must be a .gguf file (got {out})")

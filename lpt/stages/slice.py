@@ -19,7 +19,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import lpt
-from lpt import artifacts, calibration, lora, models, reconstruct, slicing
+from lpt import artifacts, calibration, lora, modeling, models, reconstruct, slicing
 from lpt.arch import describe
 from lpt.config import SliceConfig
 from lpt.errors import LptError
@@ -68,6 +68,11 @@ def run(cfg: SliceConfig) -> Path:
     arch = describe(config)
     slicing.check_sliceable(arch)
     masks = Masks.load(cfg.masks, arch)
+    if not masks.is_uniform():
+        modeling.class_name(arch.model_type)  # a family without per-layer widths: refused before any weight
+    arch.check_heads(min(len(m.heads) for m in masks.layers),
+                     "prune with --balance 0 (MLP channels only), or evaluate these masks unsliced (lpt eval "
+                     "--adapter --masks)")
     uneven = round_to_violations(masks)
     if uneven:  # slice takes the masks as given; say when they break the --round-to they record
         console.print(f"[yellow]warning:[/] {cfg.masks} records --round-to {masks.info['round_to']} but layer(s) "
