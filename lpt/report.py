@@ -1,7 +1,8 @@
 """The report of an ``lpt run``: ``RUN_DIR/report.md`` and the same as one self-contained ``RUN_DIR/report.html``.
 
 What was run (command, lpt version, model, recipe, wall time per stage), the dense and the pruned model side by
-side (the table of ``lpt eval --compare``, ``lpt.evaluation.results``, plus file sizes and the bench latency), the
+side (the table of ``lpt eval --compare``, ``lpt.evaluation.results``, plus file sizes compared in the same format
+and type -- :func:`file_sizes` -- and the bench latency), the
 masks per layer and the training curve as PNGs (``RUN_DIR/report/``, embedded in the HTML as base64), and each
 stage's settings that differ from its defaults. Everything is read from the files the stages wrote: a report can be
 written again from a run directory alone (:func:`write`). The pictures need matplotlib (``pip install
