@@ -199,7 +199,7 @@ def criterion_masks(calib: Path, ratios: list[float], criteria: tuple[str, ...],
         def masks_for(nh: int, nc: int):
             hp = [selection.prune_lowest(s[0], torch.zeros(units, dtype=torch.bool), nh) for s in scores]
             cp = [selection.prune_lowest(s[1], torch.zeros(arch.intermediate_size, dtype=torch.bool), nc) for s in scores]
-            return hp, cp, groups.Masks.from_pruned(arch, hp, cp, gqa, layout="uniform", model=MODEL)
+            return hp, cp, groups.Masks.from_pruned(arch, hp, cp, gqa, model=MODEL)
 
         for r in ratios:
             cands = groups.balance_candidates(arch, r, gqa, round_to)

@@ -74,6 +74,16 @@ class Family:
     k_norm: str = "k_norm"
     # the transformers causal-LM class (lpt.modeling subclasses it for per-layer widths)
     hf_class: str = "LlamaForCausalLM"
+    # what hidden-size pruning (--hidden-ratio) must know:
+    #   block_norms  - RMS norms over the hidden size in every block (Gemma 2 / 3: pre- and post-feedforward too);
+    #   norm_offset  - their scale is (offset + weight): Gemma's (1 + w);
+    #   embed_scale  - embeddings multiplied by sqrt(hidden_size) (Gemma), which a smaller hidden size changes.
+    block_norms: int = 2
+    norm_offset: float = 0.0
+    embed_scale: bool = False
+    # transformers' config of the family refuses a hidden size that is not a multiple of num_attention_heads (its
+    # validate_architecture), even with an explicit head_dim: uniform prunes keep that true
+    heads_divide_hidden: bool = False
     # fused linear layers (lpt.fused): q / k / v / gate / up above then name their children ("qkv_proj.q_proj")
     fused: tuple[Fused, ...] = ()
     # whether lpt.modeling builds the family with per-layer widths (False: --layout per-layer is refused)
@@ -89,13 +99,16 @@ class Family:
 
 
 FAMILIES: dict[str, Family] = {
-    "llama": Family("llama", ("llama",)),
+    "llama": Family("llama", ("llama",), heads_divide_hidden=True),
     "mistral": Family("mistral", ("mistral",), qkv_bias=False, mlp_bias=False, hf_class="MistralForCausalLM"),
     "qwen2": Family("qwen2", ("qwen2",), qkv_bias=True, o_bias=False, mlp_bias=False, hf_class="Qwen2ForCausalLM"),
     "qwen3": Family("qwen3", ("qwen3",), mlp_bias=False, qk_norm="head", hf_class="Qwen3ForCausalLM"),
-    "gemma": Family("gemma", ("gemma",), mlp_bias=False, hf_class="GemmaForCausalLM"),
-    "gemma2": Family("gemma2", ("gemma2",), mlp_bias=False, hf_class="Gemma2ForCausalLM"),
-    "gemma3": Family("gemma3", ("gemma3_text",), mlp_bias=False, qk_norm="head", hf_class="Gemma3ForCausalLM"),
+    "gemma": Family("gemma", ("gemma",), mlp_bias=False, hf_class="GemmaForCausalLM", norm_offset=1.0,
+                    embed_scale=True),
+    "gemma2": Family("gemma2", ("gemma2",), mlp_bias=False, hf_class="Gemma2ForCausalLM", block_norms=4,
+                     norm_offset=1.0, embed_scale=True, heads_divide_hidden=True),
+    "gemma3": Family("gemma3", ("gemma3_text",), mlp_bias=False, qk_norm="head", hf_class="Gemma3ForCausalLM",
+                     block_norms=4, norm_offset=1.0, embed_scale=True, heads_divide_hidden=True),
     "granite": Family("granite", ("granite",), hf_class="GraniteForCausalLM"),
     "olmo2": Family("olmo2", ("olmo2",), mlp_bias=False, qk_norm="full", hf_class="Olmo2ForCausalLM"),
     "phi3": Family("phi3", ("phi3",), q="qkv_proj.q_proj", k="qkv_proj.k_proj", v="qkv_proj.v_proj",
@@ -164,14 +177,37 @@ class Arch:
         weights when they span the whole projection width (they shrink with the heads)."""
         return self.block_params_for(self.heads(layer), self.kv_heads(layer), self.intermediate(layer))
 
-    def block_params_for(self, heads: int, kv_heads: int, channels: int) -> int:
-        """What ``block_linear_params`` counts, for a block of the given widths."""
-        hd, d = self.head_dim, self.hidden_size
+    def block_params_for(self, heads: int, kv_heads: int, channels: int, hidden: int | None = None) -> int:
+        """What ``block_linear_params`` counts, for a block of the given widths (and hidden size: the model's when
+        None)."""
+        hd, d = self.head_dim, self.hidden_size if hidden is None else hidden
         weights = 2 * heads * hd * d + 2 * kv_heads * hd * d + 3 * channels * d
         biases = ((heads + 2 * kv_heads) * hd if self.qkv_bias else 0) + (d if self.o_bias else 0)
         biases += (2 * channels + d) if self.mlp_bias else 0
         norms = (heads + kv_heads) * hd if self.family.qk_norm == "full" else 0
         return weights + biases + norms
+
+    def block_other_params(self, hidden: int | None = None) -> int:
+        """Parameters of one block outside its projections: the norms over the hidden size, and query / key norms
+        over ``head_dim`` (which no pruning of heads changes)."""
+        d = self.hidden_size if hidden is None else hidden
+        return self.family.block_norms * d + (2 * self.head_dim if self.family.qk_norm == "head" else 0)
+
+    def embedding_params(self, hidden: int | None = None) -> int:
+        """The token embedding, the output layer when it is not tied to it, and the final norm."""
+        d = self.hidden_size if hidden is None else hidden
+        return self.vocab_size * d * (1 if self.tie_word_embeddings else 2) + d
+
+    def model_params_for(self, layers: int, heads: int, kv_heads: int, channels: int, hidden: int | None = None
+                         ) -> int:
+        """Parameters of the whole model with ``layers`` blocks of uniform widths and the given hidden size."""
+        return (self.embedding_params(hidden) +
+                layers * (self.block_params_for(heads, kv_heads, channels, hidden) + self.block_other_params(hidden)))
+
+    def model_params(self) -> int:
+        """Parameters of the whole model as its config describes it (per-layer widths included)."""
+        return self.embedding_params() + sum(self.block_linear_params(i) + self.block_other_params()
+                                             for i in range(self.num_layers))
 
     def head_params(self) -> int:
         """Parameters that go with one query head (q rows, o columns, q bias, full-width q norm)."""
@@ -190,11 +226,15 @@ class Arch:
     def module_path(self, layer: int, proj: str) -> str:
         return self.family.module_path(layer, proj)
 
-    def check_heads(self, kept: int, fix: str) -> None:
-        """Refuse a model that keeps ``kept`` of the query heads when they must all stay (``heads_locked``)."""
+    def check_heads(self, kept: int, fix: str, hidden: int | None = None) -> None:
+        """Refuse a model that keeps ``kept`` of the query heads (and a hidden size of ``hidden``) when heads and
+        hidden size must stay (``heads_locked``)."""
         if self.heads_locked and kept < self.num_heads:
             raise LptError(f"{self.heads_locked}, so a model keeping {kept} of {self.num_heads} query heads would not "
                            f"load; {fix}")
+        if self.heads_locked and hidden is not None and hidden < self.hidden_size:
+            raise LptError(f"{self.heads_locked}, so a model with a hidden size of {hidden} instead of "
+                           f"{self.hidden_size} would not load; {fix}")
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -206,6 +246,8 @@ class Arch:
             "num_key_value_heads": self.num_kv_heads,
             "head_dim": self.head_dim,
             "intermediate_size": self.intermediate_size,
+            "vocab_size": self.vocab_size,
+            "tie_word_embeddings": self.tie_word_embeddings,
         }
 
 
@@ -295,3 +337,27 @@ def set_module(model: Any, path: str, new) -> None:
     parent_path, _, name = path.rpartition(".")
     parent = get_module(model, parent_path) if parent_path else model
     setattr(parent, name, new)
+
+
+def hidden_norms(model: Any, arch: Arch) -> list[str]:
+    """Module paths of every RMS norm over the hidden size: in each decoder block (its direct children with a
+    one-dimensional weight of ``hidden_size`` entries: input / post-attention norms, Gemma's pre- and post-feedforward
+    norms, OLMo 2's post norms) and the decoder's final norm. Query / key norms live inside the attention module and
+    are not among them."""
+    from torch import nn
+
+    out = []
+    layers = get_module(model, arch.family.layers)
+    for i, layer in enumerate(layers):
+        for name, mod in layer.named_children():
+            w = getattr(mod, "weight", None)
+            if not isinstance(mod, (nn.Linear, nn.Embedding)) and isinstance(w, nn.Parameter) and w.dim() == 1 \
+                    and w.shape[0] == arch.hidden_size:
+                out.append(f"{arch.family.layers}.{i}.{name}")
+    decoder_path = arch.family.layers.rsplit(".", 1)[0]
+    final = get_module(model, decoder_path)
+    norm = getattr(final, "norm", None)
+    if norm is None or getattr(norm, "weight", None) is None:
+        raise LptError(f"{arch.name}: the decoder has no final norm 'norm' (the family description is wrong)")
+    out.append(f"{decoder_path}.norm")
+    return out

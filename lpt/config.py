@@ -88,17 +88,20 @@ class PruneConfig(ModelOptions, DataOptions):
     nsamples: int = _f(1024, "Calibration blocks when calibrating inline from --data.")
     seq_len: int = _f(256, "Tokens per block when calibrating inline from --data.")
     # what to prune
-    ratio: float = _f(0.5, "Fraction of the transformer blocks' linear-layer parameters to remove.")
+    ratio: float | None = _f(None, "Fraction of the transformer blocks' linear-layer parameters to remove from the width "
+                                   "of every block (heads and MLP channels). Default 0.5, or 0 when --prune-layers, "
+                                   "--hidden-ratio, --model-ratio or --target-params is given.")
     criterion: str = _f("fisher", "Importance: fisher (mask Fisher information from activation gradients; beyond the "
                                   "paper, and lpt's default: it ranked best in the quality study), lora (the paper's "
                                   "LoRA-guided estimate, Eq. 10), vanilla (full-gradient Taylor, Eq. 3: the "
                                   "memory-hungry baseline), magnitude, random.")
-    round_to: int | str = _f(8, "Keep pruned MLP widths a multiple of N channels, or of the preset named for the "
-                                "runtime: cpu (8: PyTorch on CPU, where widths not a multiple of 8 ran the MLP ~25% "
+    round_to: int | str = _f(8, "Keep pruned MLP widths (and hidden sizes) a multiple of N channels, or of the preset "
+                                "named for the runtime: cpu (8: PyTorch on CPU, where widths not a multiple of 8 ran the MLP ~25% "
                                 "slower), llamacpp (32: the block of llama.cpp's q4_0 / q5_0 / q8_0), kquants (256: "
                                 "llama.cpp's k-quants q4_k_m / q5_k_m / q6_k; fully used only when the hidden size is a "
-                                "multiple of 256 too). The ratio stays within one N-channel step of --ratio. Heads "
-                                "are not rounded; 1 disables.")
+                                "multiple of 256 too), gpu (128: quantized GPU kernels -- Marlin for GPTQ / AWQ wants "
+                                "multiples of 64, FP8 block scales 128 x 128 blocks). The ratio stays within one "
+                                "N-channel step of --ratio. Heads are not rounded; 1 disables.")
     score: str = _f("square", "Element score: square (paper) or abs (authors' released code).")
     normalize: bool = _f(True, "Normalise each layer's group scores by their L2 norm (matters for --layout per-layer).")
     normalize_by: str = _f("group", "What --normalize divides by its L2 norm: group (lpt: each layer's summed group "
@@ -116,6 +119,37 @@ class PruneConfig(ModelOptions, DataOptions):
     layout: str = _f("uniform", "uniform (every layer keeps the same widths: a standard config) or per-layer.")
     skip_layers: str = _f("", "Layers never pruned: comma list / ranges (e.g. 0-2,31), or 'paper' for the first 10% "
                               "and the last layer. Implies --layout per-layer.")
+    # beyond the width of the blocks: depth, hidden size, a whole-model target (beyond the paper; Minitron's axes)
+    prune_layers: float = _f(0.0, "Remove whole decoder blocks: a number of blocks (4) or a fraction of them (0.2). "
+                                  "Each block's residual contribution is gated (h + m·f(h)) and scored by "
+                                  "--block-criterion; the lowest go along the schedule. Adds to --ratio's width "
+                                  "pruning of the blocks that stay.")
+    hidden_ratio: float = _f(0.0, "Remove this fraction of the hidden size: residual-stream channels shared by every "
+                                  "block, the embedding (and an untied output layer) and every norm, scored by "
+                                  "--hidden-criterion. The kept size stays a multiple of --round-to.")
+    model_ratio: float | None = _f(None, "Whole-model target: remove this fraction of ALL parameters, embedding "
+                                         "included, dividing it between --axes by measurement (each candidate "
+                                         "division pruned by the current scores at the first mask update, the one "
+                                         "with the lowest loss kept; every candidate's loss goes to masks.json).")
+    target_params: str | None = _f(None, "Whole-model target as a parameter count (100M, 1.5B, 350k), searched "
+                                         "over --axes like --model-ratio.")
+    axes: str = _f("width,depth,hidden", "What --model-ratio / --target-params may remove: a comma list of width "
+                                         "(heads and MLP channels), depth (whole blocks), hidden (residual "
+                                         "channels). width alone is lpt's earlier behaviour at a whole-model "
+                                         "target.")
+    search_grid: int = _f(4, "Shares of the whole-model target each axis may take in the search: multiples of "
+                             "1/N (4: 0, 25, 50, 75, 100%).")
+    block_criterion: str = _f("fisher", "Block importance for depth pruning: fisher (the mask Fisher of the block's "
+                                        "gate), influence (ShortGPT's 1 - cos(input, output)), loss (the loss "
+                                        "increase when the block is dropped, measured at every mask update), "
+                                        "random.")
+    hidden_criterion: str = _f("fisher", "Hidden-channel importance: fisher (the mask Fisher of the channel in "
+                                         "the embedding and every block's writes to the residual), activation "
+                                         "(Minitron: mean |x| of the channel at every norm's input), random.")
+    tp: list[int] = _f([], "Tensor-parallel sizes the result must shard at (repeat or comma list: --tp 2,4): every "
+                           "kept block keeps query heads divisible by N, key/value heads divisible by N (or N by "
+                           "them: vLLM replicates), and an MLP width divisible by N x --round-to (each device's "
+                           "share a multiple of the kernel block), as vLLM and SGLang split them.")
     # schedule
     ema: float = _f(0.9, "Moving-average factor λ of the group importance (Eq. 11).")
     prune_freq: int = _f(10, "Optimiser steps between mask updates.")
@@ -160,7 +194,16 @@ class PruneConfig(ModelOptions, DataOptions):
     log_every: int = _f(1, "Optimiser steps between log lines.")
 
 
-ROUND_TO_PRESETS = {"cpu": 8, "llamacpp": LEGACY_BLOCK, "kquants": K_BLOCK}
+ROUND_TO_PRESETS = {"cpu": 8, "llamacpp": LEGACY_BLOCK, "gpu": 128, "kquants": K_BLOCK}
+MODEL_AXES_FIELDS = ("prune_layers", "hidden_ratio", "model_ratio", "target_params")
+
+
+def prune_ratio(cfg: PruneConfig) -> float:
+    """``--ratio`` as it applies: the value given, else 0.5 -- or 0 when another axis or a whole-model target is
+    asked for (``--prune-layers 4`` alone removes four blocks and nothing else)."""
+    if cfg.ratio is not None:
+        return cfg.ratio
+    return 0.0 if any(getattr(cfg, f) for f in MODEL_AXES_FIELDS) else 0.5
 
 
 def round_to_channels(value: int | str) -> int:
@@ -259,6 +302,8 @@ class EvalConfig(ModelOptions):
     per_doc: bool = _f(False, "Also record every evaluated document's acc / acc_norm in the results (for paired "
                               "comparisons of two models on the same documents).")
     label: str | None = _f(None, "Name of this run in comparison tables (default: the model / adapter name).")
+    tp: list[int] = _f([], "Tensor-parallel sizes you will serve the model at (vLLM / SGLang): warn when its heads, "
+                           "key/value heads or MLP width (with --masks: the pruned shape) do not split over them.")
     output: str = _f("results.json", "Results JSON file.")
     overwrite: bool = _f(False, "Replace an existing results file.")
 
@@ -274,6 +319,8 @@ class BenchRuntimeConfig(ModelOptions):
     masks: list[str] = _f([], "masks.json applied (unmerged) to the model in the same position, one --masks per model "
                               "('-' for none); e.g. a prune output's masks with --adapter of the same output.")
     label: list[str] = _f([], "Row names, one per model (default: derived from the model and adapter).")
+    tp: list[int] = _f([], "Tensor-parallel sizes you will serve the models at (vLLM / SGLang): warn for every model "
+                           "whose heads, key/value heads or MLP width do not split over them.")
     random_init: list[str] = _f([], "Add a model with random weights at a real shape: SHAPE or SHAPE@RATIO, with "
                                     "SHAPE a built-in name (llama-7b, llama-13b, llama-3-8b, tinyllama-1.1b, "
                                     "smollm2-135m), a JSON config file or inline JSON, and @RATIO giving the "

@@ -23,6 +23,7 @@ Criteria (``CRITERIA``, the names of the ``ESTIMATORS`` registry):
 
 from __future__ import annotations
 
+import math
 from typing import Iterable, Mapping
 
 import torch
@@ -322,6 +323,205 @@ class FisherImportance(Importance):
         if h is None or c is None:
             return None
         return h, c
+
+
+# ------------------------------------------------------------------------------------------------ model-level axes
+BLOCK_CRITERIA = ("fisher", "influence", "loss", "random")
+HIDDEN_CRITERIA = ("fisher", "activation", "random")
+
+
+class AxesImportance:
+    """Scores of the model-level axes (beyond the paper): one per decoder block (depth pruning) and one per hidden
+    channel (hidden-size pruning), with the same lifecycle as a width estimator (attach / observe / ``scores`` /
+    ``clear``).
+
+    Blocks (``blocks``):
+    - ``fisher``: the empirical Fisher of the block's gate ``m_b`` in ``h + m_b·f(h)``: for sequence n,
+      ``d(b, n) = Σ_tokens Σ_dims f(h)·∂L/∂out``, ``I(b) = Σ_n d(b, n)²`` (read at the block's output);
+    - ``influence``: ShortGPT's block influence ``1 − cos(h, out)``, averaged over the tokens of the forward passes
+      (no gradient needed);
+    - ``loss``: the increase of the loss when the block alone is dropped; the pruner measures it at every mask update
+      (``needs_losses``) and hands it in with ``set_losses``;
+    - ``random``: seeded uniform scores.
+
+    Hidden channels (``hidden``):
+    - ``fisher``: the empirical Fisher of the channel's mask, which multiplies the channel wherever the residual
+      stream is written -- the embedding's output and every block's o_proj and down_proj outputs: for sequence n,
+      ``d(c, n) = Σ_sites Σ_tokens x_c·∂L/∂x_c``, summed over the sites before squaring. The sites' products are
+      gathered per micro-batch and squared when the embedding's gradient arrives (the last of the backward pass);
+    - ``activation``: Minitron's: the mean magnitude of the channel at the output of every norm over the hidden
+      size, summed over the norms;
+    - ``random``: seeded uniform scores.
+    """
+
+    def __init__(self, blocks: str | None = None, hidden: str | None = None, *, normalize: bool = True, seed: int = 0):
+        if blocks is not None and blocks not in BLOCK_CRITERIA:
+            raise LptError(f"unknown --block-criterion '{blocks}' (use {', '.join(BLOCK_CRITERIA)})")
+        if hidden is not None and hidden not in HIDDEN_CRITERIA:
+            raise LptError(f"unknown --hidden-criterion '{hidden}' (use {', '.join(HIDDEN_CRITERIA)})")
+        self.block_kind, self.hidden_kind, self.normalize, self.seed = blocks, hidden, normalize, seed
+        self.model = self.arch = None
+        self.layers: list[int] = []
+        self._handles: list = []
+        self._losses: torch.Tensor | None = None
+        self.clear()
+
+    @property
+    def needs_backward(self) -> bool:
+        return "fisher" in (self.block_kind, self.hidden_kind)
+
+    @property
+    def needs_losses(self) -> bool:
+        """Whether the pruner must measure drop losses (``set_losses``) at every mask update."""
+        return self.block_kind == "loss"
+
+    def attach(self, model, arch: Arch, layers: Iterable[int] | None = None) -> "AxesImportance":
+        """Observe ``model`` (with LoRA layers on every projection) for blocks ``layers`` (those that may go)."""
+        from lpt.arch import get_module, hidden_norms
+        from lpt.gates import decoder_layers
+
+        self.model, self.arch = model, arch
+        self.layers = list(range(arch.num_layers)) if layers is None else list(layers)
+        self.clear()  # accumulators of this model's sizes
+        blocks = decoder_layers(model, arch)
+        if self.block_kind in ("fisher", "influence"):
+            for i in self.layers:
+                self._handles.append(blocks[i].register_forward_hook(self._block_hook(i), with_kwargs=True))
+        if self.hidden_kind == "fisher":
+            emb = model.get_input_embeddings()
+            self._handles.append(emb.register_forward_hook(self._embedding_hook))
+            for i in range(arch.num_layers):
+                for proj in FAN_IN:
+                    mod = get_module(model, arch.module_path(i, proj))
+                    self._handles.append(mod.register_forward_hook(self._site_hook))
+        elif self.hidden_kind == "activation":
+            for path in hidden_norms(model, arch):
+                self._handles.append(get_module(model, path).register_forward_hook(self._norm_hook))
+        return self
+
+    def detach(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+        self.clear()
+
+    def clear(self) -> None:
+        n = self.arch.num_layers if self.arch is not None else 0
+        d = self.arch.hidden_size if self.arch is not None else 0
+        self._blocks = torch.zeros(n, dtype=torch.float64)
+        self._tokens = torch.zeros(n, dtype=torch.float64)  # influence: tokens seen per block
+        self._hidden = torch.zeros(d, dtype=torch.float64)
+        self._pending: torch.Tensor | None = None  # hidden fisher: this micro-batch's site sums [batch, d]
+        self._seen = False
+
+    def reducible(self) -> list[torch.Tensor]:
+        """What data-parallel ranks sum before ``scores`` (float64 accumulators; moved by the caller)."""
+        return [self._blocks, self._tokens, self._hidden]
+
+    def set_losses(self, losses: torch.Tensor) -> None:
+        """``--block-criterion loss``: the loss increase of dropping each block alone (``[layers]``)."""
+        self._losses = losses.double().cpu()
+        self._seen = True
+
+    # ------------------------------------------------------------------ hooks
+    def _block_hook(self, i: int):
+        from lpt.gates import block_input, block_output
+
+        def hook(module, args, kwargs, output):
+            if not torch.is_grad_enabled():
+                return None
+            h, out = block_input(args, kwargs), block_output(output)
+            if self.block_kind == "influence":
+                with torch.no_grad():
+                    cos = torch.nn.functional.cosine_similarity(h.float(), out.float(), dim=-1)
+                    self._blocks[i] += float((1.0 - cos).sum())
+                    self._tokens[i] += cos.numel()
+                self._seen = True
+            elif out.requires_grad:
+                delta = (out - h).detach()
+                out.register_hook(lambda g: self._block_grad(i, delta, g))
+            return None
+
+        return hook
+
+    @torch.no_grad()
+    def _block_grad(self, i: int, delta: torch.Tensor, grad: torch.Tensor) -> None:
+        d = (delta.float() * grad.float()).reshape(delta.shape[0], -1).sum(1)  # [batch]
+        self._blocks[i] += float(d.double().square().sum())
+        self._seen = True
+
+    def _site_hook(self, module, args, output):
+        if torch.is_grad_enabled() and output.requires_grad:
+            x = output.detach()
+            output.register_hook(lambda g: self._site_grad(x, g))
+
+    @torch.no_grad()
+    def _site_grad(self, x: torch.Tensor, grad: torch.Tensor) -> None:
+        d = (x.float() * grad.float()).reshape(x.shape[0], -1, x.shape[-1]).sum(1).double().cpu()  # [batch, hidden]
+        self._pending = d if self._pending is None else self._pending + d
+
+    def _embedding_hook(self, module, args, output):
+        if not torch.is_grad_enabled():
+            return None
+        if not output.requires_grad:  # frozen embedding: its output must carry a gradient to be observed
+            output = output.detach().requires_grad_(True)
+        x = output.detach()
+        output.register_hook(lambda g: self._embedding_grad(x, g))
+        return output
+
+    @torch.no_grad()
+    def _embedding_grad(self, x: torch.Tensor, grad: torch.Tensor) -> None:
+        self._site_grad(x, grad)  # the last site of the backward pass: square this micro-batch's sums
+        if self._pending is not None:
+            self._hidden += self._pending.square().sum(0)
+            self._pending = None
+            self._seen = True
+
+    def _norm_hook(self, module, args, output):
+        if torch.is_grad_enabled():
+            with torch.no_grad():
+                y = output.detach().float().abs().reshape(-1, output.shape[-1])
+                self._hidden += y.mean(0).double().cpu()
+            self._seen = True
+
+    # ------------------------------------------------------------------ scores
+    @torch.no_grad()
+    def scores(self, step: int = 0) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """``(blocks [layers], hidden [hidden_size])`` as float32 on the CPU; None for an axis not scored. Blocks
+        outside ``layers`` score +inf (never chosen)."""
+        a = self.arch
+        blocks = hidden = None
+        if self.block_kind is not None:
+            if self.block_kind == "random":
+                g = torch.Generator().manual_seed(self.seed * 1_000_003 + step * 1009 + 7)
+                blocks = criteria.random_scores(a.num_layers, g).double()
+            elif self.block_kind == "loss":
+                blocks = self._losses if self._losses is not None else None
+            elif self.block_kind == "influence":
+                blocks = self._blocks / self._tokens.clamp(min=1) if self._tokens.sum() > 0 else None
+            else:
+                blocks = self._blocks.clone() if self._seen else None
+            if blocks is not None:
+                blocks = self._finish(blocks)
+                keep_out = torch.ones(a.num_layers, dtype=torch.bool)
+                keep_out[self.layers] = False
+                blocks[keep_out] = math.inf
+        if self.hidden_kind is not None:
+            if self.hidden_kind == "random":
+                g = torch.Generator().manual_seed(self.seed * 1_000_003 + step * 1009 + 11)
+                hidden = self._finish(criteria.random_scores(a.hidden_size, g).double())
+            elif self._hidden.abs().sum() > 0:
+                hidden = self._finish(self._hidden.clone())
+        return blocks, hidden
+
+    def _finish(self, v: torch.Tensor) -> torch.Tensor:
+        v = v.float()
+        if self.normalize:
+            finite = torch.isfinite(v)
+            n = v[finite].norm()
+            if n > 0:
+                v = torch.where(finite, v / n, v)
+        return v
 
 
 def _require_grad(module, args, output):

@@ -247,9 +247,14 @@ def disabled(model: nn.Module) -> Iterator[nn.Module]:
 
 
 def merge_lora(model: nn.Module, dtype: torch.dtype | None = None, apply_masks: bool = True) -> nn.Module:
-    """Replace every ``LoraLinear`` by its merged ``nn.Linear`` (in place; returns the model)."""
+    """Replace every ``LoraLinear`` by its merged ``nn.Linear`` (in place; returns the model). With ``apply_masks``
+    the masked rows and columns are zeroed, and so are the embedding's masked hidden channels (the residual mask of
+    ``lpt.gates`` is baked into the weights): the plain model computes what the masked one did."""
+    from lpt import gates
+
     for path, layer in list(lora_layers(model).items()):
         set_module(model, path, layer.merged_linear(dtype=dtype, apply_masks=apply_masks))
+    gates.uninstall(model, bake=apply_masks)
     return model
 
 

@@ -1,10 +1,11 @@
 """The pruning loop of ``lpt prune`` (Algorithm 1): LoRA training, when to score, when to grow the masks, state.
 
-How a group is scored lives in ``lpt.importance`` (estimators) and ``lpt.criteria`` (math); the budgets in
-``lpt.groups``, which units are cut in ``lpt.selection``, the masks in ``lpt.masks``; the sparsity schedule and
-moving average in ``lpt.schedule``; the losses in ``lpt.losses``. ``validate`` checks a ``PruneConfig`` (the stage
-and ``lpt bench prune-step`` call it). The stage around the loop (loading, calibration, outputs) is
-``lpt prune``'s.
+How a group is scored lives in ``lpt.importance`` (estimators) and ``lpt.criteria`` (math); what is cut where in
+``lpt.budget`` (a ``Budget`` built once from the config and the model's ``Arch``), the width counts in
+``lpt.groups``, which units are cut in ``lpt.selection``, the masks in ``lpt.masks`` and the block gates and residual
+mask of depth and hidden-size pruning in ``lpt.gates``; the sparsity schedule and moving average in
+``lpt.schedule``; the losses in ``lpt.losses``. ``validate`` checks a ``PruneConfig`` (the stage and ``lpt bench
+prune-step`` call it). The stage around the loop (loading, calibration, outputs) is ``lpt prune``'s.
 """
 
 from __future__ import annotations
@@ -16,12 +17,15 @@ from typing import Any, Iterable
 
 import torch
 
-from lpt import (calibration, checkpoint, criteria, distributed, groups, importance, int8, lora, losses, schedule,
-                 selection)
+from lpt import (budget as budgets, calibration, checkpoint, criteria, distributed, groups, importance, int8, lora,
+                 losses, schedule, selection)
 from lpt.arch import PROJECTIONS, Arch
 from lpt.benchmarking.memory import peak_memory_bytes
-from lpt.config import PROJECTION_LIST, CalibrateConfig, PruneConfig, check_finite, round_to_channels
+from lpt.budget import Budget, Candidate
+from lpt.config import (PROJECTION_LIST, CalibrateConfig, PruneConfig, check_finite, prune_ratio,
+                        round_to_channels)
 from lpt.errors import DivergedError, LptError
+from lpt.gates import ResidualMask
 from lpt.masks import Masks, apply_masks
 
 
@@ -66,7 +70,22 @@ def validate(cfg: PruneConfig) -> None:
     for name, allowed in choices:
         need(getattr(cfg, name) in allowed,
              f"unknown --{name.replace('_', '-')} '{getattr(cfg, name)}' (use {', '.join(allowed)})")
-    groups.check_ratio(cfg.ratio)
+    groups.check_ratio(prune_ratio(cfg))
+    need(cfg.block_criterion in importance.BLOCK_CRITERIA,
+         f"unknown --block-criterion '{cfg.block_criterion}' (use {', '.join(importance.BLOCK_CRITERIA)})")
+    need(cfg.hidden_criterion in importance.HIDDEN_CRITERIA,
+         f"unknown --hidden-criterion '{cfg.hidden_criterion}' (use {', '.join(importance.HIDDEN_CRITERIA)})")
+    need(cfg.prune_layers >= 0, f"--prune-layers must be >= 0 (got {cfg.prune_layers:g})")
+    need(0.0 <= cfg.hidden_ratio < 1.0, f"--hidden-ratio must be in [0, 1) (got {cfg.hidden_ratio})")
+    need(cfg.model_ratio is None or 0.0 < cfg.model_ratio < 1.0,
+         f"--model-ratio must be in (0, 1) (got {cfg.model_ratio})")
+    if cfg.target_params is not None:
+        budgets.parse_params(cfg.target_params)
+    budgets.parse_axes(cfg.axes)
+    need(cfg.search_grid >= 1, f"--search-grid must be positive (got {cfg.search_grid})")
+    budgets.tp_sizes(cfg.tp)
+    need(not ((cfg.model_ratio is not None or cfg.target_params is not None) and cfg.ratio is not None),
+         "--ratio fixes the width axis, --model-ratio / --target-params search over --axes: give one or the other")
     importance.check_int8(cfg.criterion, cfg.load_8bit)
     need(cfg.int8_backend in int8.BACKENDS,
          f"unknown --int8-backend '{cfg.int8_backend}' (use {', '.join(int8.BACKENDS)})")
@@ -82,12 +101,12 @@ def validate(cfg: PruneConfig) -> None:
     need(cfg.lr > 0, f"--lr must be positive (got {cfg.lr})")
     need(cfg.distill_temperature > 0, f"--distill-temperature must be positive (got {cfg.distill_temperature})")
     need(0.0 <= cfg.distill_weight <= 1.0, f"--distill-weight must be in [0, 1] (got {cfg.distill_weight})")
-    need(not (cfg.distill and cfg.distill_weight == 1.0 and cfg.ratio > 0 and not cfg.one_shot
+    need(not (cfg.distill and cfg.distill_weight == 1.0 and prune_ratio(cfg) > 0 and not cfg.one_shot
               and importance.ESTIMATORS[cfg.criterion].needs_backward),
          f"--distill-weight 1 leaves --criterion {cfg.criterion} no gradient to score with (the KL's gradient is "
          f"zero while the student equals the teacher); use a weight below 1 or --one-shot")
     groups.parse_balance(cfg.balance)  # a one-line error for anything but search, proportional or a count
-    cfg.round_to = round_to_channels(cfg.round_to)  # a preset name becomes its channel count (as masks.json records)
+    round_to_channels(cfg.round_to)  # a one-line error for anything but a preset name or a positive count
     bad = [t for t in targets(cfg) if t not in PROJECTIONS]
     need(not bad, f"unknown --targets {', '.join(bad)} (choose from {PROJECTION_LIST})")
     check_ranges(cfg)
@@ -110,29 +129,27 @@ def check_ranges(cfg: PruneConfig) -> None:
         calibration.check(CalibrateConfig(nsamples=cfg.nsamples, seq_len=cfg.seq_len))
 
 
-def check_model(cfg: PruneConfig, arch: Arch) -> None:
-    """What :func:`validate` cannot know without the model's config: the flags against the model's widths (--round-to
-    against the MLP width, --balance N against the attention units, --skip-layers and --ratio against the layers),
-    checked before anything is written, instead of at the first mask update."""
-    if cfg.ratio <= 0:
-        return
-    gqa, _ = resolve_gqa(arch, cfg.gqa)
-    skip = groups.parse_layers(cfg.skip_layers, arch.num_layers)
-    if cfg.layout == "per-layer" or skip:
+def check_model(cfg: PruneConfig, arch: Arch) -> Budget:
+    """What :func:`validate` cannot know without the model's config -- the flags against the model's widths
+    (--round-to against the MLP width, --balance N against the attention units, --skip-layers, --ratio,
+    --prune-layers, --hidden-ratio, --model-ratio / --target-params, --tp against the layers and sizes) -- checked
+    before anything is written, instead of at the first mask update. Returns the run's ``Budget``."""
+    budget = budgets.plan(resolved(cfg), arch)
+    if budget.layout == "per-layer":
         from lpt import modeling
 
         modeling.class_name(arch.model_type)  # a family lpt.modeling cannot build with per-layer widths: one line
-    if arch.heads_locked and groups.parse_balance(cfg.balance) != 0:
-        raise LptError(f"{arch.heads_locked}, so a model with fewer query heads would not load: prune MLP channels "
-                       f"only, with --balance 0")
-    ratio = groups.layer_ratio(arch, cfg.ratio, [i for i in range(arch.num_layers) if i not in skip])
-    widths = arch.layer_intermediate or [arch.intermediate_size]
-    if cfg.round_to > min(widths):
-        raise LptError(f"--round-to {cfg.round_to} is larger than the MLP width {min(widths)} of {cfg.model}")
-    if cfg.balance == "search":
-        groups.balance_candidates(arch, ratio, gqa, cfg.round_to)
-    else:
-        groups.uniform_counts(arch, ratio, gqa, round_to=cfg.round_to, heads=groups.parse_balance(cfg.balance))
+    if arch.heads_locked and any(c.heads or c.hidden for c in budget.candidates):
+        raise LptError(f"{arch.heads_locked}, so a model with fewer query heads or a smaller hidden size would not "
+                       f"load: prune MLP channels (--balance 0) or whole blocks (--prune-layers) only")
+    return budget
+
+
+def resolved(cfg: PruneConfig) -> PruneConfig:
+    """``cfg`` with the values that default to something derived made concrete (``--ratio``, ``--round-to``'s
+    preset): a copy, the config given is unchanged."""
+    return dataclasses.replace(cfg, ratio=prune_ratio(cfg), round_to=round_to_channels(cfg.round_to),
+                               tp=list(budgets.tp_sizes(cfg.tp)))
 
 
 def _state_field(name: str) -> property:
@@ -144,19 +161,30 @@ class Pruner:
     """Algorithm 1 around a loaded model: LoRA training, scoring, moving average, schedule and masks.
 
     ``train_step(batch)`` runs one optimiser step (accumulating micro-batches) and grows the masks when the
-    schedule says so. ``ratio=0`` is plain LoRA fine-tuning (criterion ``none``), for cost comparisons.
+    schedule says so. A config that prunes nothing (``--ratio 0`` and no other axis) is plain LoRA fine-tuning
+    (criterion ``none``), for cost comparisons. ``budget`` is the run's ``lpt.budget.Budget`` (built from ``cfg`` and
+    ``arch`` when not given).
     """
 
-    def __init__(self, model, arch: Arch, cfg: PruneConfig, total_steps: int, model_name: str | None = None):
-        gqa, self.note = resolve_gqa(arch, cfg.gqa)
-        cfg = dataclasses.replace(cfg, gqa=gqa)
+    def __init__(self, model, arch: Arch, cfg: PruneConfig, total_steps: int, model_name: str | None = None,
+                 budget: Budget | None = None):
+        cfg = resolved(cfg)
+        self.budget = budget or budgets.plan(cfg, arch)
+        self.note = self.budget.note
+        cfg = dataclasses.replace(cfg, gqa=self.budget.gqa)
         self.model, self.arch, self.cfg, self.total_steps = model, arch, cfg, total_steps
         self.model_name = model_name or cfg.model
-        self.criterion = cfg.criterion if cfg.ratio > 0 else "none"
+        cands = self.budget.candidates
+        self.prunes_width = any(c.heads or c.channels for c in cands) or (cfg.ratio > 0 and not self.budget.model_level)
+        self.prunes_blocks = any(c.blocks for c in cands)
+        self.prunes_hidden = any(c.hidden for c in cands)
+        self.criterion = cfg.criterion if self.prunes_width or self.budget.model_level else "none"
         quantize = cfg.load_8bit and not any(lora.is_int8(m) for m in model.modules())  # not quantized on load
         self.layers = lora.inject(model, arch, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
                                   targets=targets(cfg), load_8bit=quantize, int8_threshold=cfg.int8_threshold,
                                   int8_backend=cfg.int8_backend)
+        if self.prunes_hidden:  # the residual mask on the embedding, before any estimator hooks it
+            ResidualMask.of(model, arch)
         if cfg.gradient_checkpointing:  # non-reentrant: frozen inputs are fine, hooks see the recomputation
             if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x
                 model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
@@ -173,27 +201,30 @@ class Pruner:
 
         self.scheduler = get_cosine_schedule_with_warmup(
             self.optimizer, int(round(cfg.lr_warmup * total_steps)), total_steps)
-        self.skip = groups.parse_layers(cfg.skip_layers, arch.num_layers)
-        self.layout = "per-layer" if self.skip else cfg.layout
-        self.prunable = [i for i in range(arch.num_layers) if i not in self.skip]
+        self.prunable = list(self.budget.prunable)
+        self.skip = [i for i in range(arch.num_layers) if i not in set(self.prunable)]
+        self.layout = self.budget.layout
         self.estimator = None
-        if self.criterion != "none":
+        if self.prunes_width:
             self.estimator = importance.make(self.criterion, score=cfg.score, seed=cfg.seed,
                                              normalize=cfg.normalize_by if cfg.normalize else None)
             self.estimator.attach(model, arch, gqa=cfg.gqa, layers=self.prunable)
+        self.axes = None
+        if self.prunes_blocks or self.prunes_hidden:
+            self.axes = importance.AxesImportance(cfg.block_criterion if self.prunes_blocks else None,
+                                                  cfg.hidden_criterion if self.prunes_hidden else None,
+                                                  normalize=cfg.normalize, seed=cfg.seed)
+            self.axes.attach(model, arch, layers=self.prunable)
         self.policy = selection.Policy.of(arch, layout=self.layout, prunable=self.prunable, gqa=cfg.gqa,
-                                          round_to=cfg.round_to)
+                                          round_to=budgets.channel_unit(self.budget.round_to, self.budget.tp))
         self.state = selection.State.empty(arch, cfg.gqa)  # moving-average scores and pruned sets per layer
         self.step, self.target_sparsity, self.sparsity = 0, 0.0, 0.0
         self.ramp = schedule.ramp_bounds(total_steps, cfg.warmup, cfg.cooldown)
-        self.layer_ratio = groups.layer_ratio(arch, cfg.ratio, self.prunable)
-        # the per-layer (attention units, MLP channels) at the target; --balance search decides it at the first
-        # mask update (choose_balance), when the scores exist
-        self.target_counts: tuple[int, int] | None = (0, 0) if self.estimator is None else None
-        self.balance_losses: list[dict[str, Any]] | None = None
-        if self.estimator is not None and cfg.balance != "search":
-            self.target_counts = groups.uniform_counts(arch, self.layer_ratio, cfg.gqa, round_to=cfg.round_to,
-                                                       heads=groups.parse_balance(cfg.balance))
+        self.layer_ratio = self.budget.layer_ratio
+        # the target (blocks, hidden channels, attention units and MLP channels per layer); a budget with several
+        # candidates (--balance search, a whole-model target) decides it at the first mask update (search)
+        self.target: Candidate | None = None if self.pruning and self.budget.search else self.budget.candidates[0]
+        self.search_losses: list[dict[str, Any]] | None = None
         self.device = self.params[0].device
         self.distributed = distributed.is_initialized() and distributed.world_size() > 1
         if self.distributed:  # every rank starts from rank 0's LoRA factors (as DDP does)
@@ -202,8 +233,16 @@ class Pruner:
     # ---------------------------------------------------------------- selection state, per layer (self.state)
     heads_pruned = _state_field("heads_pruned")
     channels_pruned = _state_field("channels_pruned")
-    ema_heads = _state_field("head_scores")  # moving-average scores
-    ema_channels = _state_field("channel_scores")
+
+    @property
+    def pruning(self) -> bool:
+        """Whether anything is pruned (else the run is plain LoRA fine-tuning)."""
+        return self.estimator is not None or self.axes is not None
+
+    @property
+    def target_counts(self) -> tuple[int, int] | None:
+        """The (attention units, MLP channels) removed per layer at the target; None until the search decided."""
+        return None if self.target is None else self.target.width
 
     # ---------------------------------------------------------------- scores and masks
     def group_importance(self) -> list[tuple[torch.Tensor, torch.Tensor] | None]:
@@ -216,66 +255,159 @@ class Pruner:
                 out[i] = (f[:out[i][0].numel()].cpu(), f[out[i][0].numel():].cpu())
         return out
 
+    def axes_importance(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The block and hidden-channel scores, identical on every rank."""
+        blocks, hidden = self.axes.scores(self.step)
+        if self.distributed:
+            for t in (blocks, hidden):
+                if t is not None:
+                    dev = t.to(self.device)
+                    distributed.broadcast_([dev])
+                    t.copy_(dev.cpu())
+        return blocks, hidden
+
     def update_ema(self, scores) -> None:
         for i in self.prunable:
-            self.ema_heads[i] = schedule.ema(self.ema_heads[i], scores[i][0], self.cfg.ema)
-            self.ema_channels[i] = schedule.ema(self.ema_channels[i], scores[i][1], self.cfg.ema)
+            self.state.head_scores[i] = schedule.ema(self.state.head_scores[i], scores[i][0], self.cfg.ema)
+            self.state.channel_scores[i] = schedule.ema(self.state.channel_scores[i], scores[i][1], self.cfg.ema)
+
+    def update_axes_ema(self, kinds: tuple[str, ...]) -> None:
+        """Fold the block / hidden scores into their moving averages, for the axes whose criterion is one of
+        ``kinds`` (those observed every step, or those computed at a mask update)."""
+        blocks, hidden = self.axes_importance()
+        st = self.state
+        if blocks is not None and self.axes.block_kind in kinds:  # +inf (blocks that never go) stays +inf
+            st.block_scores = schedule.ema(st.block_scores, blocks, self.cfg.ema)
+        if hidden is not None and self.axes.hidden_kind in kinds:
+            st.hidden_scores = schedule.ema(st.hidden_scores, hidden, self.cfg.ema)
 
     def prune_to(self, sparsity: float) -> None:
-        """Grow the pruned sets (never shrink them) towards ``sparsity`` of the block parameters."""
-        if self.target_counts is None:
-            raise RuntimeError("--balance search: choose_balance(batch) decides the target before the first prune_to")
-        frac = min(1.0, sparsity / self.cfg.ratio) if self.cfg.ratio > 0 else 0.0
-        self.heads_pruned, self.channels_pruned = self._grown(frac, self.target_counts)
+        """Grow the pruned sets (never shrink them) to ``sparsity`` of the goal (the block parameters for a
+        width-only run, the whole model's otherwise): a fraction ``sparsity / goal`` of the way to the target."""
+        if self.target is None:
+            raise RuntimeError("the target is decided by search(batch) before the first prune_to")
+        goal = self.goal()
+        self.grow_to(min(1.0, sparsity / goal) if goal > 0 else 0.0)
+
+    def goal(self) -> float:
+        """What the schedule's sparsity rises to: ``--ratio`` (block parameters) for a width-only run, else the
+        fraction of the whole model's parameters the target removes."""
+        if not self.budget.model_level:
+            return self.cfg.ratio
+        before, after = self._masks_at(1.0, self.target).model_params()
+        return 1.0 - after / before
+
+    def grow_to(self, frac: float) -> None:
+        self.state = self._grown_state(frac, self.target)
         self._apply_masks()
 
-    def _grown(self, frac: float, target: tuple[int, int]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """The pruned sets at ``frac`` of the way to the ``target`` counts, by the moving-average scores."""
-        counts = selection.step_counts(frac, target, self.policy, self.state)
-        return selection.grow(counts, self.policy, self.state)
+    def _grown_state(self, frac: float, target: Candidate) -> selection.State:
+        """The selection state with the pruned sets grown ``frac`` of the way to ``target``, by the moving-average
+        scores (the scores are shared with the current state)."""
+        st = self.state
+        blocks = st.blocks_pruned
+        if target.blocks:
+            blocks = selection.prune_lowest(_need(st.block_scores), st.blocks_pruned,
+                                            int(math.floor(frac * target.blocks + 0.5)))
+        hidden = st.hidden_pruned
+        if target.hidden:
+            hidden = selection.prune_lowest(_need(st.hidden_scores), st.hidden_pruned,
+                                            target.hidden if frac >= 1.0 else int(math.floor(frac * target.hidden + 0.5)))
+        policy = self.policy
+        if bool(blocks.any()) and self.layout == "per-layer":  # removed blocks take no part in the global ranking
+            policy = dataclasses.replace(policy, prunable=tuple(i for i in policy.prunable if not bool(blocks[i])))
+        hp, cp = st.heads_pruned, st.channels_pruned
+        if target.heads or target.channels:
+            counts = selection.step_counts(frac, target.width, policy, st)
+            hp, cp = selection.grow(counts, policy, st)
+        return dataclasses.replace(st, heads_pruned=list(hp), channels_pruned=list(cp), blocks_pruned=blocks,
+                                   hidden_pruned=hidden)
+
+    def _masks_at(self, frac: float, target: Candidate) -> Masks:
+        st = self._grown_state(frac, target) if frac > 0 else self.state
+        return self._masks(st)
 
     @torch.no_grad()
-    def choose_balance(self, batch: dict[str, torch.Tensor]) -> None:
-        """``--balance search`` (beyond the paper): how the target is divided between attention and MLP.
+    def search(self, batch: dict[str, torch.Tensor]) -> None:
+        """Decide the target among the budget's candidates (beyond the paper): each is pruned all the way by the
+        current scores and the model's loss on ``batch`` measured (no gradient, no dropout); the one with the lowest
+        loss becomes the target. The masks are then restored, and the schedule grows them towards that target as
+        usual. Costs one forward pass of ``batch`` per candidate, once.
 
-        Every candidate of ``groups.balance_candidates`` (0, 1, ... attention units per layer, the MLP channels
-        making up the rest) is pruned all the way to the target by the current scores, and the model's loss on
-        ``batch`` measured (no gradient, no dropout); the candidate with the lowest loss becomes the target. The
-        masks are then restored, and the schedule grows them towards that target as usual. Costs one forward pass
-        of ``batch`` per candidate, once.
+        For a width-only run the candidates are ``--balance search``'s (0, 1, ... attention units per layer, the MLP
+        channels making up the rest); for a whole-model target (``--model-ratio`` / ``--target-params``) every
+        division of it between ``--axes``, each with the divisions of its width between attention and MLP.
         """
-        cands = groups.balance_candidates(self.arch, self.layer_ratio, self.cfg.gqa, self.cfg.round_to)
-        losses = []
+        cands = list(self.budget.candidates)
+        found = []
         if len(cands) > 1:
             for target in cands:
-                hp, cp = self._grown(1.0, target)
-                apply_masks(self.model, self._masks(hp, cp))
-                losses.append(self.mean_loss(batch))
+                apply_masks(self.model, self._masks_at(1.0, target))
+                found.append(self.mean_loss(batch))
             self._apply_masks()
-        best = min(range(len(cands)), key=losses.__getitem__) if losses else 0
-        self.target_counts = cands[best]
-        self.balance_losses = [{"attention_units": h, "mlp_channels": c, "loss": round(v, 6)}
-                               for (h, c), v in zip(cands, losses)]
+        best = min(range(len(cands)), key=found.__getitem__) if found else 0
+        self.target = cands[best]
+        if self.budget.model_level:
+            self.search_losses = [{**c.to_dict(), "params": self._masks_at(1.0, c).model_params()[1],
+                                   "loss": round(v, 6)} for c, v in zip(cands, found)]
+        else:
+            self.search_losses = [{"attention_units": c.heads, "mlp_channels": c.channels, "loss": round(v, 6)}
+                                  for c, v in zip(cands, found)]
+
+
+    @torch.no_grad()
+    def measure_drop_losses(self, batch: dict[str, torch.Tensor]) -> None:
+        """``--block-criterion loss``: the loss increase on ``batch`` when each remaining prunable block alone is
+        dropped (one forward pass per block), handed to the block scores."""
+        current = self.masks()
+        base = self.mean_loss(batch)
+        out = torch.zeros(self.arch.num_layers)
+        try:
+            for i in self.prunable:
+                if i in current.removed:
+                    continue
+                apply_masks(self.model, dataclasses.replace(current, removed=sorted({*current.removed, i})))
+                out[i] = self.mean_loss(batch) - base
+        finally:
+            apply_masks(self.model, current)
+        self.axes.set_losses(out)
 
     def _apply_masks(self) -> None:
         current = self.masks()
         apply_masks(self.model, current)
-        before, after = current.block_params()
+        before, after = current.model_params() if self.budget.model_level else current.block_params()
         self.sparsity = 1.0 - after / before
 
     def masks(self) -> Masks:
-        return self._masks(self.heads_pruned, self.channels_pruned)
+        return self._masks(self.state)
 
-    def _masks(self, heads_pruned, channels_pruned) -> Masks:
-        return Masks.from_pruned(self.arch, heads_pruned, channels_pruned, self.cfg.gqa, layout=self.layout,
-                                model=self.model_name)
+    def _masks(self, st: selection.State) -> Masks:
+        model_level = self.budget.model_level
+        return Masks.from_pruned(self.arch, st.heads_pruned, st.channels_pruned, self.cfg.gqa,
+                                 blocks_pruned=st.blocks_pruned if model_level else None,
+                                 hidden_pruned=st.hidden_pruned if model_level else None, model=self.model_name)
 
     def balance_info(self) -> dict[str, Any]:
         """What ``masks.json`` records of the attention/MLP balance."""
         h, c = self.target_counts or (0, 0)
         out: dict[str, Any] = {"mode": self.cfg.balance, "attention_units": h, "mlp_channels": c}
-        if self.balance_losses:
-            out["candidates"] = self.balance_losses
+        if self.search_losses and not self.budget.model_level:
+            out["candidates"] = self.search_losses
+        return out
+
+    def search_info(self) -> dict[str, Any] | None:
+        """What ``masks.json`` records of the model-level axes and the whole-model search (None for a width-only
+        run)."""
+        if not self.budget.model_level:
+            return None
+        b, cfg = self.budget, self.cfg
+        out: dict[str, Any] = {"target": (self.target or self.budget.candidates[0]).to_dict(),
+                               "block_criterion": cfg.block_criterion if self.prunes_blocks else None,
+                               "hidden_criterion": cfg.hidden_criterion if self.prunes_hidden else None}
+        if b.goal_params is not None:
+            out.update(goal_params=b.goal_params, axes=budgets.parse_axes(cfg.axes), grid=cfg.search_grid)
+        if self.search_losses:
+            out["candidates"] = self.search_losses
         return out
 
     # ---------------------------------------------------------------- training
@@ -351,7 +483,7 @@ class Pruner:
         return self._sum_ranks(total) / chunks
 
     def reduce_gradients(self) -> None:
-        """Sum LoRA gradients and what the estimator observed over all ranks (a no-op for one process)."""
+        """Sum LoRA gradients and what the estimators observed over all ranks (a no-op for one process)."""
         if not self.distributed:
             return
         for p in self.params:  # a rank that got no micro-batch contributes zeros
@@ -359,6 +491,16 @@ class Pruner:
                 p.grad = torch.zeros_like(p)
         distributed.all_reduce_sum_([p.grad for p in self.params] +
                                     (self.estimator.reducible() if self.estimator else []))
+        if self.axes is not None:  # float64 accumulators on the CPU: summed on the device, copied back
+            acc = self.axes.reducible()
+            moved = [t.to(self.device) for t in acc]
+            distributed.all_reduce_sum_(moved)
+            for t, m in zip(acc, moved):
+                t.copy_(m.cpu())
+
+    # kinds of block / hidden criteria observed in every step's passes, and those computed when the masks grow
+    OBSERVED = ("fisher", "influence", "activation")
+    AT_UPDATE = ("random", "loss")
 
     def train_step(self, batch: dict[str, torch.Tensor]) -> dict[str, Any]:
         t0 = time.perf_counter()
@@ -366,11 +508,15 @@ class Pruner:
         loss = self.forward_backward(batch)
         self.reduce_gradients()
         start, end = self.ramp
-        pruning = not self.cfg.one_shot and self.estimator is not None
-        if pruning and self.estimator.needs_backward and self.step <= end:
+        pruning = not self.cfg.one_shot and self.pruning
+        if pruning and self.estimator is not None and self.estimator.needs_backward and self.step <= end:
             self.update_ema(self.group_importance())
+        if pruning and self.axes is not None and self.step <= end:
+            self.update_axes_ema(self.OBSERVED)
         if self.estimator is not None:
             self.estimator.clear()
+        if self.axes is not None:
+            self.axes.clear()
         if self.cfg.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm)
         self.optimizer.step()
@@ -378,17 +524,25 @@ class Pruner:
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         if pruning and schedule.is_prune_step(self.step, self.cfg.prune_freq, start, end):
-            if not self.estimator.needs_backward:  # weights-only scores: read them when the masks grow
-                self.update_ema(self.group_importance())
-            self.target_sparsity = schedule.cubic_sparsity(self.step, self.cfg.ratio, start, end)
-            if self.target_counts is None:
-                self.choose_balance(batch)
+            self.score_at_update(batch)
+            if self.target is None:
+                self.search(batch)
+            self.target_sparsity = schedule.cubic_sparsity(self.step, self.goal(), start, end)
             self.prune_to(self.target_sparsity)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)  # honest per-step seconds on a GPU
         return {"step": self.step, "loss": round(loss, 6), "sparsity": round(self.sparsity, 6),
                 "target_sparsity": round(self.target_sparsity, 6), "lr": self.scheduler.get_last_lr()[0],
                 "seconds": round(time.perf_counter() - t0, 4), "peak_memory_bytes": peak_memory_bytes(self.device)}
+
+    def score_at_update(self, batch: dict[str, torch.Tensor]) -> None:
+        """The scores read when the masks grow: weights-only width criteria, random and drop-loss block scores."""
+        if self.estimator is not None and not self.estimator.needs_backward:
+            self.update_ema(self.group_importance())
+        if self.axes is not None:
+            if self.axes.needs_losses:
+                self.measure_drop_losses(batch)
+            self.update_axes_ema(self.AT_UPDATE)
 
     def check_weights(self) -> None:
         """Stop with :class:`DivergedError` when an optimiser step left a LoRA factor non-finite (identical on every
@@ -400,21 +554,31 @@ class Pruner:
 
     def one_shot(self, batches: Iterable[dict[str, torch.Tensor]]) -> None:
         """Score once over ``batches`` (LM loss, gradients summed, no update) and prune to the target at once; the
-        balance search (``--balance search``) measures its candidates on the first batch."""
+        search (``--balance search``, a whole-model target) measures its candidates on the first batch."""
         batches = list(batches)
-        if self.estimator.needs_backward:
+        observes = (self.estimator is not None and self.estimator.needs_backward) or \
+            (self.axes is not None and (self.axes.needs_backward or self.axes.block_kind == "influence"
+                                        or self.axes.hidden_kind == "activation"))
+        if observes:
             for batch in batches:
                 self.forward_backward(batch, distill=False)
             self.reduce_gradients()
-        scores = self.group_importance()
-        self.estimator.clear()
+        if self.estimator is not None:
+            scores = self.group_importance()
+            self.estimator.clear()
+            for i in self.prunable:
+                self.state.head_scores[i], self.state.channel_scores[i] = scores[i]
+        if self.axes is not None:
+            if self.axes.needs_losses:
+                self.measure_drop_losses(batches[0])
+            blocks, hidden = self.axes_importance()
+            self.axes.clear()
+            self.state.block_scores, self.state.hidden_scores = blocks, hidden
         self.optimizer.zero_grad(set_to_none=True)
-        for i in self.prunable:
-            self.ema_heads[i], self.ema_channels[i] = scores[i]
-        self.target_sparsity = self.cfg.ratio
-        if self.target_counts is None:
-            self.choose_balance(batches[0])
-        self.prune_to(self.cfg.ratio)
+        if self.target is None:
+            self.search(batches[0])
+        self.target_sparsity = self.goal()
+        self.grow_to(1.0)
 
     # ---------------------------------------------------------------- state
     def state_tensors(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -423,12 +587,18 @@ class Pruner:
         t = {**lora.adapter_state_dict(self.model), **opt_t, "rng.cpu": torch.get_rng_state()}
         if torch.cuda.is_available():
             t.update({f"rng.cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
-        for name, seq in (("heads_pruned", self.heads_pruned), ("channels_pruned", self.channels_pruned),
-                          ("ema_heads", self.ema_heads), ("ema_channels", self.ema_channels)):
+        st = self.state
+        for name, seq in (("heads_pruned", st.heads_pruned), ("channels_pruned", st.channels_pruned),
+                          ("ema_heads", st.head_scores), ("ema_channels", st.channel_scores)):
             t.update({f"{name}.{i}": v for i, v in enumerate(seq) if v is not None})
+        for name, v in (("blocks_pruned", st.blocks_pruned), ("hidden_pruned", st.hidden_pruned),
+                        ("ema_blocks", st.block_scores), ("ema_hidden", st.hidden_scores)):
+            if v is not None:
+                t[name] = v
         return t, {"step": self.step, "target_sparsity": self.target_sparsity, "optimizer": opt_plain,
-                   "scheduler": self.scheduler.state_dict(), "final": self.target_counts,
-                   "balance_losses": self.balance_losses}
+                   "scheduler": self.scheduler.state_dict(),
+                   "target": None if self.target is None else self.target.to_dict(),
+                   "search_losses": self.search_losses}
 
     def load_state(self, t: dict[str, torch.Tensor], plain: dict[str, Any]) -> None:
         with torch.no_grad():
@@ -439,19 +609,40 @@ class Pruner:
         self.optimizer.load_state_dict(checkpoint.unflatten_optimizer(t, plain["optimizer"]))
         self.scheduler.load_state_dict(plain["scheduler"])
         self.step, self.target_sparsity = int(plain["step"]), float(plain["target_sparsity"])
-        if plain.get("final") is not None:  # the balance chosen before the checkpoint
-            self.target_counts = tuple(int(x) for x in plain["final"])
-            self.balance_losses = plain.get("balance_losses")
+        if plain.get("target") is not None:  # the target chosen before the checkpoint
+            d = plain["target"]
+            self.target = Candidate(int(d["blocks"]), int(d["hidden_channels"]), int(d["attention_units"]),
+                                    int(d["mlp_channels"]))
+            self.search_losses = plain.get("search_losses")
+        elif plain.get("final") is not None:  # a checkpoint of lpt 0.3 and earlier: (attention units, MLP channels)
+            h, c = (int(x) for x in plain["final"])
+            self.target = Candidate(0, 0, h, c)
+            self.search_losses = plain.get("balance_losses")
         n = self.arch.num_layers
-        self.heads_pruned = [t[f"heads_pruned.{i}"] for i in range(n)]
-        self.channels_pruned = [t[f"channels_pruned.{i}"] for i in range(n)]
-        self.ema_heads = [t.get(f"ema_heads.{i}") for i in range(n)]
-        self.ema_channels = [t.get(f"ema_channels.{i}") for i in range(n)]
+        st = self.state
+        st.heads_pruned = [t[f"heads_pruned.{i}"] for i in range(n)]
+        st.channels_pruned = [t[f"channels_pruned.{i}"] for i in range(n)]
+        st.head_scores = [t.get(f"ema_heads.{i}") for i in range(n)]
+        st.channel_scores = [t.get(f"ema_channels.{i}") for i in range(n)]
+        st.blocks_pruned = t.get("blocks_pruned", st.blocks_pruned)
+        st.hidden_pruned = t.get("hidden_pruned", st.hidden_pruned)
+        st.block_scores, st.hidden_scores = t.get("ema_blocks"), t.get("ema_hidden")
         torch.set_rng_state(t["rng.cpu"])
         if torch.cuda.is_available() and "rng.cuda.0" in t:
             torch.cuda.set_rng_state_all([t[f"rng.cuda.{i}"] for i in range(torch.cuda.device_count())])
         self._apply_masks()
 
     def importance_tensors(self) -> dict[str, torch.Tensor]:
-        return {f"layers.{i}.{k}": v.float().contiguous() for i in self.prunable if self.ema_heads[i] is not None
-                for k, v in (("heads", self.ema_heads[i]), ("channels", self.ema_channels[i]))}
+        st = self.state
+        out = {f"layers.{i}.{k}": v.float().contiguous() for i in self.prunable if st.head_scores[i] is not None
+               for k, v in (("heads", st.head_scores[i]), ("channels", st.channel_scores[i]))}
+        for k, v in (("blocks", st.block_scores), ("hidden", st.hidden_scores)):
+            if v is not None:
+                out[k] = v.float().contiguous()
+        return out
+
+
+def _need(t: torch.Tensor | None) -> torch.Tensor:
+    if t is None:
+        raise LptError("no block / hidden-channel importance gathered before the first mask update; lower --warmup")
+    return t

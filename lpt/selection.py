@@ -53,6 +53,11 @@ class State:
     channel_scores: list[torch.Tensor | None]
     heads_pruned: list[torch.Tensor]
     channels_pruned: list[torch.Tensor]
+    # the model-level axes: one score and one pruned flag per block (depth) and per hidden channel (hidden size)
+    block_scores: torch.Tensor | None = None
+    hidden_scores: torch.Tensor | None = None
+    blocks_pruned: torch.Tensor | None = None
+    hidden_pruned: torch.Tensor | None = None
 
     @classmethod
     def empty(cls, arch: Arch, gqa: str) -> "State":
@@ -60,7 +65,9 @@ class State:
         n = arch.num_layers
         units = groups.head_scores_len(arch, gqa)
         return cls([None] * n, [None] * n, [torch.zeros(units, dtype=torch.bool) for _ in range(n)],
-                   [torch.zeros(arch.intermediate_size, dtype=torch.bool) for _ in range(n)])
+                   [torch.zeros(arch.intermediate_size, dtype=torch.bool) for _ in range(n)],
+                   blocks_pruned=torch.zeros(n, dtype=torch.bool),
+                   hidden_pruned=torch.zeros(arch.hidden_size, dtype=torch.bool))
 
 
 # ------------------------------------------------------------------------------------------------ primitives

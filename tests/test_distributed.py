@@ -40,7 +40,7 @@ DRIVER = textwrap.dedent("""
         rec = step(self, batch)
         trace.append({"heads": [t.clone() for t in self.heads_pruned],
                       "channels": [t.clone() for t in self.channels_pruned],
-                      "ema": [t.clone() for t in self.ema_heads + self.ema_channels if t is not None],
+                      "ema": [t.clone() for t in self.state.head_scores + self.state.channel_scores if t is not None],
                       "loss": rec["loss"]})
         return rec
 

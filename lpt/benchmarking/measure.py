@@ -59,8 +59,6 @@ def _architecture(config) -> dict[str, Any]:
     except LptError:
         return {"model_type": str(getattr(config, "model_type", "unknown"))}
     d = a.to_dict()
-    d["vocab_size"] = a.vocab_size
-    d["tie_word_embeddings"] = a.tie_word_embeddings
     if a.per_layer:
         d["layer_num_attention_heads"] = [a.heads(i) for i in range(a.num_layers)]
         d["layer_num_key_value_heads"] = [a.kv_heads(i) for i in range(a.num_layers)]

@@ -76,6 +76,7 @@ def runtime(
     adapter: List[str] = opt(R, "adapter", show_default=False),
     masks: List[str] = opt(R, "masks", show_default=False),
     label: List[str] = opt(R, "label", show_default=False),
+    tp: List[str] = opt(R, "tp", show_default=False),
     random_init: List[str] = opt(R, "random_init", show_default=False),
     seq_len: int = opt(R, "seq_len"),
     batch_size: List[str] = opt(R, "batch_size", default=["1"]),

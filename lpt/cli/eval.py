@@ -57,6 +57,7 @@ def eval_(
     samples_seed: int = opt(C, "samples_seed"),
     per_doc: bool = opt(C, "per_doc"),
     label: str = opt(C, "label"),
+    tp: list[str] = opt(C, "tp", show_default=False),
     output: str = opt(C, "output", "--output", "-o"),
     overwrite: bool = opt(C, "overwrite"),
     dtype: str = opt(C, "dtype"),

@@ -22,6 +22,16 @@ EPILOG = """[b]Examples[/b]
 
   lpt prune smollm2-135m --criterion fisher --distill --ratio 0.2 -o smol-fisher-20/
 
+  lpt prune smollm2-135m --model-ratio 0.2 --axes width,depth,hidden -o smol-108m/   (a fifth of ALL parameters,
+  embedding included; how much comes from heads / MLP channels, whole blocks and hidden channels is searched)
+
+  lpt prune smollm2-135m --target-params 100M -o smol-100m/
+
+  lpt prune smollm2-135m --prune-layers 6 -o smol-24-layers/   (whole blocks only; --hidden-ratio 0.25: hidden channels)
+
+  lpt prune meta-llama/Meta-Llama-3-8B --ratio 0.3 --tp 2,4 --round-to gpu -o l3-30-tp/   (shards in vLLM / SGLang at
+  tensor-parallel 2 and 4, MLP widths per GPU a multiple of 128)
+
   lpt prune smollm2-135m --balance proportional --ratio 0.5 -o smol-50-proportional/
 
   torchrun --nproc_per_node 8 -m lpt prune meta-llama/Llama-2-13b-hf --recipe recipes/llama-7b-50.yaml -o l13b-50/
@@ -59,6 +69,15 @@ def prune(
     balance: str = opt(C, "balance"),
     layout: str = opt(C, "layout"),
     skip_layers: str = opt(C, "skip_layers"),
+    prune_layers: float = opt(C, "prune_layers"),
+    hidden_ratio: float = opt(C, "hidden_ratio"),
+    model_ratio: float = opt(C, "model_ratio"),
+    target_params: str = opt(C, "target_params"),
+    axes: str = opt(C, "axes"),
+    search_grid: int = opt(C, "search_grid"),
+    block_criterion: str = opt(C, "block_criterion"),
+    hidden_criterion: str = opt(C, "hidden_criterion"),
+    tp: list[str] = opt(C, "tp"),
     ema: float = opt(C, "ema"),
     prune_freq: int = opt(C, "prune_freq"),
     warmup: float = opt(C, "warmup"),

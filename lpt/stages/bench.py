@@ -31,6 +31,7 @@ from lpt.benchmarking.memory import MemoryMeter
 from lpt.benchmarking.protocol import (Entry, PruneStepProtocol, RuntimeProtocol, StepRun, Task, auto_label,
                                        build_entries, int_list, prune_step_runs)
 from lpt.benchmarking.worker import measure
+from lpt.arch import describe
 from lpt.config import BenchPruneStepConfig, BenchRuntimeConfig
 from lpt.errors import LptError
 from lpt.int8 import resolve_backend
@@ -70,6 +71,18 @@ def validate_runtime(cfg: BenchRuntimeConfig) -> list[Entry]:
             shapes.random_adapter_rank(e.adapter)
         if e.model:
             models.resolve(e.model)
+    if cfg.tp:
+        from lpt.budget import tp_warnings
+
+        for e in entries:
+            if e.model:
+                try:
+                    a = describe(models.load_config(e.model, trust_remote_code=cfg.trust_remote_code,
+                                                    revision=cfg.revision))
+                except LptError:
+                    continue  # a family lpt does not describe: nothing to say
+                for line in tp_warnings(a, cfg.tp):
+                    console.print(f"[yellow]warning:[/] {escape(e.label)}: {line}", markup=True)
     return entries
 
 

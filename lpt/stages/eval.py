@@ -185,6 +185,17 @@ def precheck_artifacts(cfg: EvalConfig, config) -> None:
         Masks.load(cfg.masks, a)
 
 
+def warn_tp(sizes, config, masks: str | None = None) -> None:
+    """``--tp``: say when the model (with ``masks``, its pruned shape) does not shard at a size asked for."""
+    if not sizes:
+        return
+    from lpt.budget import tp_warnings
+
+    a = describe(config)
+    for line in tp_warnings(a, sizes, Masks.load(masks, a) if masks else None):
+        console.print(f"[yellow]warning:[/] {line}")
+
+
 def _debug() -> bool:
     """--debug (or LPT_DEBUG) also lets lm-eval log; without it only its progress bars show."""
     cli = sys.modules.get("lpt.cli._common")
@@ -215,9 +226,10 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
                       f"evaluating the adapter on the unpruned model")
     ppl_plan = tasks_plan = tok = None
     ref = models.resolve(cfg.model)
-    if parse_ppl(cfg.ppl) or cfg.masks or cfg.adapter:
+    if parse_ppl(cfg.ppl) or cfg.masks or cfg.adapter or cfg.tp:
         config = models.load_config(ref, trust_remote_code=cfg.trust_remote_code, revision=cfg.revision)
         precheck_artifacts(cfg, config)
+        warn_tp(cfg.tp, config, cfg.masks)
     if parse_ppl(cfg.ppl):
         tok = models.load_tokenizer(ref, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
         ppl_plan = plan_perplexity(cfg, tok, config)

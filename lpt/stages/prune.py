@@ -31,11 +31,12 @@ import torch
 
 import lpt
 from lpt import artifacts, calibration, checkpoint, distributed, int8, llamacpp, lora, models, schedule
+from lpt import budget as budgets
 from lpt.arch import describe
 from lpt.config import CalibrateConfig, PruneConfig
 from lpt.errors import DivergedError, LptError
 from lpt.progress import console, progress_bar
-from lpt.pruner import Pruner, check_model, validate  # validate: a PruneConfig's rules, shared with lpt bench prune-step
+from lpt.pruner import Pruner, check_model, resolved, validate  # validate: shared with lpt bench prune-step
 from lpt.schedule import batch_indices
 
 PAPER_DATA = "MBZUAI/LaMini-instruction"
@@ -68,6 +69,7 @@ def run(cfg: PruneConfig) -> Path:
     Rank 0 holds the output's lock (``artifacts.output_lock``) for the whole run, so a second run on the same output
     (which would share ``OUTPUT.partial/``) is refused at once."""
     validate(cfg)
+    cfg = resolved(cfg)  # --ratio's default and --round-to's preset made concrete (what lpt_config.json records)
     distributed.check_launch(cfg.device, cfg.device_map)
     device_map = distributed.parse_device_map(cfg.device_map)
     out = Path(cfg.output)
@@ -113,11 +115,12 @@ def _run(cfg: PruneConfig, world: distributed.World, device_map: str | dict | No
         distributed.check_placement(model)
         console.print(f"model spread over {', '.join(distributed.devices_of(model))} (--device-map)")
     arch = describe(model.config)
-    check_model(cfg, arch)
+    budget = check_model(cfg, arch)
     params_before = models.count_params(model)
     data = _calibration(cfg, tok)
     total = schedule.num_steps(data.nsamples, cfg.batch_size, cfg.epochs, cfg.max_steps)
-    pruner = Pruner(model, arch, dataclasses.replace(cfg, int8_backend=backend), total, model_name=cfg.model)
+    pruner = Pruner(model, arch, dataclasses.replace(cfg, int8_backend=backend), total, model_name=cfg.model,
+                    budget=budget)
     if pruner.note and world.main:
         console.print(f"note: {pruner.note}")
     hidden_note = llamacpp.round_to_note(arch.hidden_size, cfg.round_to)
@@ -154,14 +157,18 @@ def _run(cfg: PruneConfig, world: distributed.World, device_map: str | dict | No
     if not world.main:
         return out
     masks = pruner.masks()
-    before, after = masks.block_params()
+    formula_before, formula_after = masks.model_params()  # the removed parameters: blocks, embedding, norms
+    removed = formula_before - formula_after
+    search = pruner.search_info()
     masks.info = {
         "criterion": pruner.criterion, "score": cfg.score, "normalize": cfg.normalize,
         "one_shot": cfg.one_shot, "steps": total, "skip_layers": pruner.skip,
         **({"round_to": cfg.round_to} if cfg.round_to > 1 else {}),
         **({"balance": pruner.balance_info()} if pruner.estimator is not None else {}),
-        "ratio": {"requested": cfg.ratio, "model": (before - after) / params_before},
-        "params": {"model_before": params_before, "model_after": params_before - (before - after)},
+        **({"search": search} if search is not None else {}),
+        "tp": {"requested": list(budget.tp), "supported": budgets.supported_tp(budgets.model_widths(arch, masks))},
+        "ratio": {"requested": cfg.ratio, "model": removed / params_before},
+        "params": {"model_before": params_before, "model_after": params_before - removed},
     }
     if cfg.load_8bit:
         masks.info["int8"] = {"backend": backend,
@@ -180,9 +187,24 @@ def _run(cfg: PruneConfig, world: distributed.World, device_map: str | dict | No
     if out.exists():
         shutil.rmtree(out)
     os.replace(work, out)
+    before, after = masks.block_params()
     console.print(f"removed {before - after:,} of {before:,} block parameters ({(before - after) / before:.1%}; "
                   f"{masks.info['ratio']['model']:.1%} of the whole model) -> {out}")
     return out
+
+
+def _goal_text(cfg: PruneConfig, pruner: Pruner) -> str:
+    """What the run removes, for the start line."""
+    b = pruner.budget
+    if b.goal_params is not None:
+        return f"to {b.goal_params:,} parameters over --axes {cfg.axes}"
+    parts = [f"{cfg.ratio:.0%} of the block width"] if cfg.ratio > 0 else []
+    c = b.candidates[0]
+    if c.blocks:
+        parts.append(f"{c.blocks} blocks")
+    if c.hidden:
+        parts.append(f"{c.hidden} hidden channels")
+    return "removing " + (", ".join(parts) or "nothing")
 
 
 def _discard_partial(work: Path) -> None:
@@ -205,7 +227,7 @@ def _train(pruner: Pruner, cfg: PruneConfig, data: calibration.CalibData, total:
         pruner.one_shot(calibration.batches(data, cfg.batch_size))
     a = pruner.arch
     console.print(f"pruning {cfg.model} ({a.name}, {a.num_layers} layers, {a.num_heads} heads / {a.num_kv_heads} kv "
-                  f"heads) to {cfg.ratio:.0%} with --criterion {pruner.criterion}: {total} steps of "
+                  f"heads) {_goal_text(cfg, pruner)} with --criterion {pruner.criterion}: {total} steps of "
                   f"{cfg.batch_size} x {data.seq_len} tokens")
     with progress_bar() as bar:
         task = bar.add_task("prune", total=total, completed=pruner.step)

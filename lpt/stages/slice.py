@@ -20,6 +20,7 @@ from pathlib import Path
 
 import lpt
 from lpt import artifacts, calibration, lora, modeling, models, reconstruct, slicing
+from lpt import budget as budgets
 from lpt.arch import describe
 from lpt.config import SliceConfig
 from lpt.errors import LptError
@@ -54,7 +55,7 @@ def validate(cfg: SliceConfig) -> None:
 def expected_params(masks, params_before: int) -> int:
     """The parameter count ``masks.json`` promises for the sliced model."""
     promised = masks.info.get("params", {}).get("model_after")
-    before, after = masks.block_params()
+    before, after = masks.model_params()
     return int(promised) if promised is not None else params_before - (before - after)
 
 
@@ -70,9 +71,9 @@ def run(cfg: SliceConfig) -> Path:
     masks = Masks.load(cfg.masks, arch)
     if not masks.is_uniform():
         modeling.class_name(arch.model_type)  # a family without per-layer widths: refused before any weight
-    arch.check_heads(min(len(m.heads) for m in masks.layers),
+    arch.check_heads(min(len(masks.layers[i].heads) for i in masks.kept_layers()),
                      "prune with --balance 0 (MLP channels only), or evaluate these masks unsliced (lpt eval "
-                     "--adapter --masks)")
+                     "--adapter --masks)", masks.hidden_size())
     uneven = round_to_violations(masks)
     if uneven:  # slice takes the masks as given; say when they break the --round-to they record
         console.print(f"[yellow]warning:[/] {cfg.masks} records --round-to {masks.info['round_to']} but layer(s) "
@@ -109,11 +110,12 @@ def run(cfg: SliceConfig) -> Path:
                            f"masks made for another checkpoint of this architecture?)")
         step("writing")
         layout = masks.width_layout()
+        tp = budgets.supported_tp(budgets.model_widths(loaded.arch, masks))
         prov = artifacts.provenance("slice", cfg, masks=artifacts.masks_record(cfg.masks, masks),
                                     adapter=artifacts.adapter_record(cfg.adapter) if cfg.adapter else None,
                                     merged=cfg.merge, layout=layout, dtype=str(dtype).replace("torch.", ""),
                                     dtype_reason=dtype_why,
-                                    params={"before": before, "after": after})
+                                    params={"before": before, "after": after}, tensor_parallel=tp)
         with artifacts.atomic_dir(out, overwrite=cfg.overwrite) as tmp:
             models.write_model_dir(model, tok, tmp, dtype=dtype, max_shard_size=cfg.max_shard_size, provenance=prov)
             if sliced_adapter is not None and not cfg.merge:
@@ -125,4 +127,7 @@ def run(cfg: SliceConfig) -> Path:
                   f"{layout} widths{what}, {str(dtype).replace('torch.', '')} ({dtype_why}) -> {out}")
     if layout == "per-layer":
         console.print("per-layer widths: load with AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)")
+    else:
+        console.print(f"shards at tensor-parallel {', '.join(map(str, tp))} (vLLM / SGLang: heads, key/value heads "
+                      f"and MLP width divisible)")
     return out
