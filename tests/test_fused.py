@@ -239,6 +239,9 @@ def test_per_layer_widths_and_longrope_head_pruning_are_refused_in_one_line(runn
     assert describe(phi3_config(head_dim=16, **LONGROPE)).heads_locked
     line = one_line(invoke(runner, [*base[:1], lr, *base[2:], "-o", tmp_path / "q"]))
     assert "longrope" in line and "--balance 0" in line and not (tmp_path / "q").exists()
+    line = one_line(invoke(runner, [*base[:1], lr, *base[2:], "--balance", "0", "--hidden-ratio", "0.25", "-o",
+                                    tmp_path / "h"]))
+    assert "smaller hidden size would not load" in line and not (tmp_path / "h").exists()
     r = invoke(runner, [*base[:1], lr, *base[2:], "--balance", "0", "--ratio", "0.2", "-o", tmp_path / "mlp"])
     assert r.exit_code == 0, r.output
     masks = groups.Masks.load(tmp_path / "mlp" / artifacts.MASKS, describe(phi3_config(head_dim=16, **LONGROPE)))
