@@ -167,28 +167,28 @@ def adapter_to_file(state_dict: Mapping[str, torch.Tensor], config: Mapping[str,
     each fused layer become one LoRA of rank ``n·r`` (stacked ``A``, block-diagonal ``B``), with ``rank_pattern`` /
     ``alpha_pattern`` entries for the fused layer. Anything else is returned as it is."""
     sd, cfg = dict(state_dict), dict(config)
-    groups: dict[str, tuple[Fused, dict[str, str]]] = {}  # fused layer path -> (spec, part -> key prefix)
+    groups: dict[str, tuple[Fused, dict[str, str]]] = {}  # fused layer's key prefix -> (spec, part -> key prefix)
     for key in sd:
         for f in _specs():
             for p in f.parts:
                 marker = f".{f.name}.{p}.lora_"
                 if marker in key:
                     at = key.index(marker)
-                    groups.setdefault(key[:at + 1], (f, {}))[1][p] = key[:at + len(marker) - len("lora_")]
+                    groups.setdefault(key[:at + 1] + f.name, (f, {}))[1][p] = key[:at + len(marker) - len("lora_")]
     if not groups:
         return sd, cfg
     r, alpha = int(cfg["r"]), float(cfg["lora_alpha"])
     for prefix, (f, found) in groups.items():
         missing = [p for p in f.parts if p not in found]
         if missing:
-            raise LptError(f"{prefix}{f.name} has LoRA on {', '.join(found)} but not on {', '.join(missing)}: PEFT's "
-                           f"layout needs one LoRA for the whole fused layer")
+            raise LptError(f"{prefix} has LoRA on {', '.join(found)} but not on {', '.join(missing)}: PEFT's layout "
+                           f"needs one LoRA for the whole fused layer")
         a = [sd.pop(f"{found[p]}lora_A.weight") for p in f.parts]
         b = [sd.pop(f"{found[p]}lora_B.weight") for p in f.parts]
         if any(t.shape[0] != r for t in a):
-            raise LptError(f"{prefix}{f.name}: a part's LoRA rank is not the adapter's r={r}")
-        sd[f"{prefix}{f.name}.lora_A.weight"] = torch.cat(a, dim=0).contiguous()
-        sd[f"{prefix}{f.name}.lora_B.weight"] = torch.block_diag(*b).contiguous()
+            raise LptError(f"{prefix}: a part's LoRA rank is not the adapter's r={r}")
+        sd[f"{prefix}.lora_A.weight"] = torch.cat(a, dim=0).contiguous()
+        sd[f"{prefix}.lora_B.weight"] = torch.block_diag(*b).contiguous()
     fused = {f.name: f for f, _ in groups.values()}
     parts = {p for f in fused.values() for p in f.parts}
     cfg["target_modules"] = sorted((set(cfg.get("target_modules") or []) - parts) | set(fused))
