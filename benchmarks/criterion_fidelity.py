@@ -20,7 +20,7 @@ import json
 
 import torch
 
-from lpt import criteria, importance, lora
+from lpt import criteria, importance, int8, lora
 from lpt.arch import FAN_IN, PROJECTIONS
 
 
@@ -47,7 +47,7 @@ class GradientVariant(importance.Importance):
                 continue
             A, B = layer.lora_A.weight.float(), layer.lora_B.weight.float()
             G = self.estimate(A, B, layer.lora_A.weight.grad.float(), layer.lora_B.weight.grad.float())
-            W = lora.dense_weight(layer.base_layer) + layer.delta()
+            W = int8.dense_weight(layer.base_layer) + layer.delta()
             out[proj] = criteria.reduce((G * W) ** 2, proj in FAN_IN)
         return out
 

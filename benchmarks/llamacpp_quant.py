@@ -74,6 +74,7 @@ def same_widths(recipe: str, round_to: int) -> bool:
     """Does ``--round-to N`` leave the recipe's prune exactly as it is? prune reads ``round_to`` only through these
     counts (the balance-search candidates and the uniform target), so equal counts mean the same run."""
     from lpt import groups, models
+    from lpt.masks import Masks
     from lpt.arch import describe
 
     cfg = recipe_prune(recipe)
@@ -92,11 +93,12 @@ def make_models(work: Path, recipes: list[str], round_tos: list[int], log: Path)
     dense = work / "dense"
     if not dense.exists():
         from lpt import groups
+        from lpt.masks import Masks
         from lpt import models as lm
         from lpt.arch import describe
 
         full = work / "dense-masks.json"
-        groups.Masks.full(describe(lm.load_config(MODEL)), model=MODEL).save(full)
+        Masks.full(describe(lm.load_config(MODEL)), model=MODEL).save(full)
         run(lpt("slice", MODEL, "--masks", full, "-o", dense, "--device", "cpu"), log)
     models["dense"] = {"dir": dense, "recipe": None, "round_to": None, "commands": [f"lpt slice {MODEL} --masks "
                                                                                    f"ALL-ONES.json -o dense"]}

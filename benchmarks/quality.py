@@ -152,6 +152,7 @@ def criterion_masks(calib: Path, ratios: list[float], criteria: tuple[str, ...],
     import torch
 
     from lpt import calibration, groups, importance, lora, models, selection
+    from lpt.masks import Masks, apply_masks
     from lpt.arch import describe
 
     torch.manual_seed(0)
@@ -168,11 +169,11 @@ def criterion_masks(calib: Path, ratios: list[float], criteria: tuple[str, ...],
 
     @torch.no_grad()
     def loss_of(masks) -> float:
-        groups.apply_masks(model, masks)
+        apply_masks(model, masks)
         try:
             losses = [float(model(**b).loss) for b in batches()]
         finally:
-            groups.apply_masks(model, groups.Masks.full(arch))
+            apply_masks(model, Masks.full(arch))
         return sum(losses) / len(losses)
 
     def save(masks, c: str, r: float, name: str, balance: dict) -> None:
@@ -199,7 +200,7 @@ def criterion_masks(calib: Path, ratios: list[float], criteria: tuple[str, ...],
         def masks_for(nh: int, nc: int):
             hp = [selection.prune_lowest(s[0], torch.zeros(units, dtype=torch.bool), nh) for s in scores]
             cp = [selection.prune_lowest(s[1], torch.zeros(arch.intermediate_size, dtype=torch.bool), nc) for s in scores]
-            return hp, cp, groups.Masks.from_pruned(arch, hp, cp, gqa, model=MODEL)
+            return hp, cp, Masks.from_pruned(arch, hp, cp, gqa, model=MODEL)
 
         for r in ratios:
             cands = groups.balance_candidates(arch, r, gqa, round_to)

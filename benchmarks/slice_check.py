@@ -70,6 +70,7 @@ def magnitude_masks(model, arch, ratio: float, gqa: str, layout: str, name: str)
     import torch
 
     from lpt import groups, selection
+    from lpt.masks import Masks, apply_masks
     from lpt.arch import PROJECTIONS, get_module
 
     scores = []
@@ -95,7 +96,7 @@ def magnitude_masks(model, arch, ratio: float, gqa: str, layout: str, name: str)
         hp.append(selection.prune_lowest(h, none_h, nh) if gqa == "kv-groups"
                   else selection.prune_query_heads(h, none_h, nh, arch.num_kv_heads))
         cp.append(selection.prune_lowest(c, none_c, nc))
-    masks = groups.Masks.from_pruned(arch, hp, cp, gqa, model=name)
+    masks = Masks.from_pruned(arch, hp, cp, gqa, model=name)
     before, after = masks.block_params()
     total = sum(p.numel() for p in model.parameters())
     masks.info = {"criterion": "magnitude (slice_check stand-in)", "ratio": {"requested": ratio,
@@ -149,11 +150,12 @@ def main() -> None:
     import torch
 
     from lpt import artifacts, groups, lora, models
+    from lpt.masks import Masks, apply_masks
 
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
     log = out / "log.txt"
-    loaded = models.load(args.model, dtype="float32", device="cpu")
+    loaded = models.load(args.model, models.LoadOptions(dtype="float32", device="cpu"))
     base, tok, arch = loaded.model, loaded.tokenizer, loaded.arch
     ids = eval_blocks(tok, args.blocks, args.seq_len)
     torch.save(ids, out / "ids.pt")
@@ -176,7 +178,7 @@ def main() -> None:
                "base": {"params": sum(p.numel() for p in base.parameters()), "bytes": size_of(base_dir),
                         "ppl": ppl(dense_logits, ids)}, "runs": []}
     for name, pdir, origin in runs:
-        masks = groups.Masks.load(pdir / artifacts.MASKS, arch)
+        masks = Masks.load(pdir / artifacts.MASKS, arch)
         sliced, merged = out / name / "sliced", out / name / "sliced-merged"
         t_slice = sh(lpt("slice", args.model, "--masks", pdir / artifacts.MASKS, "--adapter", pdir, "-o", sliced,
                          "--device", "cpu", "--dtype", "float32", "--overwrite"), log)
@@ -184,7 +186,7 @@ def main() -> None:
                          "--dtype", "float32", "--overwrite"), log)
         model = copy.deepcopy(base)
         lora.load_adapter(model, pdir, arch)
-        groups.apply_masks(model, masks)
+        apply_masks(model, masks)
         with torch.no_grad():
             masked = model(ids).logits
         del model

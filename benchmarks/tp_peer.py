@@ -35,7 +35,7 @@ intermediate_size, explicit head_dim) plus:
   lpt_provenance.json
 Before anything is written, the saved model is reloaded with AutoModelForCausalLM and its logits compared with the
 in-memory pruned model, and the pruned model is compared with the dense model whose pruned heads and channels are
-masked by lpt (``groups.apply_masks``); a mismatch writes nothing.
+masked by lpt (``lpt.masks.apply_masks``); a mismatch writes nothing.
 """
 
 from __future__ import annotations
@@ -338,9 +338,10 @@ def masked_logits(dense, arch, masks, input_ids):
     import torch
 
     from lpt import groups, lora
+    from lpt.masks import apply_masks
 
     lora.inject(dense, arch, r=0, alpha=1.0)
-    groups.apply_masks(dense, masks)
+    apply_masks(dense, masks)
     with torch.no_grad():
         return dense(input_ids=input_ids, use_cache=False).logits
 
@@ -370,7 +371,7 @@ def run(cfg: TpPeerConfig) -> dict[str, Any]:
     from lpt import artifacts, calibration, models
     from lpt.arch import describe
     from lpt.errors import LptError
-    from lpt.models import write_model_dir
+    from lpt.model_dir import write_model_dir
     from lpt.progress import console, progress_bar
     from lpt.slicing import linear_block_params
 

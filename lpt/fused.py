@@ -9,7 +9,7 @@ are ordinary linears named like lpt's projections (``qkv_proj.q_proj``, ``qkv_pr
 ``gate_up_proj.gate_proj``, ``gate_up_proj.up_proj``), holding those rows, and whose forward concatenates their
 outputs. The model computes what it did, and the family (``lpt.arch.Family``: ``fused``, and q / k / v / gate / up
 naming the children) sends LoRA injection, masks, the estimators' hooks, slicing, reconstruction and merging to the
-children unchanged. Before a model directory is written (``models.write_model_dir``), :func:`fuse` concatenates the
+children unchanged. Before a model directory is written (``model_dir.write_model_dir``), :func:`fuse` concatenates the
 children (sliced or not) back into one linear with the standard name; with the sliced config the directory loads in
 plain transformers.
 

@@ -9,7 +9,9 @@ Groups, per decoder block:
 Without grouped-query attention (kv heads == heads) both modes are the same thing.
 
 Everything here is a function of tensors and plain data; no model is touched. Which units go is
-``lpt.selection``; the ``masks.json`` contract and applying it to a model is ``lpt.masks``.
+``lpt.selection``; the ``masks.json`` contract and applying it to a model is ``lpt.masks``. The flags' own rules
+(``--ratio`` in [0, 1), the ``--balance`` syntax of :func:`parse_balance`) are declared with their fields in
+``lpt.config``; what needs a model's widths and layers is checked here, as the counts are made.
 """
 
 from __future__ import annotations
@@ -21,7 +23,6 @@ import torch
 
 from lpt.arch import Arch
 from lpt.errors import LptError
-from lpt.masks import LayerMask, Masks, apply_masks, round_to_violations  # noqa: F401  (their earlier home)
 
 GQA_MODES = ("kv-groups", "query-heads")
 LAYOUTS = ("uniform", "per-layer")
@@ -38,14 +39,6 @@ def head_scores_len(arch: Arch, gqa: str) -> int:
     """Length of a layer's attention score (and pruned-set) vector: one entry per key/value group under
     ``kv-groups``, one per query head under ``query-heads``."""
     return head_units(arch, gqa) if gqa == "kv-groups" else arch.num_heads
-
-
-def check_ratio(ratio: float, *, positive: bool = False) -> None:
-    """``--ratio`` is a fraction of the block parameters: in [0, 1), or in (0, 1) with ``positive``."""
-    if positive and not 0.0 < ratio < 1.0:
-        raise LptError(f"--ratio must be in (0, 1) (got {ratio})")
-    if not 0.0 <= ratio < 1.0:
-        raise LptError(f"--ratio must be in [0, 1) (got {ratio})")
 
 
 def group_scores(arch: Arch, proj: Mapping[str, torch.Tensor], gqa: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -131,7 +124,6 @@ def uniform_counts(arch: Arch, ratio: float, gqa: str, round_to: int = 1, heads:
     per layer) of ``ratio``. Head counts are never rounded: a layer has a few dozen heads at most, and a head is
     already ``head_dim`` (64-128) rows wide.
     """
-    check_ratio(ratio)
     units = head_units(arch, gqa)
     p_head, p_chan = unit_params(arch, gqa)
     target = ratio * arch.block_linear_params(0)
@@ -175,7 +167,7 @@ def parse_balance(spec: str | int) -> int | None:
     return n
 
 
-# ------------------------------------------------------------------------------------------------ policy
+# ------------------------------------------------------------------------------------------------ layers
 def parse_layers(spec: str, num_layers: int) -> list[int]:
     """'0-2,31' -> [0, 1, 2, 31]; 'paper' -> first 10% and the last layer (the authors' choice); '' -> []."""
     spec = (spec or "").strip()

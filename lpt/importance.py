@@ -4,7 +4,7 @@ An estimator is attached to a model that carries LoRA layers (``lora.inject``), 
 model runs forward and backward (LoRA gradients, base-weight gradients, or activation gradients through hooks),
 and returns group scores per decoder block on request: ``(heads, channels)``, with ``heads`` one score per
 attention unit of the ``gqa`` mode (key/value groups or query heads) and ``channels`` one per MLP channel. The
-pruning loop (``lpt.stages.prune``) never knows how a score was made; the pure tensor math lives in
+pruning loop (``lpt.pruner``) never knows how a score was made; the pure tensor math lives in
 ``lpt.criteria`` and the group sums in ``lpt.groups``.
 
     est = importance.make("fisher").attach(model, arch, gqa="kv-groups")
@@ -28,8 +28,8 @@ from typing import Iterable, Mapping
 
 import torch
 
-from lpt import criteria, groups, lora
-from lpt.arch import FAN_IN, PROJECTIONS, Arch
+from lpt import criteria, groups, int8, lora
+from lpt.arch import FAN_IN, PROJECTIONS, Arch, describe
 from lpt.errors import LptError
 
 NORMALIZE = ("group", "projection")
@@ -139,7 +139,7 @@ class LoraImportance(Importance):
             layer = self._layer(i, proj)
             if not layer.r or layer.lora_A.weight.grad is None:
                 continue
-            w0, scale = lora.weight_parts(layer.base_layer)
+            w0, scale = int8.weight_parts(layer.base_layer)
             out[proj] = criteria.lora_group_sums(
                 w0, layer.lora_A.weight, layer.lora_B.weight, layer.lora_A.weight.grad, layer.lora_B.weight.grad,
                 layer.scaling, self.score_kind, fan_in=proj in FAN_IN, row_scale=scale)
@@ -153,7 +153,7 @@ class VanillaImportance(Importance):
     needs_base_grad = True
 
     def _attach(self) -> None:
-        check_int8(self.name, any(lora.is_int8(layer.base_layer) for layer in self.layers.values()))
+        check_int8(self.name, any(int8.is_int8(layer.base_layer) for layer in self.layers.values()))
         for layer in self.layers.values():
             layer.base_layer.weight.requires_grad_(True)
 
@@ -183,7 +183,7 @@ class VanillaImportance(Importance):
             g = layer.base_layer.weight.grad
             if g is None:
                 continue
-            w = lora.dense_weight(layer.base_layer) + layer.delta().to(g.device)
+            w = int8.dense_weight(layer.base_layer) + layer.delta().to(g.device)
             out[proj] = criteria.reduce(criteria.vanilla_importance(w, g, self.score_kind), proj in FAN_IN)
         return out
 
@@ -199,7 +199,7 @@ class MagnitudeImportance(Importance):
         out = {}
         for proj in PROJECTIONS:
             layer = self._layer(i, proj)
-            w = lora.dense_weight(layer.base_layer) + layer.delta().to(layer.base_layer.weight.device)
+            w = int8.dense_weight(layer.base_layer) + layer.delta().to(layer.base_layer.weight.device)
             out[proj] = criteria.reduce(criteria.magnitude_importance(w, self.score_kind), proj in FAN_IN)
         return out
 
@@ -567,7 +567,6 @@ def score(model, batches: Iterable[Mapping[str, torch.Tensor]], criterion: str |
     return the estimator's group scores per block. The model must carry LoRA layers (``lora.inject``; rank 0 is
     enough for every criterion but ``lora``). LoRA gradients are cleared afterwards; nothing else changes.
     """
-    from lpt.arch import describe
 
     arch = arch or describe(model.config)
     est = criterion if isinstance(criterion, Importance) else make(criterion, **kw)

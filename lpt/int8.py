@@ -13,13 +13,23 @@ Two backends freeze the block projections in int8 (``--int8-backend``):
 
 ``auto`` (the default) is ``torch`` on CPU and ``bitsandbytes`` on CUDA. bitsandbytes is imported only when its
 backend is used.
+
+Everything int8 lives here: the backends, the weight-only layer and its math, any int8 base as a dense weight
+(:func:`dense_weight`, :func:`weight_parts`), quantizing float layers (:func:`quantize_8bit`,
+:func:`quantize_projections`), and quantizing while a checkpoint is read (:func:`bitsandbytes_config`,
+:func:`from_safetensors`; ``lpt.models.load`` decides when and reads the files). The LoRA layer around an int8 base
+is ``lpt.lora``'s.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
+from lpt.arch import PROJECTIONS, Arch, describe, get_module, set_module
+from lpt.config import INT8_THRESHOLD
 from lpt.errors import LptError
 
 BACKENDS = ("auto", "bitsandbytes", "torch")
@@ -45,6 +55,11 @@ def backend_of(layer: nn.Module) -> str | None:
     if type(layer).__name__ == "Linear8bitLt":
         return "bitsandbytes"
     return None
+
+
+def is_int8(layer: nn.Module) -> bool:
+    """Whether ``layer`` is an int8 base of either backend (:func:`backend_of`)."""
+    return backend_of(layer) is not None
 
 
 def import_without_bitsandbytes(module: str):
@@ -198,3 +213,136 @@ class Int8Linear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
                 f"int8 weight-only, dense_dtype={str(self.dense_dtype).replace('torch.', '')}")
+
+
+# ---------------------------------------------------------------------------------------------- any int8 base
+def weight_parts(base: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(W, row_scale)``: the stored weight and, for int8 bases, the per-row scale that de-quantizes it
+    (``W.float() * row_scale[:, None]``); ``row_scale`` is None for full-precision bases."""
+    w = base.weight
+    if isinstance(base, Int8Linear):
+        return w.detach(), base.scale.float()
+    if is_int8(base):
+        cb = getattr(w, "CB", None)
+        scb = getattr(w, "SCB", None)
+        if cb is None or scb is None:
+            cb, scb = w.data, base.state.SCB
+        return cb, scb.float() / 127.0
+    return w.detach(), None
+
+
+def dense_weight(base: nn.Module, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The base weight as a dense tensor ``[out, in]`` (int8 weights de-quantized on the fly)."""
+    w, scale = weight_parts(base)
+    if scale is not None:
+        return (w.to(torch.float32) * scale.unsqueeze(1)).to(dtype)
+    return w.to(dtype)
+
+
+def quantize_8bit(linear: nn.Linear, threshold: float = INT8_THRESHOLD, backend: str = "bitsandbytes") -> nn.Module:
+    """An int8 copy of ``linear``: bitsandbytes LLM.int8 (vector-wise quantization), or with ``backend="torch"``
+    lpt's weight-only :class:`Int8Linear` (per-row scales; ``threshold`` does not apply).
+
+    ``threshold``: input features whose magnitude reaches it are multiplied in 16 bits (LLM.int8's mixed-precision
+    decomposition); 0 quantizes every input. It changes only the forward pass: the stored codes and scales (CB, SCB)
+    always hold the whole weight, so ``dense_weight`` and merging are the same for every threshold.
+    """
+    if backend == "torch":
+        return Int8Linear.from_linear(linear)
+    if backend != "bitsandbytes":
+        raise LptError(f"unknown int8 backend '{backend}' (use bitsandbytes or torch)")
+    from lpt import quiet
+
+    bnb = quiet.import_bitsandbytes()
+
+    q = bnb.nn.Linear8bitLt(linear.in_features, linear.out_features, bias=linear.bias is not None,
+                            has_fp16_weights=False, threshold=float(threshold), device="meta")
+    q.weight = bnb.nn.Int8Params(linear.weight.data.detach().to(torch.float16).cpu(), requires_grad=False,
+                                 has_fp16_weights=False)
+    if linear.bias is not None:
+        q.bias = nn.Parameter(linear.bias.data.detach().clone(), requires_grad=False)
+    return q.to(linear.weight.device)
+
+
+def projection_paths(arch: Arch) -> list[str]:
+    """The module path of every block projection of ``arch``, layer by layer (what ``--8bit`` quantizes)."""
+    return [arch.module_path(i, p) for i in range(arch.num_layers) for p in PROJECTIONS]
+
+
+def quantize_projections(model: nn.Module, arch: Arch, threshold: float = INT8_THRESHOLD,
+                         backend: str = "auto") -> None:
+    """Freeze every block projection of ``model`` that is still a float ``nn.Linear`` in int8, in place
+    (:func:`quantize_8bit`, ``backend`` resolved per layer's device by :func:`resolve_backend`; the same weights as
+    quantizing while the checkpoint is read, :func:`from_safetensors` / :func:`bitsandbytes_config`)."""
+    for p in projection_paths(arch):
+        base = get_module(model, p)
+        if isinstance(base, nn.Linear) and not is_int8(base):
+            set_module(model, p, quantize_8bit(base, threshold, resolve_backend(backend, base.weight.device)))
+
+
+# ---------------------------------------------------------------------------------------------- while loading
+def bitsandbytes_config(config: Any, threshold: float = INT8_THRESHOLD, trust_remote_code: bool = False):
+    """The ``BitsAndBytesConfig`` that has transformers quantize the block projections of a ``config`` model while
+    it reads the checkpoint (LLM.int8 outlier threshold ``threshold``; the head stays in 16 bits), or None where
+    this does not apply: a model with linear layers other than the block projections and the head (their names
+    could not be excluded from quantization safely). bitsandbytes is imported here, its import-time warnings
+    hidden (transformers imports it next)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    from lpt import quiet
+
+    with init_empty_weights():
+        skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    wanted = set(projection_paths(describe(config)))
+    others = [n for n, m in skeleton.named_modules() if isinstance(m, torch.nn.Linear) and n not in wanted]
+    if others != ["lm_head"]:
+        return None
+    quiet.import_bitsandbytes()
+    return BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=float(threshold),
+                              llm_int8_skip_modules=["lm_head"])
+
+
+def from_safetensors(config: Any, handles: list, *, dtype: torch.dtype, device: str,
+                     trust_remote_code: bool = False) -> nn.Module | None:
+    """A ``config`` model read from open safetensors files (``handles``) with its block projections quantized as
+    they arrive (``--int8-backend torch`` while loading): the skeleton is built without memory (accelerate's
+    ``init_empty_weights``), its block projections replaced by empty :class:`Int8Linear` layers, and the tensors
+    read one at a time: a projection weight is cast to ``dtype`` and quantized, everything else is placed as is.
+    The largest full-precision tensor alive is one weight matrix, so the peak is the int8 model plus one tensor.
+    The weights are bit-identical to :func:`quantize_projections` of the same checkpoint loaded in ``dtype``.
+
+    Returns None (the caller loads normally and quantizes afterwards) for tensor names the model does not have,
+    tensors the model needs that the files lack (transformers' loader maps, initialises or reports them), or fused
+    projections (``lpt.fused`` splits them after loading)."""
+    from accelerate import init_empty_weights
+    from accelerate.utils import set_module_tensor_to_device
+    from transformers import AutoModelForCausalLM
+
+    arch = describe(config)
+    if arch.family.fused:
+        return None  # fused layers (lpt.fused): loaded whole, split, then quantized
+    with init_empty_weights():
+        m = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code, dtype=dtype)
+    wanted = set(projection_paths(arch))
+    for p in wanted:
+        lin = get_module(m, p)
+        set_module(m, p, Int8Linear(lin.in_features, lin.out_features, bias=lin.bias is not None, device="meta",
+                                    dense_dtype=dtype))
+    names = {n for n, _ in m.named_parameters(remove_duplicate=False)} | {n for n, _ in m.named_buffers()}
+    if any(k not in names for h in handles for k in h.keys()):
+        return None  # renamed or extra tensors: let transformers' loader map them
+    for h in handles:
+        for key in h.keys():
+            t = h.get_tensor(key)
+            path, _, leaf = key.rpartition(".")
+            if path in wanted and leaf == "weight":
+                get_module(m, path).set_weight(t.to(device=device, dtype=dtype))
+            else:
+                set_module_tensor_to_device(m, key, device, value=t, dtype=dtype if t.is_floating_point() else None)
+            del t
+    if getattr(m.config, "tie_word_embeddings", False):
+        m.tie_weights()
+    if any(t.device.type == "meta" for t in (*m.parameters(), *m.buffers())):
+        return None  # tensors missing from the checkpoint: transformers' loader initialises or reports them
+    return m.to(device)

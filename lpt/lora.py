@@ -20,86 +20,12 @@ from typing import Any, Iterable, Iterator
 import torch
 from torch import nn
 
-from lpt import artifacts
+from lpt import artifacts, fused, int8
 from lpt.arch import PROJECTIONS, Arch, get_module, set_module
+from lpt.config import INT8_THRESHOLD
 from lpt.errors import LptError, MismatchError
 
 PEFT_PREFIX = "base_model.model."
-
-
-def is_int8(layer: nn.Module) -> bool:
-    """Whether ``layer`` is an int8 base of either backend (``lpt.int8.backend_of``)."""
-    from lpt.int8 import backend_of
-
-    return backend_of(layer) is not None
-
-
-def dense_weight(base: nn.Module, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """The base weight as a dense tensor ``[out, in]`` (int8 weights de-quantized on the fly)."""
-    w, scale = weight_parts(base)
-    if scale is not None:
-        return (w.to(torch.float32) * scale.unsqueeze(1)).to(dtype)
-    return w.to(dtype)
-
-
-def weight_parts(base: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``(W, row_scale)``: the stored weight and, for int8 bases, the per-row scale that de-quantizes it
-    (``W.float() * row_scale[:, None]``); ``row_scale`` is None for full-precision bases."""
-    from lpt.int8 import Int8Linear
-
-    w = base.weight
-    if isinstance(base, Int8Linear):
-        return w.detach(), base.scale.float()
-    if is_int8(base):
-        cb = getattr(w, "CB", None)
-        scb = getattr(w, "SCB", None)
-        if cb is None or scb is None:
-            cb, scb = w.data, base.state.SCB
-        return cb, scb.float() / 127.0
-    return w.detach(), None
-
-
-INT8_THRESHOLD = 6.0  # LLM.int8's outlier threshold: bitsandbytes' and the paper authors' default
-
-
-def quantize_8bit(linear: nn.Linear, threshold: float = INT8_THRESHOLD, backend: str = "bitsandbytes") -> nn.Module:
-    """An int8 copy of ``linear``: bitsandbytes LLM.int8 (vector-wise quantization), or with ``backend="torch"``
-    lpt's weight-only ``lpt.int8.Int8Linear`` (per-row scales; ``threshold`` does not apply).
-
-    ``threshold``: input features whose magnitude reaches it are multiplied in 16 bits (LLM.int8's mixed-precision
-    decomposition); 0 quantizes every input. It changes only the forward pass: the stored codes and scales (CB, SCB)
-    always hold the whole weight, so ``dense_weight`` and merging are the same for every threshold.
-    """
-    if backend == "torch":
-        from lpt.int8 import Int8Linear
-
-        return Int8Linear.from_linear(linear)
-    if backend != "bitsandbytes":
-        raise LptError(f"unknown int8 backend '{backend}' (use bitsandbytes or torch)")
-    from lpt import quiet
-
-    bnb = quiet.import_bitsandbytes()
-
-    q = bnb.nn.Linear8bitLt(linear.in_features, linear.out_features, bias=linear.bias is not None,
-                            has_fp16_weights=False, threshold=float(threshold), device="meta")
-    q.weight = bnb.nn.Int8Params(linear.weight.data.detach().to(torch.float16).cpu(), requires_grad=False,
-                                 has_fp16_weights=False)
-    if linear.bias is not None:
-        q.bias = nn.Parameter(linear.bias.data.detach().clone(), requires_grad=False)
-    return q.to(linear.weight.device)
-
-
-def quantize_projections(model: nn.Module, arch: Arch, threshold: float = INT8_THRESHOLD,
-                         backend: str = "auto") -> None:
-    """Freeze every block projection of ``model`` that is still a float ``nn.Linear`` in int8, in place
-    (:func:`quantize_8bit`, ``backend`` resolved per layer's device by ``lpt.int8.resolve_backend``; the same
-    weights as quantizing while the checkpoint is read, ``lpt.models.load_int8``)."""
-    from lpt.int8 import resolve_backend
-
-    for p in target_paths(arch, PROJECTIONS):
-        base = get_module(model, p)
-        if isinstance(base, nn.Linear) and not is_int8(base):
-            set_module(model, p, quantize_8bit(base, threshold, resolve_backend(backend, base.weight.device)))
 
 
 class LoraLinear(nn.Module):
@@ -161,7 +87,7 @@ class LoraLinear(nn.Module):
 
     def merged_linear(self, dtype: torch.dtype | None = None, apply_masks: bool = True) -> nn.Linear:
         """A plain ``nn.Linear`` holding ``W0 + s·B·A`` (masked rows/columns zeroed when ``apply_masks``)."""
-        w = dense_weight(self.base_layer) + self.delta().to(self.base_layer.weight.device)
+        w = int8.dense_weight(self.base_layer) + self.delta().to(self.base_layer.weight.device)
         bias = self.base_layer.bias.detach().float() if self.base_layer.bias is not None else None
         if apply_masks:
             w = w * self.out_mask.float().unsqueeze(1) * self.in_mask.float().unsqueeze(0)
@@ -170,7 +96,7 @@ class LoraLinear(nn.Module):
         if not torch.isfinite(w).all() or (bias is not None and not torch.isfinite(bias).all()):
             raise LptError("merging produced non-finite weights (NaN/Inf); the adapter is broken")
         if dtype is None:
-            dtype = (getattr(self.base_layer, "dense_dtype", torch.float16) if is_int8(self.base_layer)
+            dtype = (getattr(self.base_layer, "dense_dtype", torch.float16) if int8.is_int8(self.base_layer)
                      else self.base_layer.weight.dtype)
         out = nn.Linear(self.in_features, self.out_features, bias=bias is not None, device=w.device, dtype=dtype)
         with torch.no_grad():
@@ -209,19 +135,16 @@ def inject(model: nn.Module, arch: Arch, *, r: int, alpha: float, dropout: float
     each layer's device, see ``lpt.int8.resolve_backend``; LLM.int8 outlier threshold ``int8_threshold``). Only
     LoRA A and B train.
     """
-    from lpt.fused import expand_targets
-    from lpt.int8 import resolve_backend
-
     targets = set(targets)
     target_paths(arch, targets)  # validates the names
-    targets = expand_targets(arch.family, targets)  # a fused layer (Phi-3's qkv_proj) is one LoRA target
+    targets = fused.expand_targets(arch.family, targets)  # a fused layer (Phi-3's qkv_proj) is one LoRA target
     out = {}
     for p in target_paths(arch, PROJECTIONS):
         base = get_module(model, p)
         if isinstance(base, LoraLinear):
             raise LptError(f"{p} already carries a LoRA layer")
-        if load_8bit and isinstance(base, nn.Linear) and not is_int8(base):
-            base = quantize_8bit(base, int8_threshold, resolve_backend(int8_backend, base.weight.device))
+        if load_8bit and isinstance(base, nn.Linear) and not int8.is_int8(base):
+            base = int8.quantize_8bit(base, int8_threshold, int8.resolve_backend(int8_backend, base.weight.device))
         layer = LoraLinear(base, r if p.rsplit(".", 1)[1] in targets else 0, alpha, dropout)
         set_module(model, p, layer)
         out[p] = layer
@@ -261,11 +184,11 @@ def merge_lora(model: nn.Module, dtype: torch.dtype | None = None, apply_masks: 
 def dequantize_bases(model: nn.Module, dtype: torch.dtype = torch.float16) -> nn.Module:
     """Replace int8 base layers (wrapped or not) by dense ``nn.Linear`` layers of ``dtype``."""
     for name, mod in list(model.named_modules()):
-        if is_int8(mod):
+        if int8.is_int8(mod):
             lin = nn.Linear(mod.in_features, mod.out_features, bias=mod.bias is not None,
                             device=mod.weight.device, dtype=dtype)
             with torch.no_grad():
-                lin.weight.copy_(dense_weight(mod).to(dtype))
+                lin.weight.copy_(int8.dense_weight(mod).to(dtype))
                 if mod.bias is not None:
                     lin.bias.copy_(mod.bias.detach().to(dtype))
             lin.requires_grad_(False)
@@ -286,9 +209,7 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def adapter_config(model: nn.Module, base_model: str, targets: Iterable[str] | None = None) -> dict[str, Any]:
     """PEFT ``LoraConfig`` fields for the LoRA layers in ``model``."""
-    from lpt.int8 import import_without_bitsandbytes
-
-    LoraConfig = import_without_bitsandbytes("peft").LoraConfig
+    LoraConfig = int8.import_without_bitsandbytes("peft").LoraConfig
     named = {p: m for p, m in lora_layers(model).items() if m.r}
     if not named:
         raise LptError("model has no LoRA layers")
@@ -323,12 +244,10 @@ def check_adapter_finite(tensors: dict[str, torch.Tensor], where: str) -> None:
 def save_adapter(model: nn.Module, directory: str | Path, base_model: str, metadata: dict[str, str] | None = None
                  ) -> None:
     """Write ``model``'s LoRA layers as a PEFT adapter directory; non-finite factors are refused before any byte."""
-    from lpt.fused import adapter_to_file
-
     directory = Path(directory)
     sd = adapter_state_dict(model)
     check_adapter_finite(sd, "the trained adapter")
-    sd, cfg = adapter_to_file(sd, adapter_config(model, base_model))  # fused layers in PEFT's layout
+    sd, cfg = fused.adapter_to_file(sd, adapter_config(model, base_model))  # fused layers in PEFT's layout
     directory.mkdir(parents=True, exist_ok=True)
     artifacts.write_json(directory / artifacts.ADAPTER_CONFIG, cfg)
     artifacts.save_tensors(sd, directory / artifacts.ADAPTER_WEIGHTS, {"format": "pt", **(metadata or {})})
@@ -338,11 +257,9 @@ def write_adapter(directory: str | Path, adapter_cfg: dict[str, Any], state_dict
                   base_model: str, metadata: dict[str, str] | None = None) -> None:
     """A PEFT adapter directory from a config and LoRA factors (e.g. ``slicing.slice_adapter``'s, for the sliced
     model): the same LoRA settings, ``base_model_name_or_path`` set to ``base_model``."""
-    from lpt.fused import adapter_to_file
-
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    state_dict, doc = adapter_to_file(state_dict, adapter_cfg)  # fused layers in PEFT's layout
+    state_dict, doc = fused.adapter_to_file(state_dict, adapter_cfg)  # fused layers in PEFT's layout
     doc["base_model_name_or_path"] = base_model
     artifacts.write_json(directory / artifacts.ADAPTER_CONFIG, doc)
     artifacts.save_tensors(state_dict, directory / artifacts.ADAPTER_WEIGHTS, {"format": "pt", **(metadata or {})})
@@ -371,10 +288,8 @@ def load_adapter(model: nn.Module, directory: str | Path, arch: Arch, load_8bit:
                  int8_threshold: float = INT8_THRESHOLD, int8_backend: str = "auto") -> dict[str, LoraLinear]:
     """Wrap ``model`` with the LoRA layers of a PEFT adapter directory and load their weights (a fused layer's LoRA
     split into its parts', as the model is: ``lpt.fused``)."""
-    from lpt.fused import adapter_from_file
-
     cfg, sd = read_adapter(directory)
-    sd = adapter_from_file(sd, arch, f"adapter {directory}")
+    sd = fused.adapter_from_file(sd, arch, f"adapter {directory}")
     paths = sorted({k[len(PEFT_PREFIX):].rsplit(".lora_", 1)[0] for k in sd if k.startswith(PEFT_PREFIX)})
     if not paths:
         raise LptError(f"{directory}: adapter holds no LoRA weights")

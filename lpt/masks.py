@@ -18,7 +18,7 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from lpt import artifacts
-from lpt.arch import FAN_IN, FAN_OUT, Arch
+from lpt.arch import FAN_IN, Arch
 from lpt.errors import LptError, MismatchError
 
 READS = (1, 2)  # masks.json schema versions this lpt reads

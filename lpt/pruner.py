@@ -2,10 +2,11 @@
 
 How a group is scored lives in ``lpt.importance`` (estimators) and ``lpt.criteria`` (math); what is cut where in
 ``lpt.budget`` (a ``Budget`` built once from the config and the model's ``Arch``), the width counts in
-``lpt.groups``, which units are cut in ``lpt.selection``, the masks in ``lpt.masks`` and the block gates and residual
-mask of depth and hidden-size pruning in ``lpt.gates``; the sparsity schedule and moving average in
-``lpt.schedule``; the losses in ``lpt.losses``. ``validate`` checks a ``PruneConfig`` (the stage and ``lpt bench
-prune-step`` call it). The stage around the loop (loading, calibration, outputs) is ``lpt prune``'s.
+``lpt.groups``, which units are cut in ``lpt.selection``, the masks in ``lpt.masks`` and the residual mask of
+hidden-size pruning in ``lpt.gates``; the sparsity schedule and moving average in ``lpt.schedule``; the losses in
+``lpt.losses``. A ``PruneConfig``'s rules are declared with its fields (``lpt.config.check``); ``check_model``
+checks it against the model's widths (its ``Budget``). The stage around the loop (loading, calibration, outputs) is
+``lpt prune``'s.
 """
 
 from __future__ import annotations
@@ -17,23 +18,15 @@ from typing import Any, Iterable
 
 import torch
 
-from lpt import (budget as budgets, calibration, checkpoint, criteria, distributed, groups, importance, int8, lora,
-                 losses, schedule, selection)
-from lpt.arch import PROJECTIONS, Arch
-from lpt.benchmarking.memory import peak_memory_bytes
+from lpt import budget as budgets
+from lpt import checkpoint, distributed, importance, int8, lora, losses, modeling, schedule, selection
+from lpt.arch import Arch
 from lpt.budget import Budget, Candidate
-from lpt.config import (PROJECTION_LIST, CalibrateConfig, PruneConfig, check_finite, prune_ratio,
-                        round_to_channels)
+from lpt.config import PruneConfig, resolved
 from lpt.errors import DivergedError, LptError
 from lpt.gates import ResidualMask
 from lpt.masks import Masks, apply_masks
-
-
-def resolve_gqa(arch: Arch, gqa: str) -> tuple[str, str | None]:
-    """``--gqa auto`` made concrete for ``arch`` (``arch.default_gqa``), with a note for the user or None."""
-    from lpt.arch import default_gqa
-
-    return default_gqa(arch, None if gqa == "auto" else gqa)
+from lpt.memory import peak_bytes
 
 
 def divergence_hint(cfg: PruneConfig) -> str:
@@ -59,97 +52,19 @@ def targets(cfg: PruneConfig) -> list[str]:
     return [t.strip() for t in cfg.targets.split(",") if t.strip()]
 
 
-def validate(cfg: PruneConfig) -> None:
-    """Every option of a pruning run, as one-line errors naming the flag (before anything is loaded)."""
-    def need(ok: bool, msg: str) -> None:
-        if not ok:
-            raise LptError(msg)
-
-    choices = (("criterion", importance.CRITERIA), ("score", criteria.SCORES), ("gqa", ("auto", *groups.GQA_MODES)),
-               ("layout", groups.LAYOUTS), ("normalize_by", importance.NORMALIZE))
-    for name, allowed in choices:
-        need(getattr(cfg, name) in allowed,
-             f"unknown --{name.replace('_', '-')} '{getattr(cfg, name)}' (use {', '.join(allowed)})")
-    groups.check_ratio(prune_ratio(cfg))
-    need(cfg.block_criterion in importance.BLOCK_CRITERIA,
-         f"unknown --block-criterion '{cfg.block_criterion}' (use {', '.join(importance.BLOCK_CRITERIA)})")
-    need(cfg.hidden_criterion in importance.HIDDEN_CRITERIA,
-         f"unknown --hidden-criterion '{cfg.hidden_criterion}' (use {', '.join(importance.HIDDEN_CRITERIA)})")
-    need(cfg.prune_layers >= 0, f"--prune-layers must be >= 0 (got {cfg.prune_layers:g})")
-    need(0.0 <= cfg.hidden_ratio < 1.0, f"--hidden-ratio must be in [0, 1) (got {cfg.hidden_ratio})")
-    need(cfg.model_ratio is None or 0.0 < cfg.model_ratio < 1.0,
-         f"--model-ratio must be in (0, 1) (got {cfg.model_ratio})")
-    if cfg.target_params is not None:
-        budgets.parse_params(cfg.target_params)
-    budgets.parse_axes(cfg.axes)
-    need(cfg.search_grid >= 1, f"--search-grid must be positive (got {cfg.search_grid})")
-    budgets.tp_sizes(cfg.tp)
-    need(not ((cfg.model_ratio is not None or cfg.target_params is not None) and cfg.ratio is not None),
-         "--ratio fixes the width axis, --model-ratio / --target-params search over --axes: give one or the other")
-    importance.check_int8(cfg.criterion, cfg.load_8bit)
-    need(cfg.int8_backend in int8.BACKENDS,
-         f"unknown --int8-backend '{cfg.int8_backend}' (use {', '.join(int8.BACKENDS)})")
-    need(cfg.lora_r > 0, f"--lora-r must be positive (got {cfg.lora_r})")
-    need(cfg.batch_size > 0 and cfg.micro_batch_size > 0, "--batch-size and --micro-batch-size must be positive")
-    need(cfg.batch_size % cfg.micro_batch_size == 0,
-         f"--batch-size {cfg.batch_size} must be a multiple of --micro-batch-size {cfg.micro_batch_size}")
-    need(0.0 <= cfg.ema < 1.0, f"--ema must be in [0, 1) (got {cfg.ema})")
-    need(cfg.prune_freq > 0, f"--prune-freq must be positive (got {cfg.prune_freq})")
-    need(0.0 <= cfg.warmup < 1.0 and 0.0 <= cfg.cooldown < 1.0 and cfg.warmup + cfg.cooldown < 1.0,
-         "--warmup and --cooldown must be fractions in [0, 1) with warmup + cooldown < 1")
-    need(cfg.epochs > 0 or cfg.max_steps > 0, "give --epochs > 0 or --max-steps > 0")
-    need(cfg.lr > 0, f"--lr must be positive (got {cfg.lr})")
-    need(cfg.distill_temperature > 0, f"--distill-temperature must be positive (got {cfg.distill_temperature})")
-    need(0.0 <= cfg.distill_weight <= 1.0, f"--distill-weight must be in [0, 1] (got {cfg.distill_weight})")
-    need(not (cfg.distill and cfg.distill_weight == 1.0 and prune_ratio(cfg) > 0 and not cfg.one_shot
-              and importance.ESTIMATORS[cfg.criterion].needs_backward),
-         f"--distill-weight 1 leaves --criterion {cfg.criterion} no gradient to score with (the KL's gradient is "
-         f"zero while the student equals the teacher); use a weight below 1 or --one-shot")
-    groups.parse_balance(cfg.balance)  # a one-line error for anything but search, proportional or a count
-    round_to_channels(cfg.round_to)  # a one-line error for anything but a preset name or a positive count
-    bad = [t for t in targets(cfg) if t not in PROJECTIONS]
-    need(not bad, f"unknown --targets {', '.join(bad)} (choose from {PROJECTION_LIST})")
-    check_ranges(cfg)
-
-
-def check_ranges(cfg: PruneConfig) -> None:
-    """The numeric flags :func:`validate` does not check above: finite and in range (typer reads nan and inf as
-    floats), and the inline calibration flags when there is no --calib."""
-    check_finite(cfg)
-    ranges = (("lora_alpha", cfg.lora_alpha > 0, "positive"), ("lora_dropout", 0 <= cfg.lora_dropout < 1, "in [0, 1)"),
-              ("lr_warmup", 0 <= cfg.lr_warmup <= 1, "in [0, 1]"), ("weight_decay", cfg.weight_decay >= 0, ">= 0"),
-              ("max_grad_norm", cfg.max_grad_norm >= 0, ">= 0 (0 disables clipping)"),
-              ("int8_threshold", cfg.int8_threshold >= 0, ">= 0"), ("epochs", cfg.epochs >= 0, ">= 0"),
-              ("max_steps", cfg.max_steps >= 0, ">= 0"), ("save_every", cfg.save_every >= 0, ">= 0 (0: never)"),
-              ("log_every", cfg.log_every >= 1, "positive"))
-    for name, ok, what in ranges:
-        if not ok:
-            raise LptError(f"--{name.replace('_', '-')} must be {what} (got {getattr(cfg, name)})")
-    if not cfg.calib:
-        calibration.check(CalibrateConfig(nsamples=cfg.nsamples, seq_len=cfg.seq_len))
-
-
 def check_model(cfg: PruneConfig, arch: Arch) -> Budget:
-    """What :func:`validate` cannot know without the model's config -- the flags against the model's widths
-    (--round-to against the MLP width, --balance N against the attention units, --skip-layers, --ratio,
-    --prune-layers, --hidden-ratio, --model-ratio / --target-params, --tp against the layers and sizes) -- checked
+    """What a config's own rules (``lpt.config.check``) cannot know without the model's config -- the flags against
+    the model's widths (--round-to against the MLP width, --balance N against the attention units, --skip-layers,
+    --ratio, --prune-layers, --hidden-ratio, --model-ratio / --target-params, --tp against the layers and sizes;
+    per-layer widths and query-head / hidden-size pruning where the family's config would not load them) -- checked
     before anything is written, instead of at the first mask update. Returns the run's ``Budget``."""
     budget = budgets.plan(resolved(cfg), arch)
     if budget.layout == "per-layer":
-        from lpt import modeling
-
         modeling.class_name(arch.model_type)  # a family lpt.modeling cannot build with per-layer widths: one line
     if arch.heads_locked and any(c.heads or c.hidden for c in budget.candidates):
         raise LptError(f"{arch.heads_locked}, so a model with fewer query heads or a smaller hidden size would not "
                        f"load: prune MLP channels (--balance 0) or whole blocks (--prune-layers) only")
     return budget
-
-
-def resolved(cfg: PruneConfig) -> PruneConfig:
-    """``cfg`` with the values that default to something derived made concrete (``--ratio``, ``--round-to``'s
-    preset): a copy, the config given is unchanged."""
-    return dataclasses.replace(cfg, ratio=prune_ratio(cfg), round_to=round_to_channels(cfg.round_to),
-                               tp=list(budgets.tp_sizes(cfg.tp)))
 
 
 def _state_field(name: str) -> property:
@@ -179,7 +94,7 @@ class Pruner:
         self.prunes_blocks = any(c.blocks for c in cands)
         self.prunes_hidden = any(c.hidden for c in cands)
         self.criterion = cfg.criterion if self.prunes_width or self.budget.model_level else "none"
-        quantize = cfg.load_8bit and not any(lora.is_int8(m) for m in model.modules())  # not quantized on load
+        quantize = cfg.load_8bit and not any(int8.is_int8(m) for m in model.modules())  # not quantized on load
         self.layers = lora.inject(model, arch, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
                                   targets=targets(cfg), load_8bit=quantize, int8_threshold=cfg.int8_threshold,
                                   int8_backend=cfg.int8_backend)
@@ -533,7 +448,7 @@ class Pruner:
             torch.cuda.synchronize(self.device)  # honest per-step seconds on a GPU
         return {"step": self.step, "loss": round(loss, 6), "sparsity": round(self.sparsity, 6),
                 "target_sparsity": round(self.target_sparsity, 6), "lr": self.scheduler.get_last_lr()[0],
-                "seconds": round(time.perf_counter() - t0, 4), "peak_memory_bytes": peak_memory_bytes(self.device)}
+                "seconds": round(time.perf_counter() - t0, 4), "peak_memory_bytes": peak_bytes(self.device)}
 
     def score_at_update(self, batch: dict[str, torch.Tensor]) -> None:
         """The scores read when the masks grow: weights-only width criteria, random and drop-loss block scores."""

@@ -46,6 +46,12 @@ def env_flag(name: str) -> bool:
     return os.environ.get(name, "").strip().lower() not in ("", "0", "false", "no")
 
 
+def debug() -> bool:
+    """Whether lpt runs with ``--debug`` (set by :func:`configure`, which the CLI calls once per command) or with
+    ``LPT_DEBUG`` set (the Python API, child processes)."""
+    return _STATE.debug or bool(os.environ.get("LPT_DEBUG"))
+
+
 def configure(debug: bool = False, quiet: bool = False) -> None:
     """Hide other libraries' warnings and bars unless ``debug``; with ``quiet`` hide lpt's own output too.
 

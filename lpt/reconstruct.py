@@ -19,7 +19,8 @@ from typing import Iterable, Mapping
 import torch
 from torch import nn
 
-from lpt.arch import FAN_IN, Arch
+from lpt import int8, lora
+from lpt.arch import ATTN_IN, ATTN_OUT, FAN_IN, MLP_IN, MLP_OUT, Arch, get_module, set_module
 
 MODES = ("sequential", "independent")  # lpt slice --reconstruct-mode
 
@@ -48,8 +49,6 @@ def collect_grams(model, arch: Arch, batches: Iterable[Mapping[str, torch.Tensor
                   ) -> dict[tuple[int, str], torch.Tensor]:
     """``G = X^T X`` (accumulated in float64, on the CPU) of the inputs of every ``o_proj`` / ``down_proj`` in ``layers``, over
     ``batches`` run through ``model`` as it is (pass the unpruned model for dense inputs)."""
-    from lpt.arch import get_module
-
     grams: dict[tuple[int, str], torch.Tensor] = {}
     handles = []
     for i in layers:
@@ -93,9 +92,6 @@ def refit(model, arch: Arch, batches: Iterable[Mapping[str, torch.Tensor]], mask
     ``independent``: every layer from the unpruned model's inputs in one pass; with LoRA layers the target is the
     base weight with LoRA's change on the kept columns (``W0 + s·B·A`` there; the pruned columns as the base had
     them, since LoRA never saw them). ``on_layer(i)`` is called as each layer is done (sequential)."""
-    from lpt import lora
-    from lpt.arch import get_module
-
     if mode == "sequential":
         return sequential_refit(model, arch, batches, masks, damp, on_layer=on_layer)
     layers = range(arch.num_layers)
@@ -107,7 +103,7 @@ def refit(model, arch: Arch, batches: Iterable[Mapping[str, torch.Tensor]], mask
             mod = get_module(model, arch.module_path(i, proj))
             if isinstance(mod, lora.LoraLinear):  # LoRA's change on the kept columns; the pruned ones as trained on
                 keep = kept_columns(masks, arch, i, proj).to(mod.base_layer.weight.device)
-                w = lora.dense_weight(mod.base_layer).clone()  # never the base weight itself
+                w = int8.dense_weight(mod.base_layer).clone()  # never the base weight itself
                 w[:, keep] += mod.delta().to(w.device)[:, keep]
             else:
                 w = mod.weight.detach().float()
@@ -117,8 +113,6 @@ def refit(model, arch: Arch, batches: Iterable[Mapping[str, torch.Tensor]], mask
 
 def set_weights(model, arch: Arch, weights: Mapping[tuple[int, str], torch.Tensor]) -> None:
     """Copy refitted weights (``{(layer, projection): weight}``) into ``model``'s plain linear layers."""
-    from lpt.arch import get_module
-
     with torch.no_grad():
         for (i, proj), w in weights.items():
             mod = get_module(model, arch.module_path(i, proj))
@@ -205,9 +199,6 @@ def sequential_refit(model, arch: Arch, batches: Iterable[Mapping[str, torch.Ten
     weights (pruned columns zero); ``model`` is left as it was. Memory: the hidden states of every calibration block
     and one projection's ``C`` and ``G``; time: about two forwards of each layer per block.
     """
-    from lpt import lora
-    from lpt.arch import ATTN_IN, ATTN_OUT, MLP_IN, MLP_OUT, get_module, set_module
-
     decoder = get_module(model, arch.family.layers)
     dev = next(model.parameters()).device
     with lora.disabled(model):
@@ -239,7 +230,7 @@ def sequential_refit(model, arch: Arch, batches: Iterable[Mapping[str, torch.Ten
                         xk = x[:, keep]
                     c, g = (x.T @ xk).double().cpu(), (xk.T @ xk).double().cpu()
                     C, G = (c, g) if C is None else (C + c, G + g)
-                W = lora.dense_weight(mod.base_layer).float().clone()
+                W = int8.dense_weight(mod.base_layer).float().clone()
                 if mod.r:  # LoRA's change on the kept columns only
                     W[:, keep] += mod.delta().to(W.device).float()[:, keep]
                 new = torch.zeros_like(W)

@@ -279,7 +279,8 @@ def file_sizes(dense_file: Path | None, slice_dir: Path | None, prov: dict | Non
             rows.append((f"safetensors, {dtype}", [fmt_bytes(disk_size(dense_dir)), pruned]))
         else:
             before = ((prov or {}).get("params") or {}).get("before")
-            computed = f"{fmt_bytes(before * DTYPE_BYTES[dtype])} (computed)" if before and dtype in DTYPE_BYTES else "-"
+            known = before and dtype in DTYPE_BYTES
+            computed = f"{fmt_bytes(before * DTYPE_BYTES[dtype])} (computed)" if known else "-"
             rows.append((f"safetensors, {dtype or '?'}", [computed, pruned]))
             if computed != "-":
                 notes.append(f"the dense safetensors size is computed ({before:,} parameters x {DTYPE_BYTES[dtype]} "

@@ -71,13 +71,13 @@ def slice_linear(layer: nn.Module, index: torch.Tensor, dim: int) -> nn.Module:
     bitsandbytes int8 layers are de-quantized, sliced and quantized again; lpt's weight-only int8 layers
     (``--int8-backend torch``) keep their codes and row scales as they are (``Int8Linear.sliced``).
     """
-    from lpt import lora
-    from lpt.int8 import Int8Linear
+    from lpt.config import INT8_THRESHOLD
+    from lpt.int8 import Int8Linear, dense_weight, is_int8, quantize_8bit
 
     if isinstance(layer, Int8Linear):
         return layer.sliced(index, dim)
-    int8 = lora.is_int8(layer)
-    w = lora.dense_weight(layer, torch.float32) if int8 else layer.weight.detach()
+    int8 = is_int8(layer)
+    w = dense_weight(layer, torch.float32) if int8 else layer.weight.detach()
     w = slice_weight(w, index, dim)
     bias = layer.bias.detach() if layer.bias is not None else None
     if bias is not None and dim == 0:
@@ -91,8 +91,8 @@ def slice_linear(layer: nn.Module, index: torch.Tensor, dim: int) -> nn.Module:
     out.requires_grad_(False)
     if not int8:
         return out
-    threshold = getattr(getattr(layer, "state", None), "threshold", lora.INT8_THRESHOLD)
-    return lora.quantize_8bit(out, threshold)  # the same LLM.int8 outlier threshold as the layer it replaces
+    threshold = getattr(getattr(layer, "state", None), "threshold", INT8_THRESHOLD)
+    return quantize_8bit(out, threshold)  # the same LLM.int8 outlier threshold as the layer it replaces
 
 
 def _slice_param(linear: nn.Linear, index: torch.Tensor, dim: int) -> None:

@@ -104,7 +104,7 @@ def test_sliced_adapter_on_sliced_base_equals_masked(case, tmp_path):
     out = slice_stage.run(SliceConfig(model=str(tmp / "model"), masks=str(tmp / "masks.json"),
                                       adapter=str(tmp / "adapter"), output=str(tmp_path / "s"), device="cpu",
                                       dtype="float32"))
-    loaded = models.load(str(out), adapter=out / "adapter", dtype="float32", device="cpu")
+    loaded = models.load(str(out), models.LoadOptions(adapter=out / "adapter", dtype="float32", device="cpu"))
     with torch.no_grad():
         got = loaded.model(SEQ).logits
     torch.testing.assert_close(got, case["masked"], **TOL)

@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from conftest import build_model, invoke, tiny_config
-from lpt import artifacts, groups, lora
+from lpt import artifacts, lora
+from lpt.masks import Masks
 from lpt.arch import describe
 from lpt.benchmarking import flops, schema, shapes
 from lpt.errors import LptError
@@ -54,7 +55,7 @@ def prune_dir(tmp_path_factory, tiny_llama_dir):
                 layer.lora_B.weight.copy_(torch.randn(layer.lora_B.weight.shape, generator=g) * 0.05)
     heads = [torch.tensor([False, True]) for _ in range(2)]  # prune key/value group 1 (query heads 2, 3)
     chans = [torch.arange(96) % 4 == 0 for _ in range(2)]  # prune 24 of 96 channels
-    masks = groups.Masks.from_pruned(arch, heads, chans, "kv-groups", model=str(tiny_llama_dir))
+    masks = Masks.from_pruned(arch, heads, chans, "kv-groups", model=str(tiny_llama_dir))
     out = tmp_path_factory.mktemp("prune") / "prune-out"
     lora.save_adapter(model, out, base_model=str(tiny_llama_dir))
     masks.save(out / artifacts.MASKS)

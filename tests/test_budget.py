@@ -10,7 +10,7 @@ from lpt import budget, groups
 from lpt.arch import describe, supported_model_types
 from lpt.config import PruneConfig
 from lpt.errors import LptError
-from lpt.pruner import resolved
+from lpt.config import resolved
 from test_families import family_config
 
 SMOL = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,

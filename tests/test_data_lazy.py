@@ -7,9 +7,8 @@ import tracemalloc
 import pytest
 import torch
 
-from lpt import data
+from lpt import calibration, data
 from lpt.config import CalibrateConfig
-from lpt.stages import calibrate
 
 
 def _instruction_parquet(path, n, row_group=100_000):
@@ -57,13 +56,13 @@ def test_calibration_cost_does_not_grow_with_the_file(tmp_path, tiny_llama_dir):
         cfg = CalibrateConfig(model=str(tiny_llama_dir), data=str(path), nsamples=32, seq_len=128)
         tracemalloc.start()
         t0 = time.perf_counter()
-        train, _, meta = calibrate.make_blocks(cfg, tok)
+        train, _, meta = calibration.make_blocks(cfg, tok)
         seconds[name] = time.perf_counter() - t0
         peaks[name] = tracemalloc.get_traced_memory()[1]
         tracemalloc.stop()
         assert meta["format"] == "instruction" and train["input_ids"].shape == (32, 128)
         used[name] = meta["records_available"]
-        again, _, _ = calibrate.make_blocks(cfg, tok)
+        again, _, _ = calibration.make_blocks(cfg, tok)
         assert torch.equal(again["input_ids"], train["input_ids"])  # same seed, same blocks
     assert used == {"small": 10_000, "large": 1_000_000}
     print(f"peak Python memory {peaks}, seconds {seconds}")
@@ -97,11 +96,11 @@ def _rank0_worker(rank, path, tok_dir, src, out_dir):
             data.open_records = refuse
         tok = AutoTokenizer.from_pretrained(tok_dir)
         cfg = CalibrateConfig(model=tok_dir, data=src, nsamples=6, seq_len=32)
-        train, val, meta = calibrate.make_blocks_rank0(cfg, tok)
+        train, val, meta = calibration.make_blocks_rank0(cfg, tok)
         torch.save({"train": train, "meta": meta}, f"{out_dir}/rank{rank}.pt")
         bad = CalibrateConfig(model=tok_dir, data=src, nsamples=6, seq_len=10**8)
         try:
-            calibrate.make_blocks_rank0(bad, tok)
+            calibration.make_blocks_rank0(bad, tok)
         except LptError as e:  # rank 0's error reaches every rank (no rank waits forever)
             assert "fewer than --seq-len" in str(e)
         else:
@@ -118,16 +117,16 @@ def test_rank0_calibration_is_shared(tmp_path, tiny_llama_dir):
     torch.multiprocessing.spawn(_rank0_worker, args=(str(tmp_path / "rdzv"), str(tiny_llama_dir), src, str(tmp_path)),
                                 nprocs=2, join=True)
     tok = AutoTokenizer.from_pretrained(tiny_llama_dir)
-    want, _, meta = calibrate.make_blocks(CalibrateConfig(model=str(tiny_llama_dir), data=src, nsamples=6, seq_len=32),
-                                          tok)
+    want, _, meta = calibration.make_blocks(
+        CalibrateConfig(model=str(tiny_llama_dir), data=src, nsamples=6, seq_len=32), tok)
     for r in (0, 1):
         got = torch.load(tmp_path / f"rank{r}.pt")
         assert got["meta"] == meta
         for k in want:
             assert torch.equal(got["train"][k], want[k])
     # without a process group it is make_blocks
-    one, _, _ = calibrate.make_blocks_rank0(CalibrateConfig(model=str(tiny_llama_dir), data=src, nsamples=6,
-                                                            seq_len=32), tok)
+    one, _, _ = calibration.make_blocks_rank0(
+        CalibrateConfig(model=str(tiny_llama_dir), data=src, nsamples=6, seq_len=32), tok)
     assert torch.equal(one["input_ids"], want["input_ids"])
 
 

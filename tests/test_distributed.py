@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from conftest import build_model, invoke, tiny_config
-from lpt import artifacts, distributed, lora, models
+from lpt import artifacts, distributed, int8, lora, models
 from lpt.benchmarking import scaling
 from lpt.arch import describe, get_module
 from lpt.config import PruneConfig
@@ -207,21 +207,22 @@ def test_int8_quantized_while_loading_is_bit_identical(tiny_llama_dir):
     from transformers import AutoModelForCausalLM
 
     pytest.importorskip("bitsandbytes")
-    model, tok = models.load_int8(str(tiny_llama_dir), device="cpu", dtype="float32", int8_backend="bitsandbytes")
+    model, tok = models.load_int8(str(tiny_llama_dir), models.LoadOptions(device="cpu", dtype="float32",
+                                                                           int8_backend="bitsandbytes"))
     assert tok is not None
     dense = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
     arch = describe(model.config)
     for i in range(arch.num_layers):
         for proj in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"):
             path = arch.module_path(i, proj)
-            q, ref = get_module(model, path), lora.quantize_8bit(get_module(dense, path))
-            assert lora.is_int8(q)
-            torch.testing.assert_close(lora.dense_weight(q), lora.dense_weight(ref), rtol=0, atol=0)
-    assert not lora.is_int8(model.lm_head)
+            q, ref = get_module(model, path), int8.quantize_8bit(get_module(dense, path))
+            assert int8.is_int8(q)
+            torch.testing.assert_close(int8.dense_weight(q), int8.dense_weight(ref), rtol=0, atol=0)
+    assert not int8.is_int8(model.lm_head)
     # lora.inject keeps the bases quantized on load as they are (no second quantization)
     p = prune.Pruner(model, arch, PruneConfig(load_8bit=True, int8_backend="bitsandbytes", lora_r=4), total_steps=4)
-    torch.testing.assert_close(lora.dense_weight(p.layers[arch.module_path(0, "q_proj")].base_layer),
-                               lora.dense_weight(lora.quantize_8bit(dense.model.layers[0].self_attn.q_proj)),
+    torch.testing.assert_close(int8.dense_weight(p.layers[arch.module_path(0, "q_proj")].base_layer),
+                               int8.dense_weight(int8.quantize_8bit(dense.model.layers[0].self_attn.q_proj)),
                                rtol=0, atol=0)
 
 

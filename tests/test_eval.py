@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from conftest import invoke
-from lpt import groups, lora
+from lpt import lora
+from lpt.masks import Masks
 from lpt.arch import describe
 
 DATA = Path(__file__).parent / "data"
@@ -99,7 +100,7 @@ def _prune_outputs(model_dir: Path, out: Path, with_adapter: bool) -> tuple[Path
             torch.nn.init.normal_(layer.lora_B.weight, std=0.05)
     heads = [torch.tensor([False, True])] * arch.num_layers  # kv-groups: prune key/value group 1 everywhere
     chans = [torch.arange(arch.intermediate_size) % 3 == 1] * arch.num_layers
-    masks = groups.Masks.from_pruned(arch, heads, chans, "kv-groups", model=str(model_dir))
+    masks = Masks.from_pruned(arch, heads, chans, "kv-groups", model=str(model_dir))
     out.mkdir(parents=True)
     adapter = None
     if with_adapter:
@@ -115,7 +116,7 @@ def _sliced_dir(model_dir: Path, adapter: Path | None, masks_path: Path, out: Pa
 
     m, _ = _load(model_dir)
     arch = describe(m.config)
-    masks = groups.Masks.load(masks_path, arch)
+    masks = Masks.load(masks_path, arch)
     if adapter is not None:
         lora.load_adapter(m, adapter, arch)
         lora.merge_lora(m, apply_masks=True)

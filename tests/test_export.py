@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from conftest import VOCAB, build_model, invoke, tiny_config
-from lpt import artifacts, groups, llamacpp
+from lpt import artifacts, llamacpp
+from lpt.masks import Masks
 from lpt.arch import describe
 
 NEEDS_CONVERTER = pytest.mark.skipif(
@@ -70,8 +71,8 @@ def sliced(tmp_path_factory):
     build_llama_tokenizer(model_dir)
     arch = describe(tiny_config(gqa=True))
     channels = torch.arange(arch.intermediate_size)
-    masks = groups.Masks.from_pruned(arch, [torch.tensor([False, True]), torch.tensor([True, False])],
-                                     [channels % 4 == 1, channels % 4 == 2], "kv-groups", model=str(model_dir))
+    masks = Masks.from_pruned(arch, [torch.tensor([False, True]), torch.tensor([True, False])],
+                              [channels % 4 == 1, channels % 4 == 2], "kv-groups", model=str(model_dir))
     masks.save(tmp / artifacts.MASKS)
     r = invoke(CliRunner(), ["slice", model_dir, "--masks", tmp / artifacts.MASKS, "-o", tmp / "sliced",
                              "--device", "cpu"])
@@ -266,6 +267,65 @@ def test_llamacpp_runs_the_exported_model_with_the_sliced_logits(runner, sliced,
         err = float((got - want).abs().max() / want.abs().max())
         assert err < tol, (outtype, err)
         del llm
+
+
+@pytest.fixture(scope="module")
+def axes_sliced(tmp_path_factory):
+    """A tiny 4-layer Llama with a Llama-style tokenizer with block 1 and 16 of the 64 hidden channels removed
+    (and a kv group per layer), sliced: fewer layers, a smaller hidden size."""
+    from typer.testing import CliRunner
+
+    tmp = tmp_path_factory.mktemp("export-axes")
+    model_dir = tmp / "model"
+    cfg = tiny_config(gqa=True, layers=4)
+    build_model(cfg).save_pretrained(model_dir)
+    build_llama_tokenizer(model_dir)
+    arch = describe(cfg)
+    channels = torch.arange(arch.intermediate_size)
+    hidden = torch.zeros(arch.hidden_size, dtype=torch.bool)
+    hidden[torch.randperm(arch.hidden_size, generator=torch.Generator().manual_seed(0))[:16]] = True
+    masks = Masks.from_pruned(arch, [torch.tensor([i % 2 == 0, i % 2 == 1]) for i in range(4)],
+                              [channels % 4 == i % 4 for i in range(4)], "kv-groups",
+                              blocks_pruned=torch.tensor([False, True, False, False]), hidden_pruned=hidden,
+                              model=str(model_dir))
+    masks.save(tmp / artifacts.MASKS)
+    r = invoke(CliRunner(), ["slice", model_dir, "--masks", tmp / artifacts.MASKS, "-o", tmp / "sliced",
+                             "--device", "cpu", "--dtype", "float32"])
+    assert r.exit_code == 0, r.output
+    return tmp / "sliced"
+
+
+@NEEDS_CONVERTER
+def test_depth_and_hidden_pruned_model_round_trips_through_gguf(runner, axes_sliced, tmp_path):
+    """A model with blocks and hidden channels removed converts: the GGUF has 3 blocks and a hidden size of 48, and
+    transformers reads it back with the sliced directory's logits."""
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "axes-f32.gguf"
+    r = invoke(runner, ["export", axes_sliced, "--gguf", "--outtype", "f32", "-o", out])
+    assert r.exit_code == 0, r.output
+    got_model = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=out.name, dtype=torch.float32).eval()
+    assert (got_model.config.num_hidden_layers, got_model.config.hidden_size) == (3, 48)
+    want_model = AutoModelForCausalLM.from_pretrained(axes_sliced, dtype=torch.float32).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(got_model(SEQ).logits, want_model(SEQ).logits, rtol=1e-5, atol=1e-5)
+
+
+@NEEDS_CONVERTER
+@NEEDS_QUANTIZER
+def test_llamacpp_runs_a_depth_and_hidden_pruned_model(runner, axes_sliced, tmp_path):
+    from llama_cpp import Llama
+    from transformers import AutoModelForCausalLM
+
+    ids = SEQ[0].tolist()
+    with torch.no_grad():
+        want = AutoModelForCausalLM.from_pretrained(axes_sliced, dtype=torch.float32).eval()(SEQ[:1]).logits[0]
+    out = tmp_path / "axes-f32.gguf"
+    assert invoke(runner, ["export", axes_sliced, "--gguf", "--outtype", "f32", "-o", out]).exit_code == 0
+    llm = Llama(model_path=str(out), n_ctx=64, n_threads=1, logits_all=True, verbose=False)
+    llm.eval(ids)
+    got = torch.tensor(llm.scores[: len(ids)], dtype=torch.float32)
+    assert float((got - want).abs().max() / want.abs().max()) < 1e-3
 
 
 # ------------------------------------------------------------------------------------------------ fallback, lpt run

@@ -11,6 +11,7 @@ import torch
 
 from conftest import VOCAB
 from lpt import groups, lora
+from lpt.masks import Masks, apply_masks
 from lpt.arch import FAMILIES, default_gqa, describe, supported_model_types
 from lpt.errors import LptError
 
@@ -82,7 +83,7 @@ def make_masks(arch, gqa_mode, heads, layout):
     units = arch.num_kv_heads if gqa_mode == "kv-groups" else arch.num_heads
     hp = [torch.tensor([u in h for u in range(units)]) for h in heads]
     cp = [channel_rule(i if layout == "per-layer" else 0, arch.intermediate_size) for i in range(arch.num_layers)]
-    return groups.Masks.from_pruned(arch, hp, cp, gqa_mode)
+    return Masks.from_pruned(arch, hp, cp, gqa_mode)
 
 
 @pytest.fixture(scope="module", params=list(CASES))
@@ -102,7 +103,7 @@ def case(request, tmp_path_factory, tiny_tokenizer_dir):
     assert masks.is_uniform() == (layout == "uniform")
     masks.save(tmp / "masks.json")
     lora.inject(model, arch, r=4, alpha=8.0)  # B starts at zero: the masks alone change the function
-    groups.apply_masks(model, masks)
+    apply_masks(model, masks)
     with torch.no_grad():
         masked = model(SEQ).logits
     out = slice_stage.run(slice_stage.SliceConfig(model=str(tmp / "model"), masks=str(tmp / "masks.json"),
@@ -180,7 +181,7 @@ def test_block_params_match_the_modules(model_type, bias):
     # removing one unit of each kind removes what unit_params says
     for gqa in groups.GQA_MODES:
         head, chan = groups.unit_params(arch, gqa)
-        full = groups.Masks.full(arch, gqa=gqa)
+        full = Masks.full(arch, gqa=gqa)
         m = full.layers[0]
         if gqa == "kv-groups":
             m.kv_heads = m.kv_heads[1:]
@@ -240,7 +241,7 @@ def test_prune_runs_on_a_new_family(tmp_path, tiny_tokenizer_dir, tiny_calib_dir
                                 micro_batch_size=2, prune_freq=1, warmup=0.0, cooldown=0.0, lora_r=4, lora_alpha=8,
                                 lora_dropout=0.0, device="cpu", output=str(tmp_path / "prune")))
     out = tmp_path / "prune" if out is None else out
-    masks = groups.Masks.load(out / "masks.json", describe(family_config("olmo2")))
+    masks = Masks.load(out / "masks.json", describe(family_config("olmo2")))
     assert masks.block_params()[1] < masks.block_params()[0]
     sliced = slice_stage.run(slice_stage.SliceConfig(model=str(d), masks=str(out / "masks.json"),
                                                      adapter=str(out), merge=True, output=str(tmp_path / "s"),
@@ -291,8 +292,8 @@ def test_sequential_reconstruction_runs_on_every_family(model_type):
     assert ((fitted - dense) ** 2).mean() < 0.8 * ((plain - dense) ** 2).mean()
 
     model = build(cfg)
-    nothing = groups.Masks.from_pruned(arch, [torch.zeros(arch.num_kv_heads, dtype=torch.bool)] * arch.num_layers,
-                                       [torch.zeros(arch.intermediate_size, dtype=torch.bool)] * arch.num_layers,
+    nothing = Masks.from_pruned(arch, [torch.zeros(arch.num_kv_heads, dtype=torch.bool)] * arch.num_layers,
+                                [torch.zeros(arch.intermediate_size, dtype=torch.bool)] * arch.num_layers,
                                        "kv-groups")
     models.attach(model, arch, masks=nothing)
     refit = reconstruct.sequential_refit(model, arch, batches, nothing, damp=0.0)

@@ -13,9 +13,10 @@ import pytest
 import torch
 
 from conftest import VOCAB, invoke
-from lpt import artifacts, fused, groups, llamacpp, lora, models
+from lpt import artifacts, fused, int8, llamacpp, lora, models
 from lpt.arch import PROJECTIONS, describe, get_module
 from lpt.errors import LptError
+from lpt.masks import Masks
 
 SEQ = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(5))
 TOL = dict(rtol=1e-4, atol=1e-4)
@@ -24,6 +25,11 @@ PHI3 = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_l
 LONGROPE = dict(rope_parameters=dict(rope_type="longrope", rope_theta=10000.0, short_factor=[1.0, 1.1, 1.2, 1.3],
                                      long_factor=[2.0, 2.1, 2.2, 2.3], partial_rotary_factor=0.5),
                 max_position_embeddings=1024, original_max_position_embeddings=256)
+
+
+def F32(**kw):
+    """lpt's loader options for the comparisons here: float32 on the CPU, no tokenizer."""
+    return models.LoadOptions(**{"dtype": "float32", "device": "cpu", "tokenizer": False, **kw})
 
 
 def phi3_config(**kw):
@@ -109,15 +115,15 @@ def test_load_splits_and_every_int8_backend_and_device_map_work(tmp_path, tiny_t
     --device-map (every layer on a device) give the stock model's logits (int8: close to them)."""
     d = model_dir(tmp_path, tiny_tokenizer_dir)
     want = logits(plain(d))
-    got = models.load(str(d), dtype="float32", device="cpu", tokenizer=False)
+    got = models.load(str(d), F32())
     assert isinstance(got.model.model.layers[0].self_attn.qkv_proj, fused.Split) and got.arch.name == "phi3"
     torch.testing.assert_close(logits(got.model), want, rtol=0, atol=0)
-    mapped = models.load(str(d), dtype="float32", device="cpu", tokenizer=False, device_map="auto")
+    mapped = models.load(str(d), F32(device_map="auto"))
     torch.testing.assert_close(logits(mapped.model), want, **TOL)
-    q = models.load(str(d), dtype="float32", device="cpu", tokenizer=False, load_8bit=True, int8_backend="torch")
+    q = models.load(str(d), F32(load_8bit=True, int8_backend="torch"))
     paths = [q.arch.module_path(i, p) for i in range(2) for p in PROJECTIONS]
     assert "model.layers.0.self_attn.qkv_proj.q_proj" in paths
-    assert all(lora.is_int8(get_module(q.model, p)) for p in paths)
+    assert all(int8.is_int8(get_module(q.model, p)) for p in paths)
     assert (logits(q.model) - want).abs().max() < 0.05 * want.abs().max()
 
 
@@ -154,13 +160,13 @@ def test_adapter_is_peft_layout_of_the_stock_model_and_round_trips(tmp_path):
     assert not any(".q_proj." in k or ".gate_proj." in k for k in sd)
     got = PeftModel.from_pretrained(plain(base), tmp_path / "a").eval()
     torch.testing.assert_close(logits(got), want, **TOL)
-    again = models.load(str(base), adapter=tmp_path / "a", dtype="float32", device="cpu", tokenizer=False)
+    again = models.load(str(base), F32(adapter=tmp_path / "a"))
     torch.testing.assert_close(logits(again.model), want, rtol=0, atol=0)
     # an adapter of the fused layer that is not block-diagonal (trained on it elsewhere) is refused in one line
     b[0, 5] = 0.1
     artifacts.save_tensors(sd, tmp_path / "a" / artifacts.ADAPTER_WEIGHTS)
     with pytest.raises(LptError, match="not block-diagonal"):
-        models.load(str(base), adapter=tmp_path / "a", dtype="float32", device="cpu", tokenizer=False)
+        models.load(str(base), F32(adapter=tmp_path / "a"))
 
 
 # ------------------------------------------------------------------------------------------------ the command line
@@ -184,7 +190,7 @@ def pruned(tmp_path_factory, tiny_tokenizer_dir, tiny_calib_dir):
                  ["slice", d, "--masks", m, "--adapter", out, "--merge", "-o", tmp / "slice-merge", *f32]):
         r = invoke(runner, args)
         assert r.exit_code == 0, r.output
-    return dict(model=d, prune=out, tmp=tmp, masks=groups.Masks.load(m, describe(phi3_config())))
+    return dict(model=d, prune=out, tmp=tmp, masks=Masks.load(m, describe(phi3_config())))
 
 
 def test_prune_slice_merge_reload_in_plain_transformers(pruned):
@@ -193,8 +199,7 @@ def test_prune_slice_merge_reload_in_plain_transformers(pruned):
     masks, tmp = pruned["masks"], pruned["tmp"]
     m0 = masks.layers[0]
     assert len(m0.kv_heads) == 1 and masks.is_uniform() and len(m0.channels) < 96  # heads and channels pruned
-    masked = models.load(str(pruned["model"]), adapter=pruned["prune"], masks=masks, dtype="float32", device="cpu",
-                         tokenizer=False)
+    masked = models.load(str(pruned["model"]), F32(adapter=pruned["prune"], masks=masks))
     want = logits(masked.model)
     for name in ("sliced-merged", "slice-merge"):
         got = plain(tmp / name)
@@ -244,7 +249,7 @@ def test_per_layer_widths_and_longrope_head_pruning_are_refused_in_one_line(runn
     assert "smaller hidden size would not load" in line and not (tmp_path / "h").exists()
     r = invoke(runner, [*base[:1], lr, *base[2:], "--balance", "0", "--ratio", "0.2", "-o", tmp_path / "mlp"])
     assert r.exit_code == 0, r.output
-    masks = groups.Masks.load(tmp_path / "mlp" / artifacts.MASKS, describe(phi3_config(head_dim=16, **LONGROPE)))
+    masks = Masks.load(tmp_path / "mlp" / artifacts.MASKS, describe(phi3_config(head_dim=16, **LONGROPE)))
     assert all(len(m.heads) == 4 for m in masks.layers)
     r = invoke(runner, ["slice", lr, "--masks", tmp_path / "mlp" / artifacts.MASKS, "-o", tmp_path / "ok",
                         "--dtype", "float32"])
@@ -252,7 +257,7 @@ def test_per_layer_widths_and_longrope_head_pruning_are_refused_in_one_line(runn
     assert plain(tmp_path / "ok").config.intermediate_size == len(masks.layers[0].channels)
     # masks keeping fewer heads (made another way) are refused by slice before any weight is read
     arch = describe(phi3_config(head_dim=16, **LONGROPE))
-    heads = groups.Masks.from_pruned(arch, [torch.tensor([True, False])] * 2, [torch.zeros(96, dtype=torch.bool)] * 2,
+    heads = Masks.from_pruned(arch, [torch.tensor([True, False])] * 2, [torch.zeros(96, dtype=torch.bool)] * 2,
                                      "kv-groups")
     heads.save(tmp_path / "heads.json")
     line = one_line(invoke(runner, ["slice", lr, "--masks", tmp_path / "heads.json", "-o", tmp_path / "no"]))
@@ -293,7 +298,7 @@ def test_mlp_pruned_phi3_exports_to_gguf(runner, tmp_path, tiny_tokenizer_dir, s
     d = model_dir(tmp_path, tiny_tokenizer_dir, partial_rotary_factor=rotary)
     shutil.copy(sentencepiece_model, d / "tokenizer.model")
     arch = describe(phi3_config(partial_rotary_factor=rotary))
-    masks = groups.Masks.from_pruned(arch, [torch.zeros(2, dtype=torch.bool)] * 2,
+    masks = Masks.from_pruned(arch, [torch.zeros(2, dtype=torch.bool)] * 2,
                                      [torch.arange(96) % 3 == 0, torch.arange(96) % 3 == 0], "kv-groups")
     masks.save(tmp_path / "masks.json")
     r = invoke(runner, ["slice", d, "--masks", tmp_path / "masks.json", "-o", tmp_path / "s", "--dtype", "float32"])

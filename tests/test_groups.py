@@ -57,12 +57,16 @@ def test_head_units_and_score_lengths_per_gqa_mode():
 
 @pytest.mark.parametrize("ratio, positive, ok", [(0.0, False, True), (0.99, False, True), (1.0, False, False),
                                                  (-0.1, False, False), (0.0, True, False), (0.5, True, True)])
-def test_check_ratio_is_the_one_ratio_rule(ratio, positive, ok):
+def test_the_ratio_bound_is_declared_once_with_its_field(ratio, positive, ok):
+    """--ratio's bound lives on the config field: [0, 1) for prune, (0, 1) for lpt bench prune-step."""
+    from lpt.config import BenchPruneStepConfig, PruneConfig, check
+
+    cfg = BenchPruneStepConfig(ratio=ratio) if positive else PruneConfig(ratio=ratio)
     if ok:
-        groups.check_ratio(ratio, positive=positive)
+        check(cfg)
     else:
         with pytest.raises(LptError, match=r"--ratio must be in \(0, 1\)" if positive else r"--ratio must be in \[0, 1\)"):
-            groups.check_ratio(ratio, positive=positive)
+            check(cfg)
 
 
 def test_unit_params_add_up_to_the_block():

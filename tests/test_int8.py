@@ -5,8 +5,9 @@ import pytest
 import torch
 
 from conftest import build_model, tiny_config
-from lpt import lora, models
+from lpt import int8, lora, models
 from lpt.arch import PROJECTIONS, describe, get_module
+from lpt.config import INT8_THRESHOLD, PruneConfig
 
 pytest.importorskip("bitsandbytes")
 
@@ -18,11 +19,12 @@ def _int8_layers(model, arch):
 
 def test_threshold_default_and_forward(tiny_llama_dir):
     lin = torch.nn.Linear(64, 32)
-    assert lora.INT8_THRESHOLD == 6.0
-    q6, q0 = lora.quantize_8bit(lin), lora.quantize_8bit(lin, threshold=0.0)
+    # one constant: --int8-threshold's default, the loader's and every int8 function's
+    assert INT8_THRESHOLD == 6.0 == PruneConfig().int8_threshold == models.LoadOptions().int8_threshold
+    q6, q0 = int8.quantize_8bit(lin), int8.quantize_8bit(lin, threshold=0.0)
     assert q6.state.threshold == 6.0 and q0.state.threshold == 0.0
     # the stored codes and scales hold the whole weight whatever the threshold
-    torch.testing.assert_close(lora.dense_weight(q6), lora.dense_weight(q0), rtol=0, atol=0)
+    torch.testing.assert_close(int8.dense_weight(q6), int8.dense_weight(q0), rtol=0, atol=0)
     # inference with outlier inputs: threshold 6 multiplies the outlier feature in 16 bits, threshold 0 quantizes it
     x = torch.randn(8, 64, generator=torch.Generator().manual_seed(0))
     x[:, 5] = 100.0
@@ -37,10 +39,12 @@ def test_threshold_default_and_forward(tiny_llama_dir):
     layers = lora.inject(m, describe(cfg), r=2, alpha=4, load_8bit=True, int8_threshold=3.5,
                          int8_backend="bitsandbytes")
     assert {l.base_layer.state.threshold for l in layers.values()} == {3.5}
-    model, _ = models.load_int8(str(tiny_llama_dir), device="cpu", dtype="float32", int8_backend="bitsandbytes")
+    model, _ = models.load_int8(str(tiny_llama_dir), models.LoadOptions(device="cpu", dtype="float32",
+                                                                         int8_backend="bitsandbytes"))
     assert {l.state.threshold for l in _int8_layers(model, describe(model.config)).values()} == {6.0}
-    model, _ = models.load_int8(str(tiny_llama_dir), device="cpu", dtype="float32", int8_threshold=0.0,
-                                int8_backend="bitsandbytes")
+    model, _ = models.load_int8(str(tiny_llama_dir), models.LoadOptions(device="cpu", dtype="float32",
+                                                                         int8_threshold=0.0,
+                                                                         int8_backend="bitsandbytes"))
     assert {l.state.threshold for l in _int8_layers(model, describe(model.config)).values()} == {0.0}
 
 

@@ -44,14 +44,14 @@ def test_quantize_rows_is_within_half_a_step():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_forward_close_to_dense_and_to_the_dequantized_weight(dtype):
     lin = _linear(dtype=dtype)
-    q = lora.quantize_8bit(lin, backend="torch")
-    assert lora.is_int8(q) and int8.backend_of(q) == "torch" and q.weight.dtype == torch.int8
+    q = int8.quantize_8bit(lin, backend="torch")
+    assert int8.is_int8(q) and int8.backend_of(q) == "torch" and q.weight.dtype == torch.int8
     assert q.dense_dtype == dtype
     x = torch.randn(3, 5, 64, generator=torch.Generator().manual_seed(1)).to(dtype)
     with torch.no_grad():
         y, dense = q(x).float(), lin(x).float()
         # against the de-quantized weight: only the matmul's rounding
-        deq = x.float() @ lora.dense_weight(q).t() + lin.bias.float()
+        deq = x.float() @ int8.dense_weight(q).t() + lin.bias.float()
     assert y.shape == (3, 5, 48) and y.dtype == torch.float32
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(y, deq, rtol=tol, atol=tol)
@@ -65,13 +65,13 @@ def test_forward_close_to_dense_and_to_the_dequantized_weight(dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_input_gradient_matches_autograd_of_the_dequantized_weight(dtype):
     lin = _linear(dtype=dtype, seed=2)
-    q = lora.quantize_8bit(lin, backend="torch")
+    q = int8.quantize_8bit(lin, backend="torch")
     g = torch.Generator().manual_seed(3)
     x = torch.randn(2, 7, 64, generator=g).to(dtype).requires_grad_(True)
     dy = torch.randn(2, 7, 48, generator=g).to(dtype)
     q(x).backward(dy)
     ref_x = x.detach().float().requires_grad_(True)
-    (ref_x @ lora.dense_weight(q).t()).backward(dy.float())
+    (ref_x @ int8.dense_weight(q).t()).backward(dy.float())
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(x.grad.float(), ref_x.grad, rtol=tol, atol=tol)
     assert not q.weight.requires_grad and q.weight.grad is None  # the frozen base gets no gradient
@@ -79,10 +79,10 @@ def test_input_gradient_matches_autograd_of_the_dequantized_weight(dtype):
 
 def test_odd_widths_take_the_fallback_path():
     lin = _linear(in_f=13, out_f=7, dtype=torch.bfloat16)  # the int8 kernel needs in_features % 8 == 0
-    q = lora.quantize_8bit(lin, backend="torch")
+    q = int8.quantize_8bit(lin, backend="torch")
     x = torch.randn(4, 13).to(torch.bfloat16)
     with torch.no_grad():
-        torch.testing.assert_close(q(x).float(), x.float() @ lora.dense_weight(q).t() + lin.bias.float(),
+        torch.testing.assert_close(q(x).float(), x.float() @ int8.dense_weight(q).t() + lin.bias.float(),
                                    rtol=2e-2, atol=2e-2)
 
 
@@ -109,14 +109,14 @@ def test_merge_from_torch_int8_is_within_half_a_step_of_dense_merge():
 
 def test_slice_keeps_codes_and_outputs():
     lin = _linear(in_f=64, out_f=48)
-    q = lora.quantize_8bit(lin, backend="torch")
+    q = int8.quantize_8bit(lin, backend="torch")
     rows, cols = torch.tensor([0, 3, 4, 10, 47]), torch.arange(0, 64, 2)
     r = slicing.slice_linear(q, rows, 0)
     c = slicing.slice_linear(q, cols, 1)
     assert isinstance(r, int8.Int8Linear) and isinstance(c, int8.Int8Linear)
     assert (r.in_features, r.out_features, c.in_features, c.out_features) == (64, 5, 32, 48)
-    torch.testing.assert_close(lora.dense_weight(r), lora.dense_weight(q)[rows], rtol=0, atol=0)
-    torch.testing.assert_close(lora.dense_weight(c), lora.dense_weight(q)[:, cols], rtol=0, atol=0)
+    torch.testing.assert_close(int8.dense_weight(r), int8.dense_weight(q)[rows], rtol=0, atol=0)
+    torch.testing.assert_close(int8.dense_weight(c), int8.dense_weight(q)[:, cols], rtol=0, atol=0)
     x = torch.randn(6, 64)
     with torch.no_grad():
         full = q(x)
@@ -127,7 +127,7 @@ def test_slice_keeps_codes_and_outputs():
 
 
 def test_masked_int8_model_equals_sliced_int8_model():
-    from lpt import groups
+    from lpt.masks import Masks, apply_masks
 
     cfg = tiny_config()
     m = build_model(cfg)
@@ -135,8 +135,8 @@ def test_masked_int8_model_equals_sliced_int8_model():
     lora.inject(m, arch, r=0, alpha=1, load_8bit=True, int8_backend="torch")
     heads = [torch.tensor([True, False]), torch.tensor([False, False])]
     chans = [torch.arange(96) % 3 == 0, torch.arange(96) < 8]
-    masks = groups.Masks.from_pruned(arch, heads, chans, "kv-groups")
-    groups.apply_masks(m, masks)
+    masks = Masks.from_pruned(arch, heads, chans, "kv-groups")
+    apply_masks(m, masks)
     x = torch.randint(0, cfg.vocab_size, (2, 12))
     with torch.no_grad():
         masked = m(x).logits
@@ -146,7 +146,8 @@ def test_masked_int8_model_equals_sliced_int8_model():
 
 
 def test_load_int8_torch_streams_the_same_weights(tiny_llama_dir):
-    got = models.load_int8(str(tiny_llama_dir), device="cpu", dtype="bfloat16", int8_backend="torch")
+    got = models.load_int8(str(tiny_llama_dir), models.LoadOptions(device="cpu", dtype="bfloat16",
+                                                              int8_backend="torch"))
     assert got is not None
     model, tok = got
     ref, _ = models.load_model(str(tiny_llama_dir), device="cpu", dtype="bfloat16", tokenizer=False)

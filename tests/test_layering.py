@@ -63,3 +63,73 @@ def test_the_cli_imports_configs_not_stages_at_its_top(module):
     # `from lpt.config import PruneConfig` names the module and the class: only the modules count
     top = {n for n in top if n in MODULES or n == "lpt"}
     assert top <= CLI_TOP and not heavy, f"{module} imports {sorted(top - CLI_TOP) or sorted(heavy)} at its top"
+
+
+# ------------------------------------------------------------------------------------------------ one home per name
+SOURCES = {_module(p): p.read_text(encoding="utf-8") for p in sorted(PKG.rglob("*.py"))}
+# what may touch sys.modules: the import machinery (post-import hooks; peft imported without bitsandbytes)
+SYS_MODULES = {"lpt.quiet", "lpt.int8"}
+
+
+def _sys_modules_uses(tree: ast.Module) -> list[ast.Attribute]:
+    return [n for n in ast.walk(tree) if isinstance(n, ast.Attribute) and n.attr == "modules"
+            and isinstance(n.value, ast.Name) and n.value.id == "sys"]
+
+
+def _lpt_keys(tree: ast.Module) -> list[str]:
+    """String keys starting with ``lpt`` looked up in ``sys.modules`` (``sys.modules.get("lpt.x")``,
+    ``sys.modules["lpt.x"]``): another module's state read behind the import graph's back."""
+    keys = []
+    for n in ast.walk(tree):
+        arg = None
+        if isinstance(n, ast.Subscript) and n.value in _sys_modules_uses(tree):
+            arg = n.slice
+        elif isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute) and n.func.value in _sys_modules_uses(tree):
+            arg = n.args[0] if n.args else None
+        if isinstance(arg, ast.Constant) and isinstance(arg.value, str) and arg.value.split(".")[0] == "lpt":
+            keys.append(arg.value)
+    return keys
+
+
+def _top_level_names(tree: ast.Module) -> dict[str, str]:
+    """Names a module imports from another lpt module at its top: name -> where from."""
+    out = {}
+    for node in tree.body:
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "lpt":
+            for a in node.names:
+                out[a.asname or a.name] = node.module
+    return out
+
+
+def test_the_walk_sees_sys_modules_peeking_and_re_exports():
+    peek = ast.parse("import sys\n\ndef f():\n    return sys.modules.get('lpt.cli._common')\n")
+    assert _lpt_keys(peek) == ["lpt.cli._common"] and _sys_modules_uses(peek)
+    shim = ast.parse("from lpt.masks import Masks  # noqa: F401\n")
+    assert _top_level_names(shim) == {"Masks": "lpt.masks"}
+
+
+@pytest.mark.parametrize("module", sorted(MODULES))
+def test_no_sys_modules_peeking(module):
+    """State is read through imports (``lpt.quiet.debug()``), never by looking a module up in ``sys.modules``."""
+    assert not _lpt_keys(MODULES[module]), f"{module} reads {_lpt_keys(MODULES[module])} through sys.modules"
+    assert module in SYS_MODULES or not _sys_modules_uses(MODULES[module]), \
+        f"{module} touches sys.modules; only the import machinery ({', '.join(sorted(SYS_MODULES))}) does"
+
+
+@pytest.mark.parametrize("module", sorted(m for m in MODULES if not m.startswith(("lpt.benchmarking", "lpt.cli"))
+                                          and m != "lpt.stages.bench"))
+def test_only_the_bench_stage_imports_benchmarking(module):
+    """``lpt.benchmarking`` is lpt bench's: the library measures device memory with ``lpt.memory``."""
+    names = {n for n in _imports(MODULES[module], module) if n == "lpt.benchmarking" or n.startswith("lpt.benchmarking.")}
+    assert not names, f"{module} imports {sorted(names)}"
+
+
+@pytest.mark.parametrize("module", sorted(MODULES))
+def test_no_re_export_shims(module):
+    """Every name lives in one module and is imported from there: a module imports another lpt module's names only
+    to use them (no ``noqa: F401`` re-exports left behind after a move)."""
+    assert "noqa: F401" not in SOURCES[module], f"{module} silences an unused import (a re-export shim?)"
+    tree = MODULES[module]
+    used = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name)}
+    unused = sorted(name for name in _top_level_names(tree) if name not in used)
+    assert not unused, f"{module} imports {unused} without using them (import them from their own module)"

@@ -5,6 +5,7 @@ import torch
 
 from conftest import build_model, tiny_config
 from lpt import groups, lora
+from lpt.masks import Masks, apply_masks, round_to_violations
 from lpt.arch import describe
 from lpt.errors import LptError
 
@@ -21,8 +22,8 @@ def test_masked_unmerged_equals_merged_with_zeroed_weights(gqa):
             torch.nn.init.normal_(layer.lora_B.weight, std=0.05)
     hp = [torch.tensor([False, True]) if gqa else torch.tensor([False, True, False, True])] * 2
     cp = [torch.arange(96) % 3 == 0] * 2
-    masks = groups.Masks.from_pruned(arch, hp, cp, "kv-groups")
-    groups.apply_masks(m, masks)
+    masks = Masks.from_pruned(arch, hp, cp, "kv-groups")
+    apply_masks(m, masks)
     x = torch.randint(0, cfg.vocab_size, (2, 12))
     got = m(x).logits
     # reference: merged weights with the pruned rows / columns zeroed, in plain nn.Linear layers
@@ -50,8 +51,8 @@ def test_uniform_counts_hit_ratio():
         nh, nc = groups.uniform_counts(arch, ratio, "kv-groups")
         hp = [torch.arange(arch.num_kv_heads) < nh]
         cp = [torch.arange(arch.intermediate_size) < nc]
-        masks = groups.Masks.from_pruned(describe(tiny_config(gqa=False, intermediate_size=256, num_hidden_layers=1)),
-                                         hp, cp, "kv-groups")
+        masks = Masks.from_pruned(describe(tiny_config(gqa=False, intermediate_size=256, num_hidden_layers=1)),
+                                  hp, cp, "kv-groups")
         before, after = masks.block_params()
         p_chan = 3 * arch.hidden_size
         assert abs((before - after) - ratio * before) <= p_chan / 2 + 1
@@ -132,10 +133,10 @@ def test_round_channels_and_violations():
     arch = describe(tiny_config(gqa=False))
     hp = [torch.zeros(arch.num_kv_heads, dtype=torch.bool)] * 2
     cp = [torch.arange(96) < 32, torch.arange(96) < 30]  # kept 64 and 66
-    masks = groups.Masks.from_pruned(arch, hp, cp, "kv-groups")
-    assert groups.round_to_violations(masks) == []
+    masks = Masks.from_pruned(arch, hp, cp, "kv-groups")
+    assert round_to_violations(masks) == []
     masks.info["round_to"] = 32
-    assert groups.round_to_violations(masks) == [1]
+    assert round_to_violations(masks) == [1]
 
 
 def test_slice_warns_when_masks_break_their_round_to(tmp_path, runner, tiny_llama_dir):
@@ -143,10 +144,10 @@ def test_slice_warns_when_masks_break_their_round_to(tmp_path, runner, tiny_llam
     from lpt.models import load_config
 
     arch = describe(load_config(str(tiny_llama_dir)))
-    assert groups.round_to_violations(groups.Masks.full(arch, info={"round_to": 7})) == []  # unpruned: fine
+    assert round_to_violations(Masks.full(arch, info={"round_to": 7})) == []  # unpruned: fine
     cp = [torch.arange(96) < 6] * 2  # 90 kept channels: not a multiple of 7
-    masks = groups.Masks.from_pruned(arch, [torch.zeros(arch.num_kv_heads, dtype=torch.bool)] * 2, cp, "kv-groups",
-                                     info={"round_to": 7})
+    masks = Masks.from_pruned(arch, [torch.zeros(arch.num_kv_heads, dtype=torch.bool)] * 2, cp, "kv-groups",
+                              info={"round_to": 7})
     masks.save(tmp_path / "masks.json")
     r = invoke(runner, ["slice", tiny_llama_dir, "--masks", tmp_path / "masks.json", "-o", tmp_path / "s"])
     assert r.exit_code == 0, r.output

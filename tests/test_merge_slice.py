@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from conftest import invoke, tiny_config
-from lpt import artifacts, groups, lora, slicing
+from lpt import artifacts, int8, lora, slicing
+from lpt.masks import Masks
 from lpt.arch import describe
 
 SEQ = torch.randint(0, 384, (2, 10), generator=torch.Generator().manual_seed(7))
@@ -33,8 +34,8 @@ def load(path, lora_dir=None, masks=None, load_8bit=False):
     """A model directory as lpt loads it (per-layer directories through lpt.modeling), optionally with LoRA + masks."""
     from lpt import models
 
-    return models.load(str(path), adapter=lora_dir, masks=masks, dtype="float32", device="cpu", tokenizer=False,
-                       load_8bit=load_8bit).model
+    return models.load(str(path), models.LoadOptions(dtype="float32", device="cpu", tokenizer=False, adapter=lora_dir,
+                                                     masks=masks, load_8bit=load_8bit)).model
 
 
 def make_prune_dir(model_dir, out, gqa_mode, heads, channels, seed=0, nan=False):
@@ -49,7 +50,7 @@ def make_prune_dir(model_dir, out, gqa_mode, heads, channels, seed=0, nan=False)
     units = arch.num_kv_heads if gqa_mode == "kv-groups" else arch.num_heads
     hp = [torch.tensor([u in h for u in range(units)]) for h in heads]
     cp = [rule(torch.arange(arch.intermediate_size)) for rule in channels]
-    masks = groups.Masks.from_pruned(arch, hp, cp, gqa_mode, model=str(model_dir))
+    masks = Masks.from_pruned(arch, hp, cp, gqa_mode, model=str(model_dir))
     out.mkdir(parents=True)
     lora.save_adapter(model, out, base_model=str(model_dir))
     if nan:  # what a diverged run of an older lpt wrote (save_adapter refuses non-finite factors now)
@@ -303,7 +304,7 @@ def test_masks_for_other_model_and_wrong_adapter_refused(runner, tiny_llama_dir,
 
 def test_all_ones_mask_is_identity(runner, tiny_llama_dir, tmp_path):
     arch = describe(tiny_config())
-    full = groups.Masks.full(arch)
+    full = Masks.full(arch)
     full.save(tmp_path / "full.json")
     (tmp_path / "recipe.yaml").write_text(f"slice:\n  masks: {tmp_path / 'full.json'}\n  dtype: float32\n")
     ok(runner, ["slice", tiny_llama_dir, "--recipe", tmp_path / "recipe.yaml", "-o", tmp_path / "same"])
@@ -356,7 +357,7 @@ def test_merge_8bit_base_and_dtype(runner, tiny_llama_dir, gqa_prune, tmp_path):
     # every projection is de-quantized int8 + s·B·A
     ref = load(tiny_llama_dir, prune_dir, load_8bit=True)
     for path, layer in lora.lora_layers(ref).items():
-        want = (lora.dense_weight(layer.base_layer) + layer.delta()).half()
+        want = (int8.dense_weight(layer.base_layer) + layer.delta()).half()
         torch.testing.assert_close(got[f"{path}.weight"], want, rtol=0, atol=1e-3)
     # int8 ≈ dense: the 8-bit merge stays close to the full-precision one
     ok(runner, ["merge", tiny_llama_dir, "--adapter", prune_dir, "-o", tmp_path / "m32"])
@@ -389,7 +390,7 @@ def test_slice_model_int8_lora(tiny_llama_dir, gqa_prune):
         slicing.slice_model(model, masks)
         got = model(SEQ).logits
     layer = lora.lora_layers(model)["model.layers.0.self_attn.k_proj"]
-    assert lora.is_int8(layer.base_layer) and layer.out_features == 16 and layer.lora_B.weight.shape == (16, 4)
+    assert int8.is_int8(layer.base_layer) and layer.out_features == 16 and layer.lora_B.weight.shape == (16, 4)
     assert (got - want).abs().max() < 0.02 * want.abs().max()
 
 
@@ -445,12 +446,12 @@ def test_ridge_refit_is_least_squares():
 
 @pytest.mark.parametrize("mode", ["sequential", "independent"])
 def test_slice_reconstruct_gets_closer_to_dense(runner, tiny_llama_dir, tiny_calib_dir, tmp_path, mode):
-    from lpt.stages import calibrate
+    from lpt import calibration
 
     arch = describe(tiny_config())
     heads = [torch.tensor([False, True]), torch.tensor([True, False])]
     chans = [torch.arange(96) % 3 == 0, torch.arange(96) < 40]
-    masks = groups.Masks.from_pruned(arch, heads, chans, "kv-groups", model=str(tiny_llama_dir))
+    masks = Masks.from_pruned(arch, heads, chans, "kv-groups", model=str(tiny_llama_dir))
     masks.save(tmp_path / "m.json")
     ok(runner, ["slice", tiny_llama_dir, "--masks", tmp_path / "m.json", "--dtype", "float32", "-o", tmp_path / "a"])
     ok(runner, ["slice", tiny_llama_dir, "--masks", tmp_path / "m.json", "--dtype", "float32",
@@ -458,7 +459,7 @@ def test_slice_reconstruct_gets_closer_to_dense(runner, tiny_llama_dir, tiny_cal
     prov = json.loads((tmp_path / "b" / artifacts.PROVENANCE).read_text())
     assert prov["config"]["reconstruct"] == str(tiny_calib_dir)
     assert prov["config"]["reconstruct_mode"] == mode
-    ids = calibrate.load(tiny_calib_dir).tensors["input_ids"][:8]
+    ids = calibration.load(tiny_calib_dir).tensors["input_ids"][:8]
     with torch.no_grad():
         dense = load(tiny_llama_dir)(ids).logits
         plain = load(tmp_path / "a")(ids).logits
@@ -497,7 +498,7 @@ def _masked_tiny(layers: int = 3, seed: int = 0):
     arch = describe(cfg)
     heads = [torch.tensor([i % 2 == 0, i % 2 == 1]) for i in range(layers)]
     chans = [(torch.arange(96) + i) % 3 == 0 for i in range(layers)]
-    masks = groups.Masks.from_pruned(arch, heads, chans, "kv-groups")
+    masks = Masks.from_pruned(arch, heads, chans, "kv-groups")
     model = build_model(cfg, seed=seed)
     models.attach(model, arch, masks=masks)
     return model, arch, masks, build_model(cfg, seed=seed)
@@ -525,7 +526,7 @@ def test_sequential_refit_first_layer_is_the_independent_fit_and_leaves_the_mode
     assert {n: type(m) for n, m in model.named_modules()} == modules
     with lora.disabled(model):
         grams = reconstruct.collect_grams(model, arch, batches, range(arch.num_layers))
-    ws = {k: lora.dense_weight(get(model, arch.module_path(*k)).base_layer) for k in seq}
+    ws = {k: int8.dense_weight(get(model, arch.module_path(*k)).base_layer) for k in seq}
     ind = reconstruct.refit_weights(ws, grams, masks, arch, damp=0.01)
     torch.testing.assert_close(seq[(0, "o_proj")], ind[(0, "o_proj")], rtol=1e-4, atol=1e-5)
     assert not torch.allclose(seq[(2, "down_proj")], ind[(2, "down_proj")], rtol=1e-3, atol=1e-4)

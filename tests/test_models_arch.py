@@ -6,7 +6,7 @@ import struct
 import pytest
 
 from conftest import invoke
-from lpt import models
+from lpt import gguf_file, models
 from lpt.errors import LptError
 
 
@@ -65,7 +65,7 @@ def test_unsupported_gguf_refused_from_its_header(tmp_path, no_weights, arch, mo
     pytest.importorskip("gguf")
     f = tmp_path / f"{arch}.gguf"
     _write_gguf(f, arch)
-    assert models.gguf_architecture(f) == arch
+    assert gguf_file.architecture(f) == arch
     with pytest.raises(LptError, match=f"unsupported architecture '{model_type}'.*GGUF general.architecture"):
         models.load_model(str(f), device="cpu")
 
@@ -83,20 +83,20 @@ def test_gguf_header_reader_skips_other_keys(tmp_path):
     ]
     f = tmp_path / "h.gguf"
     f.write_bytes(b"GGUF" + struct.pack("<IQQ", 3, 0, len(kvs)) + b"".join(kvs))
-    assert models.gguf_architecture(f) == "qwen2"
+    assert gguf_file.architecture(f) == "qwen2"
     (tmp_path / "bad.gguf").write_bytes(b"NOPE" + b"\0" * 40)
     with pytest.raises(LptError, match="not a readable GGUF"):
-        models.gguf_architecture(tmp_path / "bad.gguf")
+        gguf_file.architecture(tmp_path / "bad.gguf")
     (tmp_path / "short.gguf").write_bytes(b"GGUF" + struct.pack("<IQQ", 3, 0, 5) + kvs[0])
     with pytest.raises(LptError, match="truncated"):
-        models.gguf_architecture(tmp_path / "short.gguf")
+        gguf_file.architecture(tmp_path / "short.gguf")
 
 
 @pytest.mark.smollm2
 def test_smollm2_gguf_header_agrees_with_gguf_reader(smollm2_path):
     gguf = pytest.importorskip("gguf")
     field = gguf.GGUFReader(smollm2_path).fields["general.architecture"]
-    assert models.gguf_architecture(smollm2_path) == bytes(field.parts[field.data[0]]).decode() == "llama"
+    assert gguf_file.architecture(smollm2_path) == bytes(field.parts[field.data[0]]).decode() == "llama"
     assert models.check_architecture(models.resolve("smollm2-135m")) is None
 
 
@@ -158,7 +158,7 @@ def test_output_dtype_auto_is_what_the_source_was_trained_in(tmp_path):
         def __init__(self, dtype):
             self.dtype = dtype
 
-    choose = models.choose_output_dtype
+    from lpt.model_dir import choose_output_dtype as choose
     assert choose("auto", Cfg("bfloat16"))[0] == torch.bfloat16
     assert choose("auto", Cfg(torch.float16))[0] == torch.float16
     dtype, why = choose("auto", Cfg("float32"))
@@ -187,4 +187,6 @@ def test_smollm2_gguf_is_q4_1_and_slices_to_bfloat16(smollm2_path):
     from lpt import gguf_file
 
     assert gguf_file.file_type(smollm2_path) == "Q4_1"
-    assert models.choose_output_dtype("auto", None, models.resolve("smollm2-135m"))[0] == torch.bfloat16
+    from lpt.model_dir import choose_output_dtype
+
+    assert choose_output_dtype("auto", None, models.resolve("smollm2-135m"))[0] == torch.bfloat16

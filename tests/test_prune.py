@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from conftest import build_model, invoke, tiny_config
-from lpt import artifacts, groups, lora, selection
+from lpt import artifacts, groups, int8, lora, selection
+from lpt.masks import Masks, apply_masks
 from lpt.arch import describe
 from lpt.config import PruneConfig
 from lpt.stages import prune
@@ -113,7 +114,7 @@ def test_balance_search_keeps_the_candidate_with_the_lowest_loss(layout):
     for c in cands:
         counts = selection.step_counts(1.0, (c["attention_units"], c["mlp_channels"]), policy, state)
         hp, cp = selection.grow(counts, policy, state)
-        groups.apply_masks(ref, groups.Masks.from_pruned(arch, hp, cp, "kv-groups"))
+        apply_masks(ref, Masks.from_pruned(arch, hp, cp, "kv-groups"))
         with torch.no_grad():
             want = float(ref(**batch).loss)
         assert c["loss"] == pytest.approx(want, rel=1e-4, abs=1e-5)
@@ -170,7 +171,7 @@ def test_cli_prune_respects_groups_and_ratio(tmp_path, runner, tiny_llama_dir, t
                  artifacts.TRAIN_LOG, artifacts.RESOLVED_CONFIG):
         assert (out / name).is_file(), name
     arch = describe(tiny_config(gqa=True))
-    masks = groups.Masks.load(out / artifacts.MASKS, arch)  # validates groups under GQA
+    masks = Masks.load(out / artifacts.MASKS, arch)  # validates groups under GQA
     g = arch.group_size
     for m in masks.layers:
         if gqa_mode == "kv-groups":  # whole key/value groups: every kept kv head keeps all its query heads
@@ -244,14 +245,14 @@ def test_8bit_prune_runs_and_stays_int8(tmp_path, runner, tiny_llama_dir, tiny_c
     r = invoke(runner, ["prune", tiny_llama_dir, "--calib", tiny_calib_dir, "--ratio", "0.5", "--8bit", *FAST,
                         "-o", out])
     assert r.exit_code == 0, r.output
-    masks = groups.Masks.load(out / artifacts.MASKS)
+    masks = Masks.load(out / artifacts.MASKS)
     assert masks.block_params()[1] < masks.block_params()[0]
     p, cfg = _pruner(load_8bit=True)
-    assert all(lora.is_int8(layer.base_layer) for layer in p.layers.values())
+    assert all(int8.is_int8(layer.base_layer) for layer in p.layers.values())
     p.train_step(_batch(cfg))
     # int8 de-quantisation is close to the dense weight it came from
     dense = build_model(cfg)
-    w8 = lora.dense_weight(p.layers["model.layers.0.mlp.up_proj"].base_layer)
+    w8 = int8.dense_weight(p.layers["model.layers.0.mlp.up_proj"].base_layer)
     torch.testing.assert_close(w8, dense.model.layers[0].mlp.up_proj.weight, rtol=0, atol=0.08 * 4 / 127)
 
 

@@ -143,13 +143,14 @@ def test_degenerate_calibration_dir_is_refused_where_it_is_read(tmp_path, runner
 
 
 def _masks_file(model_dir, path):
-    from lpt import groups, models
+    from lpt import models
+    from lpt.masks import Masks
     from lpt.arch import describe
 
     arch = describe(models.load_config(str(model_dir)))
     hp = [torch.tensor([False, True]), torch.tensor([True, False])]
     cp = [torch.arange(arch.intermediate_size) % 2 == 0] * arch.num_layers
-    groups.Masks.from_pruned(arch, hp, cp, "kv-groups", model=str(model_dir)).save(path)
+    Masks.from_pruned(arch, hp, cp, "kv-groups", model=str(model_dir)).save(path)
 
 
 # ------------------------------------------------------------------------------------------------ 5. binary text

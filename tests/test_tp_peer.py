@@ -53,9 +53,9 @@ def masked_by_hand(model, doc):
 
 
 def calib_ids(calib_dir, n=2):
-    from lpt.stages import calibrate
+    from lpt import calibration
 
-    return calibrate.load(calib_dir).tensors["input_ids"][:n]
+    return calibration.load(calib_dir).tensors["input_ids"][:n]
 
 
 def lowest(scores: torch.Tensor, k: int) -> set[int]:
@@ -139,9 +139,9 @@ def test_query_heads_taylor(tp_peer, tiny_llama_dir, tiny_calib_dir, tmp_path):
 
     # Taylor scores |W * dL/dW| from the same 4 blocks, computed here with plain autograd
     src = dense(tiny_llama_dir)
-    from lpt.stages import calibrate
+    from lpt import calibration
 
-    blocks = calibrate.load(tiny_calib_dir).tensors
+    blocks = calibration.load(tiny_calib_dir).tensors
     for s in range(4):
         (src(**{k: v[s:s + 1] for k, v in blocks.items()}, use_cache=False).loss / 4).backward()
     doc = json.loads((out / "tp_masks.json").read_text())

@@ -17,7 +17,7 @@ from lpt.arch import describe
 from lpt.benchmarking import flops, shapes, timing
 from lpt.benchmarking.memory import MemoryMeter
 from lpt.benchmarking.protocol import Entry, PruneStepProtocol, RuntimeProtocol, StepRun, Task
-from lpt.config import PruneConfig
+from lpt.config import PruneConfig, check
 from lpt.errors import LptError
 from lpt.masks import Masks, apply_masks
 from lpt.progress import progress_bar
@@ -85,10 +85,10 @@ def load_entry(entry: Entry, proto: RuntimeProtocol | PruneStepProtocol, device:
             layers, _, _ = models.attach(model, describe(model.config), adapter=adapter, masks=masks)
     else:
         real = None if random_rank else adapter
-        loaded = models.load(entry.model, adapter=real, masks=None if random_rank else masks, dtype=proto.dtype,
-                             device=device, revision=proto.revision, trust_remote_code=proto.trust_remote_code,
-                             tokenizer=False, load_8bit=int8_backend is not None, int8_backend=int8_backend or "auto",
-                             check_arch=True)
+        loaded = models.load(entry.model, models.LoadOptions(
+            dtype=proto.dtype, device=device, revision=proto.revision, trust_remote_code=proto.trust_remote_code,
+            tokenizer=False, check_arch=True, adapter=real, masks=None if random_rank else masks,
+            load_8bit=int8_backend is not None, int8_backend=int8_backend or "auto"))
         model, layers = loaded.model, loaded.layers
     if random_rank:
         arch = describe(model.config)
@@ -245,7 +245,7 @@ def measure_prune_step(entry: Entry, proto: PruneStepProtocol, run: StepRun) -> 
                      load_8bit=run.load_8bit, int8_backend=backend or "auto", warmup=0.0, cooldown=0.0,
                      max_steps=total, seed=proto.seed,
                      balance="proportional")  # the per-step cost: --balance search's one-time forwards are not timed
-    pruner.validate(pc)
+    check(pc)
     loop = pruner.Pruner(model, arch, pc, total_steps=total, model_name=info["label"])
     gen = torch.Generator().manual_seed(proto.seed)
     ids = torch.randint(0, _vocab(model), (proto.batch_size, proto.seq_len), generator=gen)

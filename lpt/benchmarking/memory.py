@@ -3,42 +3,18 @@
 On CPU the peak resident set size (``VmHWM``) only grows over a process's life; on Linux it can be reset by
 writing ``5`` to ``/proc/self/clear_refs``, which ``MemoryMeter.reset`` does (after returning freed heap pages to
 the system with ``malloc_trim``). Where that is impossible the peak counts from the process start, and the
-``method`` string says so. ``lpt bench`` measures each configuration in its own process either way.
+``method`` string says so. ``lpt bench`` measures each configuration in its own process either way. The readers
+themselves are ``lpt.memory``'s (the pruning loop uses them too).
 """
 
 from __future__ import annotations
 
 import ctypes
-import re
-import resource
 from pathlib import Path
 
-_STATUS = Path("/proc/self/status")
+from lpt.memory import maxrss_bytes, peak_bytes, rss_bytes, status_kb
+
 _CLEAR_REFS = Path("/proc/self/clear_refs")
-
-
-def _status_kb(field: str) -> int | None:
-    try:
-        m = re.search(rf"^{field}:\s+(\d+) kB", _STATUS.read_text(), re.MULTILINE)
-    except OSError:
-        return None
-    return int(m.group(1)) if m else None
-
-
-def rss_bytes() -> int:
-    """Current resident set size of this process (0 where /proc is unavailable)."""
-    kb = _status_kb("VmRSS")
-    return kb * 1024 if kb is not None else 0
-
-
-def peak_memory_bytes(device) -> int:
-    """Peak allocated accelerator memory, or the process's peak resident set size on CPU (since start or reset)."""
-    import torch
-
-    dev = torch.device(device)
-    if dev.type == "cuda":
-        return int(torch.cuda.max_memory_allocated(dev))
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
 
 def _malloc_trim() -> None:
@@ -53,7 +29,7 @@ def _reset_hwm() -> bool:
         _CLEAR_REFS.write_text("5")
     except OSError:
         return False
-    return _status_kb("VmHWM") is not None
+    return status_kb("VmHWM") is not None
 
 
 class MemoryMeter:
@@ -97,12 +73,6 @@ class MemoryMeter:
         return rss_bytes()
 
     def peak(self) -> int:
-        if self.cuda:
-            import torch
-
-            torch.cuda.synchronize(self.device)
-            return int(torch.cuda.max_memory_allocated(self.device))
-        kb = _status_kb("VmHWM") if self.resettable else None
-        if kb is not None:
-            return kb * 1024
-        return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+        if self.cuda or self.resettable:
+            return peak_bytes(self.device)
+        return maxrss_bytes()

@@ -97,7 +97,10 @@ class RuntimeRow(TypedDict):
     relative: Relative
 
 
-class RuntimeProtocol(TypedDict):
+class RuntimeProtocolRecord(TypedDict):
+    """The ``protocol`` section of a ``RuntimeResults``: how the rows were measured (the settings themselves are
+    ``lpt.benchmarking.protocol.RuntimeProtocol``)."""
+
     description: str
     seq_len: int
     batch_sizes: list[int]
@@ -124,7 +127,7 @@ class RuntimeResults(TypedDict):
     random_weights: bool  # any model with random weights
     versions: dict[str, str]
     hardware: Hardware
-    protocol: RuntimeProtocol
+    protocol: RuntimeProtocolRecord
     config: dict[str, Any]
     models: list[ModelInfo]
     results: list[RuntimeRow]
@@ -153,7 +156,10 @@ class Skipped(TypedDict):
     reason: str
 
 
-class PruneStepProtocol(TypedDict):
+class PruneStepProtocolRecord(TypedDict):
+    """The ``protocol`` section of a ``PruneStepResults`` (the settings themselves are
+    ``lpt.benchmarking.protocol.PruneStepProtocol``)."""
+
     description: str
     seq_len: int
     batch_size: int
@@ -182,7 +188,7 @@ class PruneStepResults(TypedDict):
     random_weights: bool
     versions: dict[str, str]
     hardware: Hardware
-    protocol: PruneStepProtocol
+    protocol: PruneStepProtocolRecord
     config: dict[str, Any]
     model: ModelInfo
     results: list[PruneStepRow]

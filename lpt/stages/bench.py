@@ -22,7 +22,7 @@ from typing import Any
 from rich.markup import escape
 
 import lpt
-from lpt import artifacts, groups, models
+from lpt import artifacts, models
 from lpt.benchmarking import flops, report, schema, shapes, timing
 from lpt.benchmarking import plot as plotting
 from lpt.benchmarking.env import hardware
@@ -32,7 +32,7 @@ from lpt.benchmarking.protocol import (Entry, PruneStepProtocol, RuntimeProtocol
                                        build_entries, int_list, prune_step_runs)
 from lpt.benchmarking.worker import measure
 from lpt.arch import describe
-from lpt.config import BenchPruneStepConfig, BenchRuntimeConfig
+from lpt.config import BenchPruneStepConfig, BenchRuntimeConfig, check
 from lpt.errors import LptError
 from lpt.int8 import resolve_backend
 from lpt.progress import console
@@ -55,11 +55,9 @@ def validate(cfg: BenchRuntimeConfig | BenchPruneStepConfig) -> None:
 
 
 def validate_runtime(cfg: BenchRuntimeConfig) -> list[Entry]:
-    """Check the options and every model / shape / adapter argument (no weight is read); returns the entries."""
-    if cfg.seq_len <= 0:
-        raise LptError(f"--seq-len must be positive (got {cfg.seq_len})")
-    if cfg.trials < 0 or cfg.warmup < 0 or cfg.new_tokens < 0 or cfg.decode_trials < 0 or cfg.threads < 0:
-        raise LptError("--trials, --warmup, --new-tokens, --decode-trials and --threads must not be negative")
+    """Check the options (``lpt.config.check``) and every model / shape / adapter argument (no weight is read);
+    returns the entries."""
+    check(cfg)
     int_list(cfg.batch_size, "--batch-size")
     entries = build_entries(cfg)
     for e in entries:  # parse shapes and adapter specs before any model is loaded
@@ -87,18 +85,9 @@ def validate_runtime(cfg: BenchRuntimeConfig) -> list[Entry]:
 
 
 def validate_prune_step(cfg: BenchPruneStepConfig) -> tuple[list[StepRun], list[dict[str, str]]]:
-    """Check the options (no weight is read); returns the configurations to time and the skipped ones."""
-    if cfg.model and cfg.random_init:
-        raise LptError("give MODEL or --random-init, not both")
-    for name in ("seq_len", "batch_size", "trials", "lora_r"):
-        if getattr(cfg, name) <= 0:
-            raise LptError(f"--{name.replace('_', '-')} must be positive (got {getattr(cfg, name)})")
-    if cfg.warmup < 0 or cfg.micro_batch_size < 0 or cfg.threads < 0:
-        raise LptError("--warmup, --micro-batch-size and --threads must not be negative")
-    groups.check_ratio(cfg.ratio, positive=True)
-    micro = cfg.micro_batch_size or cfg.batch_size
-    if cfg.batch_size % micro:
-        raise LptError(f"--batch-size {cfg.batch_size} must be a multiple of --micro-batch-size {micro}")
+    """Check the options (``lpt.config.check``; no weight is read); returns the configurations to time and the
+    skipped ones."""
+    check(cfg)
     device = models.resolve_device(cfg.device)
     backends = [resolve_backend(b, device) for part in cfg.int8_backend for b in str(part).split(",") if b.strip()]
     runs = prune_step_runs(cfg.criterion, cfg.plain_lora, cfg.load_8bit, backends)

@@ -7,17 +7,15 @@ a LoRA adapter and group masks applied without merging (``--adapter DIR --masks 
 from __future__ import annotations
 
 import math
-import os
-import sys
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from lpt import artifacts, lora, models
+from lpt import artifacts, lora, models, quiet
 from lpt.arch import describe
-from lpt.config import EvalConfig
+from lpt.config import EvalConfig, check
 from lpt.errors import LptError
 from lpt.evaluation import local_tasks
 from lpt.evaluation import perplexity as P
@@ -28,28 +26,16 @@ from lpt.progress import console, progress_bar
 
 
 def validate(cfg: EvalConfig) -> None:
+    """The config's rules (``lpt.config.check``), then what it asks for and the files it names."""
+    check(cfg)
     if not parse_ppl(cfg.ppl) and not T.parse_tasks(cfg.tasks):
         raise LptError("nothing to evaluate: pass --ppl SOURCE[,SOURCE] and/or --tasks TASK[,TASK]")
-    if cfg.seq_len < 2:
-        raise LptError(f"--seq-len must be at least 2 (got {cfg.seq_len})")
-    if cfg.batch_size < 1:
-        raise LptError(f"--batch-size must be positive (got {cfg.batch_size})")
-    if cfg.max_segments < 0:
-        raise LptError(f"--max-segments must be >= 0 (got {cfg.max_segments})")
     if cfg.adapter is not None and not Path(cfg.adapter).is_dir():
         raise LptError(f"adapter directory not found: {cfg.adapter}")
     if cfg.masks is not None and not Path(cfg.masks).is_file():
         raise LptError(f"masks file not found: {cfg.masks}")
     if cfg.include_path is not None and not Path(cfg.include_path).is_dir():
         raise LptError(f"--include-path {cfg.include_path} is not a directory")
-    if cfg.num_fewshot is not None and cfg.num_fewshot < 0:
-        raise LptError(f"--num-fewshot must be >= 0 (got {cfg.num_fewshot})")
-    if cfg.limit is not None and cfg.limit <= 0:
-        raise LptError(f"--limit must be positive (got {cfg.limit})")
-    if cfg.samples < 0:
-        raise LptError(f"--samples must be >= 0 (got {cfg.samples})")
-    if cfg.samples and cfg.limit is not None:
-        raise LptError("give --limit or --samples, not both")
     if cfg.task_data not in local_tasks.TASK_DATA and not Path(cfg.task_data).expanduser().is_dir():
         raise LptError(f"--task-data must be {', '.join(local_tasks.TASK_DATA)} or a directory "
                        f"(got {cfg.task_data})")
@@ -74,9 +60,11 @@ def load_for_eval(model: str, *, adapter: str | None = None, masks: str | None =
     results file. With masks but no adapter, rank-0 LoRA layers carry the masks. Pass ``tokenizer`` when it is
     already loaded (it is not loaded again).
     """
-    loaded = models.load(model, adapter=adapter, masks=masks, dtype=dtype, device=device, revision=revision,
-                         trust_remote_code=trust_remote_code, tokenizer=tokenizer if tokenizer is not None else True)
-    m, tok, mk, acfg = loaded.model, loaded.tokenizer, loaded.masks, loaded.adapter_config
+    loaded = models.load(model, models.LoadOptions(dtype=dtype, device=device, revision=revision,
+                                                   trust_remote_code=trust_remote_code, tokenizer=tokenizer is None,
+                                                   adapter=adapter, masks=masks))
+    m, mk, acfg = loaded.model, loaded.masks, loaded.adapter_config
+    tok = loaded.tokenizer if tokenizer is None else tokenizer
     base_params = effective = models.count_params(m) - lora.lora_param_count(m)
     adapter_info = masks_info = None
     if acfg is not None:
@@ -150,7 +138,7 @@ def eval_tasks(model, tok, cfg: EvalConfig, prepared) -> tuple[dict[str, Any], d
     names = T.parse_tasks(cfg.tasks)
     samples = T.subsample(prepared, cfg.samples, cfg.samples_seed) if cfg.samples else None
     raw = T.run_tasks(model, tok, prepared, batch_size=cfg.task_batch_size, limit=cfg.limit, samples=samples,
-                      log_samples=cfg.per_doc, debug=_debug())
+                      log_samples=cfg.per_doc, debug=quiet.debug())
     scores = T.extract_scores(raw, names)
     docs = T.per_doc(raw, prepared) if cfg.per_doc else {}
     for name, info in T.task_splits(prepared).items():
@@ -196,12 +184,6 @@ def warn_tp(sizes, config, masks: str | None = None) -> None:
         console.print(f"[yellow]warning:[/] {line}")
 
 
-def _debug() -> bool:
-    """--debug (or LPT_DEBUG) also lets lm-eval log; without it only its progress bars show."""
-    cli = sys.modules.get("lpt.cli._common")
-    return bool(os.environ.get("LPT_DEBUG")) or bool(cli is not None and cli.STATE.debug)
-
-
 def default_label(cfg: EvalConfig) -> str:
     if cfg.label:
         return cfg.label
@@ -234,7 +216,7 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
         tok = models.load_tokenizer(ref, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
         ppl_plan = plan_perplexity(cfg, tok, config)
     if T.parse_tasks(cfg.tasks):
-        tasks_plan = T.prepare(T.parse_task_specs(cfg.tasks), cfg.include_path, debug=_debug(),
+        tasks_plan = T.prepare(T.parse_task_specs(cfg.tasks), cfg.include_path, debug=quiet.debug(),
                                task_data=cfg.task_data, num_fewshot=cfg.num_fewshot)
     try:
         model, tok, info = load_for_eval(cfg.model, adapter=cfg.adapter, masks=cfg.masks, dtype=cfg.dtype,

@@ -24,11 +24,10 @@ from pathlib import Path
 
 from lpt import artifacts, gguf_file, llamacpp
 from lpt.arch import has_layer_widths
-from lpt.config import ExportConfig
+from lpt.config import ExportConfig, check
 from lpt.errors import LptError
 from lpt.progress import console
 
-OUTTYPES = llamacpp.OUTTYPES
 
 
 def converter_available(spec: str | None = None) -> bool:
@@ -41,15 +40,11 @@ def default_output(model: str | Path, outtype: str) -> Path:
 
 
 def validate(cfg: ExportConfig) -> tuple[Path, Path]:
-    """Check everything that can be checked before the converter runs -> ``(model_dir, output_file)``."""
+    """Check everything that can be checked before the converter runs -> ``(model_dir, output_file)``: the config's
+    rules (``lpt.config.check``), then the files and tools it needs."""
+    check(cfg)
     if not cfg.gguf:
         raise LptError("--gguf is required (GGUF is the one export format: lpt export MODEL_DIR --gguf -o FILE.gguf)")
-    if cfg.outtype not in OUTTYPES:
-        raise LptError(f"unknown --outtype '{cfg.outtype}' (use {', '.join(OUTTYPES)})")
-    if cfg.quantize_from not in llamacpp.QUANTIZE_FROM:
-        raise LptError(f"unknown --quantize-from '{cfg.quantize_from}' (use {', '.join(llamacpp.QUANTIZE_FROM)})")
-    if cfg.threads < 0:
-        raise LptError(f"--threads must be 0 (all cores) or a positive number (got {cfg.threads})")
     if cfg.report and Path(cfg.report).suffix != ".json":
         raise LptError(f"--report must be a .json file (got {cfg.report})")
     if cfg.report and Path(cfg.report).exists() and not cfg.overwrite:
@@ -124,7 +119,7 @@ def convert_and_quantize(cfg: ExportConfig, model: Path, outfile: Path) -> None:
 
 
 def run(cfg: ExportConfig) -> Path:
-    if cfg.outtype in OUTTYPES and cfg.gguf:
+    if cfg.outtype in llamacpp.OUTTYPES and cfg.gguf:
         cfg = resolve(cfg)
     model, out = validate(cfg)
     for line in llamacpp.width_warnings(artifacts.read_json(model / "config.json"), cfg.outtype):

@@ -21,8 +21,9 @@ from pathlib import Path
 import torch
 
 from lpt import artifacts, lora, models
+from lpt.model_dir import choose_output_dtype, write_model_dir
 from lpt.arch import describe
-from lpt.config import MergeConfig
+from lpt.config import MergeConfig, check
 from lpt.errors import LptError
 from lpt.int8 import resolve_backend
 from lpt.masks import Masks
@@ -31,6 +32,8 @@ from lpt.progress import console, steps_bar
 
 # ------------------------------------------------------------------------------------------------ stage
 def validate(cfg: MergeConfig) -> None:
+    """The config's rules (``lpt.config.check``), then the files it names."""
+    check(cfg)
     if not cfg.adapter:
         raise LptError("--adapter is required (a directory with adapter_config.json and adapter_model.safetensors)")
     if cfg.masks and not Path(cfg.masks).is_file():
@@ -68,7 +71,7 @@ def run(cfg: MergeConfig) -> Path:
     lora.read_adapter(cfg.adapter)  # refuse a non-adapter before loading the model
     ref = models.resolve(cfg.model)
     config = models.load_config(ref, trust_remote_code=cfg.trust_remote_code, revision=cfg.revision)
-    dtype, dtype_why = models.choose_output_dtype(cfg.dtype, config, ref)
+    dtype, dtype_why = choose_output_dtype(cfg.dtype, config, ref)
     load_8bit = recorded_8bit(cfg.adapter) if cfg.load_8bit is None else cfg.load_8bit
     backend = resolve_backend(cfg.int8_backend or recorded_int8_backend(cfg.adapter) or "auto",
                               models.resolve_device(cfg.device))
@@ -99,7 +102,7 @@ def run(cfg: MergeConfig) -> Path:
                                     dtype=str(dtype).replace("torch.", ""), dtype_reason=dtype_why,
                                     params=params)
         with artifacts.atomic_dir(out, overwrite=cfg.overwrite) as tmp:
-            models.write_model_dir(model, tok, tmp, dtype=dtype, max_shard_size=cfg.max_shard_size, provenance=prov)
+            write_model_dir(model, tok, tmp, dtype=dtype, max_shard_size=cfg.max_shard_size, provenance=prov)
         step("done")
     console.print(f"merged {cfg.adapter} into {cfg.model}{' (int8 base)' if load_8bit else ''}"
                   f"{', pruned rows zeroed' if masks is not None else ''}: {params:,} parameters, "

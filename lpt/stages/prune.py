@@ -33,10 +33,10 @@ import lpt
 from lpt import artifacts, calibration, checkpoint, distributed, int8, llamacpp, lora, models, schedule
 from lpt import budget as budgets
 from lpt.arch import describe
-from lpt.config import CalibrateConfig, PruneConfig
+from lpt.config import CalibrateConfig, PruneConfig, check, resolved
 from lpt.errors import DivergedError, LptError
 from lpt.progress import console, progress_bar
-from lpt.pruner import Pruner, check_model, resolved, validate  # validate: shared with lpt bench prune-step
+from lpt.pruner import Pruner, check_model
 from lpt.schedule import batch_indices
 
 PAPER_DATA = "MBZUAI/LaMini-instruction"
@@ -63,13 +63,19 @@ def _calibration(cfg: PruneConfig, tokenizer) -> calibration.CalibData:
 partial_dir = artifacts.partial_dir
 
 
+def validate(cfg: PruneConfig) -> PruneConfig:
+    """Every rule of a PruneConfig (declared with its fields: ``lpt.config.check``); returns the copy the run uses,
+    presets resolved (``--round-to llamacpp`` -> 32, as masks.json records it). ``cfg`` is left as it is."""
+    check(cfg)
+    return resolved(cfg)
+
+
 def run(cfg: PruneConfig) -> Path:
     """Prune; under torchrun / accelerate launch every process runs this and only rank 0 writes the output.
 
     Rank 0 holds the output's lock (``artifacts.output_lock``) for the whole run, so a second run on the same output
     (which would share ``OUTPUT.partial/``) is refused at once."""
-    validate(cfg)
-    cfg = resolved(cfg)  # --ratio's default and --round-to's preset made concrete (what lpt_config.json records)
+    cfg = validate(cfg)  # the copy the run uses: --ratio's default and --round-to's preset made concrete
     distributed.check_launch(cfg.device, cfg.device_map)
     device_map = distributed.parse_device_map(cfg.device_map)
     out = Path(cfg.output)
@@ -91,9 +97,6 @@ def run(cfg: PruneConfig) -> Path:
 def _config_if_cheap(cfg: PruneConfig):
     """The model's ``Arch`` when its config is a small JSON file (a local directory or a hub id), else None (a GGUF
     file's config is read from its whole header: then :func:`check_model` runs once the model is loaded)."""
-    from lpt import models
-    from lpt.arch import describe
-
     ref = models.resolve(cfg.model)
     if ref.gguf_file:
         return None

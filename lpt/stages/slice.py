@@ -22,34 +22,24 @@ import lpt
 from lpt import artifacts, calibration, lora, modeling, models, reconstruct, slicing
 from lpt import budget as budgets
 from lpt.arch import describe
-from lpt.config import SliceConfig
+from lpt.config import SliceConfig, check
 from lpt.errors import LptError
 from lpt.masks import Masks, round_to_violations
+from lpt.model_dir import choose_output_dtype, write_model_dir
 from lpt.progress import console, steps_bar
 
 ADAPTER_SUBDIR = "adapter"
-RECONSTRUCT_MODES = reconstruct.MODES
 
 
 def validate(cfg: SliceConfig) -> None:
-    from lpt.config import check_finite
-
-    check_finite(cfg)  # --reconstruct-damp nan / inf
+    """The config's rules (``lpt.config.check``), then the files it names."""
+    check(cfg)
     if not cfg.masks:
         raise LptError("--masks is required (the masks.json written by lpt prune)")
     if not Path(cfg.masks).is_file():
         raise LptError(f"masks file not found: {cfg.masks}")
-    if cfg.merge and not cfg.adapter:
-        raise LptError("--merge needs --adapter")
-    if cfg.reconstruct and cfg.adapter and not cfg.merge:
-        raise LptError("--reconstruct changes the base weights, which an unmerged adapter was not trained on; add "
-                       "--merge")
     if cfg.reconstruct and not Path(cfg.reconstruct).is_dir():
         raise LptError(f"--reconstruct: calibrate output not found: {cfg.reconstruct}")
-    if cfg.reconstruct_damp < 0:
-        raise LptError(f"--reconstruct-damp must be >= 0 (got {cfg.reconstruct_damp})")
-    if cfg.reconstruct_mode not in RECONSTRUCT_MODES:
-        raise LptError(f"unknown --reconstruct-mode '{cfg.reconstruct_mode}' (use {', '.join(RECONSTRUCT_MODES)})")
 
 
 def expected_params(masks, params_before: int) -> int:
@@ -82,7 +72,7 @@ def run(cfg: SliceConfig) -> Path:
     if cfg.adapter:
         adapter_cfg, sd = lora.read_adapter(cfg.adapter)
         sliced_adapter = slicing.slice_adapter(sd, masks)
-    dtype, dtype_why = models.choose_output_dtype(cfg.dtype, config, ref)
+    dtype, dtype_why = choose_output_dtype(cfg.dtype, config, ref)
 
     bar, step = steps_bar("loading model", 4 if cfg.reconstruct else 3)
     with bar:
@@ -117,7 +107,7 @@ def run(cfg: SliceConfig) -> Path:
                                     dtype_reason=dtype_why,
                                     params={"before": before, "after": after}, tensor_parallel=tp)
         with artifacts.atomic_dir(out, overwrite=cfg.overwrite) as tmp:
-            models.write_model_dir(model, tok, tmp, dtype=dtype, max_shard_size=cfg.max_shard_size, provenance=prov)
+            write_model_dir(model, tok, tmp, dtype=dtype, max_shard_size=cfg.max_shard_size, provenance=prov)
             if sliced_adapter is not None and not cfg.merge:
                 lora.write_adapter(tmp / ADAPTER_SUBDIR, adapter_cfg, sliced_adapter, base_model=cfg.output,
                                    metadata={"lpt_version": lpt.__version__, "sliced": "true"})
