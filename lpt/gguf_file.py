@@ -11,6 +11,7 @@ tokenizer). ``lpt.models`` decides when; this module knows only files and direct
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from lpt.errors import LptError
 
@@ -24,16 +25,20 @@ MODEL_TYPES = {"qwen2moe": "qwen2_moe", "qwen3moe": "qwen3_moe", "gpt-oss": "gpt
                "gemma3": "gemma3_text", "gemma4": "gemma4_text", "t5encoder": "t5"}
 _SCALARS = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}  # value type -> bytes
 _STRING, _ARRAY = 8, 9
+_FORMATS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
 
 
-def architecture(path: str | Path) -> str:
-    """``general.architecture`` from a GGUF file's header, reading only the key/value pairs before it (usually the
-    first), never a tensor. Raises LptError for a file that is not GGUF (v2 or later)."""
+def header_values(path: str | Path, keys: tuple[str, ...]) -> dict[str, Any]:
+    """The string and scalar values of ``keys`` in a GGUF file's header, reading the key/value pairs only until all
+    were found (the ``general.*`` keys come first, before the tokenizer's large arrays), never a tensor. Keys the
+    header lacks are absent from the result. Raises LptError for a file that is not GGUF (v2 or later)."""
     import struct
 
     def fail(why: str) -> LptError:
         return LptError(f"{path} is not a readable GGUF file ({why})")
 
+    wanted = {k.encode(): k for k in keys}
+    found: dict[str, Any] = {}
     with open(path, "rb") as f:
         head = f.read(24)
         if len(head) < 24 or head[:4] != MAGIC:
@@ -43,23 +48,23 @@ def architecture(path: str | Path) -> str:
             raise fail(f"unsupported GGUF version {version}")
         n_kv = struct.unpack("<Q", head[16:24])[0]
 
-        def u32() -> int:
-            b = f.read(4)
-            if len(b) < 4:
+        def read(n: int) -> bytes:
+            b = f.read(n)
+            if len(b) < n:
                 raise fail("truncated header")
-            return struct.unpack("<I", b)[0]
+            return b
+
+        def u32() -> int:
+            return struct.unpack("<I", read(4))[0]
 
         def u64() -> int:
-            b = f.read(8)
-            if len(b) < 8:
-                raise fail("truncated header")
-            return struct.unpack("<Q", b)[0]
+            return struct.unpack("<Q", read(8))[0]
 
         def string() -> bytes:
             n = u64()
             if n > 1 << 20:
                 raise fail("implausible string length")
-            return f.read(n)
+            return read(n)
 
         def skip(vtype: int) -> None:
             if vtype in _SCALARS:
@@ -78,10 +83,47 @@ def architecture(path: str | Path) -> str:
 
         for _ in range(n_kv):
             key, vtype = string(), u32()
-            if key == b"general.architecture" and vtype == _STRING:
-                return string().decode("utf-8", errors="replace")
-            skip(vtype)
-    raise fail("no general.architecture")
+            if key in wanted and vtype == _STRING:
+                found[wanted[key]] = string().decode("utf-8", errors="replace")
+            elif key in wanted and vtype in _FORMATS:
+                found[wanted[key]] = struct.unpack(_FORMATS[vtype], read(_SCALARS[vtype]))[0]
+            else:
+                skip(vtype)
+            if len(found) == len(wanted):
+                break
+    return found
+
+
+def architecture(path: str | Path) -> str:
+    """``general.architecture`` from a GGUF file's header, reading only the key/value pairs before it (usually the
+    first), never a tensor. Raises LptError for a file that is not GGUF (v2 or later)."""
+    arch = header_values(path, ("general.architecture",)).get("general.architecture")
+    if not isinstance(arch, str):
+        raise LptError(f"{path} is not a readable GGUF file (no general.architecture)")
+    return arch
+
+
+FLOAT_TYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}  # ggml float types -> torch dtype names
+
+
+def file_type(path: str | Path) -> str:
+    """The tensor type of a GGUF file's weights: ``F32``, ``F16``, ``BF16`` or the quantization (``Q4_1``,
+    ``Q4_K_M``, ...), from the header's ``general.file_type`` (llama.cpp's ``LLAMA_FTYPE``, which its converter and
+    quantizer write); a file without it is read with gguf's ``GGUFReader``: the type holding most weight values."""
+    import gguf
+
+    ftype = header_values(path, ("general.file_type",)).get("general.file_type")
+    if isinstance(ftype, int) and ftype in {t.value for t in gguf.LlamaFileType}:
+        name = gguf.LlamaFileType(ftype).name
+        if name != "GUESSED":
+            return name.removeprefix("MOSTLY_").removeprefix("ALL_")
+    counts: dict[str, int] = {}
+    for t in gguf.GGUFReader(path).tensors:
+        if len(t.shape) >= 2:
+            counts[t.tensor_type.name] = counts.get(t.tensor_type.name, 0) + int(t.n_elements)
+    if not counts:
+        raise LptError(f"{path} holds no weight matrix")
+    return max(counts, key=counts.get)
 
 
 def model_type(path: str | Path) -> str:

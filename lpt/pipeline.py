@@ -10,7 +10,9 @@ the model, the output under RUN_DIR and the outputs of earlier steps as inputs::
                                              --merge [--reconstruct RUN_DIR/calibrate]
     eval-dense   RUN_DIR/eval/dense.json     lpt eval MODEL --recipe R --label dense
     eval-pruned  RUN_DIR/eval/pruned.json    lpt eval RUN_DIR/slice --recipe R --label pruned
-    export       RUN_DIR/export/pruned-F.gguf  lpt export RUN_DIR/slice --gguf --recipe R
+    export       RUN_DIR/export/pruned-T.gguf  lpt export RUN_DIR/slice --gguf --recipe R  (T: --outtype, or
+                                             --fallback-outtype when it needs llama.cpp's quantizer and none is
+                                             installed: decided before any stage runs, with a note)
     bench        RUN_DIR/bench/bench.json    lpt bench runtime MODEL RUN_DIR/slice --label dense --label pruned
 
 prune trains on RUN_DIR/calibrate when the recipe's calibrate section makes exactly the blocks prune would make
@@ -37,7 +39,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
 
-from lpt import artifacts
+from lpt import artifacts, llamacpp
 from lpt.config import (RUN_STAGES, BenchRuntimeConfig, CalibrateConfig, DataOptions, EvalConfig, ExportConfig,
                         PruneConfig, RunConfig, SliceConfig, build, field_names, load_recipe, parse_setting)
 from lpt.errors import LptError
@@ -59,6 +61,7 @@ class Step:
     stage: str  # the stage function that runs it (a key of the runners)
     config: Any  # the stage's config dataclass
     needs: tuple[str, ...] = ()  # steps whose outputs it reads
+    note: str | None = None  # what lpt run decided for the user (said before running, kept in run.json)
 
     @property
     def output(self) -> Path:
@@ -192,10 +195,17 @@ def plan(cfg: RunConfig) -> list[Step]:
                 raise LptError(f"stage eval has nothing to evaluate: give the recipe an eval: section with ppl: "
                                f"and/or tasks: (or --ppl SOURCE)")
     if "export" in stages:
-        outtype = _config(ExportConfig, "export", cfg, over, {}).outtype
+        asked = _config(ExportConfig, "export", cfg, over, {})
+        # --fallback-outtype is decided here, before any stage runs: the file is named by what it will hold, and a
+        # quantization without a quantizer (and no fallback) is refused now rather than after the prune
+        try:
+            outtype, note = llamacpp.resolve_outtype(asked.outtype, asked.fallback_outtype, asked.quantizer)
+        except LptError as e:
+            raise LptError(f"stage export: {e}") from None
         add("export", "export", ExportConfig, {"model": pruned, "gguf": True, "overwrite": True,
                                                "output": str(run_dir / "export" / f"pruned-{outtype}.gguf")},
             ("slice",))
+        steps[-1].config.outtype, steps[-1].note = outtype, note
     if "bench" in stages:
         models = [model, pruned or model]
         adapters = ["-", "-"] if pruned else ["-", str(prune_dir)]
@@ -362,6 +372,9 @@ def execute(cfg: RunConfig, runners: Mapping[str, Callable[[Any], Any]],
             and set(p.name for p in run_dir.iterdir()) != {".lock"}:
         raise LptError(f"output {run_dir} exists and is not an lpt run directory (no {RUN_STATE}); choose another -o")
     actions: dict[str, str] = {}
+    for step in steps:
+        if step.note:
+            say(f"{step.name}: {step.note}")
     if cfg.dry_run:
         state = load_state(run_dir) if run_dir.is_dir() else {"steps": {}}
         changed: set[str] = set()
@@ -374,6 +387,7 @@ def execute(cfg: RunConfig, runners: Mapping[str, Callable[[Any], Any]],
         return Outcome(run_dir, state, actions, None)
     with locked(run_dir):
         state = load_state(run_dir)
+        preflight(steps, run_dir, state)
         state.update(recipe=cfg.recipe, recipe_sha256=_file_hash(cfg.recipe), model=cfg.model,
                      stages=[s.name for s in steps], reconstruct=cfg.reconstruct, command=cfg.command,
                      lpt_version=lpt.__version__, started=_now(), finished=None)
@@ -398,6 +412,8 @@ def execute(cfg: RunConfig, runners: Mapping[str, Callable[[Any], Any]],
             rec = {"stage": step.stage, "output": str(step.output), "config": d.config, "key": d.key,
                    "inputs": {n: records[n].get("fingerprint") for n in step.needs}, "status": "running",
                    "started": _now(), "resumed": d.resume, "reason": d.reason, "in_plan": True}
+            if step.note:
+                rec["note"] = step.note
             records[step.name] = rec
             save_state(run_dir, state)
             t0 = time.perf_counter()
@@ -422,6 +438,20 @@ def execute(cfg: RunConfig, runners: Mapping[str, Callable[[Any], Any]],
             report = write_report(run_dir, state)
         save_state(run_dir, state)
     return Outcome(run_dir, state, actions, report)
+
+
+def preflight(steps: list[Step], run_dir: Path, state: Mapping[str, Any]) -> None:
+    """What a step that will run needs and can be checked before the first one runs: llama.cpp's converter for
+    export (else the run would fail after the prune)."""
+    changed: set[str] = set()
+    for step in steps:
+        d = decide(step, run_dir, state, changed)
+        if not d.run:
+            continue
+        changed.add(step.name)
+        if step.stage == "export" and llamacpp.find_converter(step.config.converter) is None:
+            raise LptError(f"stage export needs llama.cpp's converter, which is not installed: "
+                           f"{llamacpp.CONVERTER_INSTALL} (or leave export out of the run's stages: --stages)")
 
 
 def _file_hash(path: str | None) -> str | None:
