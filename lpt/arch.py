@@ -34,6 +34,17 @@ def has_layer_widths(config: Any) -> bool:
 
 
 @dataclass(frozen=True)
+class Fused:
+    """One linear layer of a family that computes several of lpt's projections, its output rows stacked in ``parts``
+    order (Phi-3's ``self_attn.qkv_proj``: q, k, v; ``mlp.gate_up_proj``: gate, up). ``lpt.fused`` splits it into
+    one child linear per part while lpt works on the model and fuses it back before a model directory is written."""
+
+    parent: str  # "attn" or "mlp": the Family field naming the module that holds it
+    name: str  # its attribute there, e.g. "qkv_proj"
+    parts: tuple[str, ...]  # the projections it computes, e.g. ("q_proj", "k_proj", "v_proj")
+
+
+@dataclass(frozen=True)
 class Family:
     """Where things are in one decoder family (module paths relative to the causal-LM model)."""
 
@@ -73,6 +84,14 @@ class Family:
     # transformers' config of the family refuses a hidden size that is not a multiple of num_attention_heads (its
     # validate_architecture), even with an explicit head_dim: uniform prunes keep that true
     heads_divide_hidden: bool = False
+    # fused linear layers (lpt.fused): q / k / v / gate / up above then name their children ("qkv_proj.q_proj")
+    fused: tuple[Fused, ...] = ()
+    # whether lpt.modeling builds the family with per-layer widths (False: --layout per-layer is refused)
+    per_layer_widths: bool = True
+    # runtimes size the family's attention from hidden_size / num_attention_heads instead of head_dim: llama.cpp's
+    # graph (q and o are hidden_size wide, so a GGUF that keeps fewer query heads does not load) and transformers'
+    # check of longrope factors (a config that has them no longer loads with fewer query heads)
+    attn_width_is_hidden: bool = False
 
     def module_path(self, layer: int, proj: str) -> str:
         parent = self.attn if proj in ATTN_OUT + ATTN_IN else self.mlp
@@ -92,6 +111,12 @@ FAMILIES: dict[str, Family] = {
                      block_norms=4, norm_offset=1.0, embed_scale=True, heads_divide_hidden=True),
     "granite": Family("granite", ("granite",), hf_class="GraniteForCausalLM"),
     "olmo2": Family("olmo2", ("olmo2",), mlp_bias=False, qk_norm="full", hf_class="Olmo2ForCausalLM"),
+    "phi3": Family("phi3", ("phi3",), q="qkv_proj.q_proj", k="qkv_proj.k_proj", v="qkv_proj.v_proj",
+                   gate="gate_up_proj.gate_proj", up="gate_up_proj.up_proj", qkv_bias=False, o_bias=False,
+                   mlp_bias=False, hf_class="Phi3ForCausalLM",
+                   fused=(Fused("attn", "qkv_proj", ("q_proj", "k_proj", "v_proj")),
+                          Fused("mlp", "gate_up_proj", ("gate_proj", "up_proj"))),
+                   per_layer_widths=False, attn_width_is_hidden=True),
 }
 
 
@@ -121,6 +146,8 @@ class Arch:
     layer_heads: tuple[int, ...] | None = None
     layer_kv_heads: tuple[int, ...] | None = None
     layer_intermediate: tuple[int, ...] | None = None
+    # why every query head must stay (a config that would not load with fewer), or "" when heads may be pruned
+    heads_locked: str = ""
 
     @property
     def name(self) -> str:
@@ -198,6 +225,16 @@ class Arch:
 
     def module_path(self, layer: int, proj: str) -> str:
         return self.family.module_path(layer, proj)
+
+    def check_heads(self, kept: int, fix: str, hidden: int | None = None) -> None:
+        """Refuse a model that keeps ``kept`` of the query heads (and a hidden size of ``hidden``) when heads and
+        hidden size must stay (``heads_locked``)."""
+        if self.heads_locked and kept < self.num_heads:
+            raise LptError(f"{self.heads_locked}, so a model keeping {kept} of {self.num_heads} query heads would not "
+                           f"load; {fix}")
+        if self.heads_locked and hidden is not None and hidden < self.hidden_size:
+            raise LptError(f"{self.heads_locked}, so a model with a hidden size of {hidden} instead of "
+                           f"{self.hidden_size} would not load; {fix}")
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -277,7 +314,16 @@ def describe(config: Any) -> Arch:
         layer_heads=_tuple(LAYER_FIELDS[0]),
         layer_kv_heads=_tuple(LAYER_FIELDS[1]),
         layer_intermediate=_tuple(LAYER_FIELDS[2]),
+        heads_locked=_heads_locked(fam, config),
     )
+
+
+def _heads_locked(fam: Family, config: Any) -> str:
+    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    if fam.attn_width_is_hidden and isinstance(rope, dict) and (rope.get("short_factor") or rope.get("long_factor")):
+        return (f"this {fam.name} config's longrope factors are checked by transformers against hidden_size / "
+                f"num_attention_heads")
+    return ""
 
 
 def get_module(model: Any, path: str):

@@ -294,8 +294,11 @@ def prune_ratio(cfg: PruneConfig) -> float:
     return 0.0 if any(getattr(cfg, f) for f in MODEL_AXES_FIELDS) else 0.5
 
 
-DTYPE_HELP = ("Output weights dtype: auto (the source checkpoint's dtype, float32 when it declares none), float32, "
-              "bfloat16, float16. Arithmetic is float32.")
+DTYPE_HELP = ("Output weights dtype: auto (the dtype the model was trained in, where the source says so: the dtype a "
+              "checkpoint's config declares -- bfloat16 for SmolLM2, Llama, Qwen, Gemma --, a GGUF file's float type "
+              "F32 / F16 / BF16, bfloat16 for a quantized GGUF such as SmolLM2's Q4_1 or a checkpoint that declares "
+              "none), float32, bfloat16, float16. float32 only when asked for; lpt_provenance.json records the dtype "
+              "and why. Merging adds the LoRA product in float32 per layer.")
 
 
 @dataclass
@@ -483,6 +486,10 @@ class ExportConfig:
                                      "PATH.")
     report: str | None = _f(None, "Also write the tensor report (types per tensor group, what kept a larger type and "
                                   "why) to this .json file.")
+    fallback_outtype: str | None = _f(None, "When --outtype is one of llama.cpp's quantizations and no quantizer is "
+                                            "installed: write this type instead (one llama.cpp's converter writes "
+                                            "itself: f32, f16, bf16, q8_0) and say so. Default: refuse. lpt run's "
+                                            "recipes for GGUF sources set q8_0.")
 
 
 RECIPE_MAX_BYTES = 1 << 20  # a recipe is a page of settings; a larger file is refused unread

@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from lpt.errors import LptError
 
@@ -27,6 +28,7 @@ MODEL_TYPES = {"qwen2moe": "qwen2_moe", "qwen3moe": "qwen3_moe", "gpt-oss": "gpt
 _SCALARS = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}  # value type -> bytes
 _STRING, _ARRAY = 8, 9
 _UINT32 = 4
+_FORMATS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
 
 # What a header may hold before lpt hands the file to a reader that allocates per entry (transformers' GGUF loader
 # took 5.4 GB for one array of 10 million strings). Real files hold a few dozen keys, vocabularies of up to ~260k
@@ -37,6 +39,7 @@ MAX_DIMS = 8
 MAX_STRING = 32 << 20  # bytes of one string (a whole tokenizer.json fits)
 MAX_ARRAY = 1 << 20  # entries of one array
 MAX_ENTRIES = 1 << 22  # array entries in the whole header
+VALUE_STRING = 1 << 10  # strings up to this many bytes are kept as header values (names, types; not templates)
 
 
 @dataclass(frozen=True)
@@ -48,6 +51,7 @@ class Header:
     n_kv: int
     architecture: str | None  # general.architecture
     data_offset: int  # where the tensor data starts
+    values: dict[str, Any]  # every scalar key's value, and every string key's of at most VALUE_STRING bytes
 
 
 def check(path: str | Path) -> Header:
@@ -107,19 +111,17 @@ def _check(resolved: str, size: int, mtime_ns: int, name: str) -> Header:
             raise fail(f"its header declares {n_kv:,} keys, more than {MAX_KEYS:,}")
         if n_tensors > MAX_TENSORS:
             raise fail(f"its header declares {n_tensors:,} tensors, more than {MAX_TENSORS:,}")
-        entries, arch, alignment = 0, None, 32
+        entries, values = 0, {}
         for _ in range(n_kv):
             k = string("a key")
             key = bytes(m[k:pos]).decode("utf-8", errors="replace")
             vtype = u32()
             if vtype in _SCALARS:
-                at = take(_SCALARS[vtype])
-                if key == "general.alignment" and vtype == _UINT32:
-                    alignment = struct.unpack_from("<I", m, at)[0]
+                values[key] = struct.unpack_from(_FORMATS[vtype], m, take(_SCALARS[vtype]))[0]
             elif vtype == _STRING:
                 at = string(f"key {key}")
-                if key == "general.architecture":
-                    arch = bytes(m[at:pos]).decode("utf-8", errors="replace")
+                if pos - at <= VALUE_STRING:
+                    values[key] = bytes(m[at:pos]).decode("utf-8", errors="replace")
             elif vtype == _ARRAY:
                 etype, n = u32(), u64()
                 entries += n
@@ -136,7 +138,8 @@ def _check(resolved: str, size: int, mtime_ns: int, name: str) -> Header:
                     raise fail(f"key {key} is an array of value type {etype}, which lpt does not read")
             else:
                 raise fail(f"key {key} has unknown value type {vtype}")
-        if alignment < 1 or alignment & (alignment - 1):
+        alignment = values.get("general.alignment", 32)
+        if not isinstance(alignment, int) or alignment < 1 or alignment & (alignment - 1):
             raise fail(f"general.alignment {alignment} is not a power of two")
         tensors = []
         for _ in range(n_tensors):
@@ -155,7 +158,8 @@ def _check(resolved: str, size: int, mtime_ns: int, name: str) -> Header:
         if data_offset + offset + nbytes > size:
             raise fail(f"truncated: tensor {tname} ends at byte {data_offset + offset + nbytes:,}, past the end of "
                        f"the file at {size:,}")
-    return Header(version, n_tensors, n_kv, arch, data_offset)
+    arch = values.get("general.architecture")
+    return Header(version, n_tensors, n_kv, arch if isinstance(arch, str) else None, data_offset, values)
 
 
 def _tensor_bytes(dims: list[int], ttype: int) -> int | None:
@@ -173,6 +177,14 @@ def _tensor_bytes(dims: list[int], ttype: int) -> int | None:
     return -(-n // block) * nbytes
 
 
+def header_values(path: str | Path, keys: tuple[str, ...]) -> dict[str, Any]:
+    """The scalar and (short: up to ``VALUE_STRING`` bytes) string values of ``keys`` in a GGUF file's header, as
+    :func:`check` read it, never a tensor. Keys the header lacks are absent from the result. Raises LptError for a
+    file that is not GGUF (v2 or later) or breaks a bound."""
+    values = check(path).values
+    return {k: values[k] for k in keys if k in values}
+
+
 def architecture(path: str | Path) -> str:
     """``general.architecture`` from a GGUF file's header (checked whole by :func:`check`, never a tensor read).
     Raises LptError for a file that is not GGUF (v2 or later) or breaks a bound."""
@@ -180,6 +192,30 @@ def architecture(path: str | Path) -> str:
     if arch is None:
         raise LptError(f"{path} is not a readable GGUF file (no general.architecture)")
     return arch
+
+
+FLOAT_TYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}  # ggml float types -> torch dtype names
+
+
+def file_type(path: str | Path) -> str:
+    """The tensor type of a GGUF file's weights: ``F32``, ``F16``, ``BF16`` or the quantization (``Q4_1``,
+    ``Q4_K_M``, ...), from the header's ``general.file_type`` (llama.cpp's ``LLAMA_FTYPE``, which its converter and
+    quantizer write); a file without it is read with gguf's ``GGUFReader`` (after :func:`check`): the type holding
+    most weight values."""
+    import gguf
+
+    ftype = header_values(path, ("general.file_type",)).get("general.file_type")
+    if isinstance(ftype, int) and ftype in {t.value for t in gguf.LlamaFileType}:
+        name = gguf.LlamaFileType(ftype).name
+        if name != "GUESSED":
+            return name.removeprefix("MOSTLY_").removeprefix("ALL_")
+    counts: dict[str, int] = {}
+    for t in gguf.GGUFReader(path).tensors:
+        if len(t.shape) >= 2:
+            counts[t.tensor_type.name] = counts.get(t.tensor_type.name, 0) + int(t.n_elements)
+    if not counts:
+        raise LptError(f"{path} holds no weight matrix")
+    return max(counts, key=counts.get)
 
 
 def model_type(path: str | Path) -> str:

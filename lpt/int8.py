@@ -312,13 +312,16 @@ def from_safetensors(config: Any, handles: list, *, dtype: torch.dtype, device: 
     The largest full-precision tensor alive is one weight matrix, so the peak is the int8 model plus one tensor.
     The weights are bit-identical to :func:`quantize_projections` of the same checkpoint loaded in ``dtype``.
 
-    Returns None (the caller loads normally and quantizes afterwards) for tensor names the model does not have, or
-    tensors the model needs that the files lack (transformers' loader maps, initialises or reports them)."""
+    Returns None (the caller loads normally and quantizes afterwards) for tensor names the model does not have,
+    tensors the model needs that the files lack (transformers' loader maps, initialises or reports them), or fused
+    projections (``lpt.fused`` splits them after loading)."""
     from accelerate import init_empty_weights
     from accelerate.utils import set_module_tensor_to_device
     from transformers import AutoModelForCausalLM
 
     arch = describe(config)
+    if arch.family.fused:
+        return None  # fused layers (lpt.fused): loaded whole, split, then quantized
     with init_empty_weights():
         m = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code, dtype=dtype)
     wanted = set(projection_paths(arch))

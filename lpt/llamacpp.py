@@ -113,6 +113,25 @@ def width_warnings(config: dict[str, Any], outtype: str) -> list[str]:
     return out
 
 
+def attention_problem(config: dict[str, Any]) -> str | None:
+    """Why llama.cpp could not load a GGUF of this model directory (its config.json), or None. llama.cpp's graph for
+    some families (``lpt.arch.Family.attn_width_is_hidden``: Phi-3) makes the query and output projections
+    hidden_size wide, so a model that keeps fewer query heads converts but does not load."""
+    from lpt.arch import FAMILIES
+
+    fam = next((f for f in FAMILIES.values() if config.get("model_type") in f.model_types), None)
+    if fam is None or not fam.attn_width_is_hidden:
+        return None
+    hidden, heads = int(config["hidden_size"]), int(config["num_attention_heads"])
+    head_dim = int(config.get("head_dim") or hidden // heads)
+    if heads * head_dim == hidden:
+        return None
+    return (f"llama.cpp sizes {config['model_type']}'s attention from the hidden size (num_attention_heads x head_dim "
+            f"must be {hidden}), and this model keeps {heads} x {head_dim} = {heads * head_dim}: its GGUF would not "
+            f"load; for llama.cpp prune MLP channels only (lpt prune --balance 0). The directory itself loads with "
+            f"transformers")
+
+
 def round_to_note(hidden_size: int, round_to: int) -> str | None:
     """What ``--round-to`` 32 / 256 cannot fix: rows that read the hidden state have the hidden size as width."""
     if round_to in (LEGACY_BLOCK, K_BLOCK) and hidden_size % round_to:
@@ -278,6 +297,26 @@ def find_quantizer(spec: str | None = None) -> Quantizer | None:
         return Quantizer()
     tool = shutil.which(QUANTIZE_TOOL)
     return Quantizer(tool, tool) if tool else None
+
+
+def resolve_outtype(outtype: str, fallback: str | None = None, quantizer: str | None = None) -> tuple[str, str | None]:
+    """The ``--outtype`` to write, and a note when it is not the one asked for.
+
+    ``outtype`` itself when the converter writes it or llama.cpp's quantizer is installed (``find_quantizer``);
+    otherwise ``fallback`` (a type the converter writes itself, e.g. ``q8_0``) with a note saying why, or, without a
+    fallback, one ``LptError`` line with the install command -- before anything is converted.
+    """
+    base_type(outtype)  # an unknown type is one line
+    if fallback is not None and fallback not in CONVERTER_TYPES:
+        raise LptError(f"--fallback-outtype must be a type llama.cpp's converter writes itself "
+                       f"({', '.join(CONVERTER_TYPES)}), got '{fallback}'")
+    if outtype not in QUANTIZE_TYPES or find_quantizer(quantizer) is not None:
+        return outtype, None
+    if fallback is None:
+        raise LptError(f"--outtype {outtype} is llama.cpp's quantization, and no quantizer was found: "
+                       f"{QUANTIZER_INSTALL}; or --fallback-outtype q8_0 to write the converter's own q8_0 instead")
+    return fallback, (f"--outtype {outtype} needs llama.cpp's quantizer, which is not installed ({QUANTIZER_INSTALL}): "
+                      f"writing {fallback} instead (--fallback-outtype), with llama.cpp's converter")
 
 
 def quantize(quantizer: Quantizer, src: Path, dst: Path, outtype: str, threads: int = 0) -> str:

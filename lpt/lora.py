@@ -20,7 +20,7 @@ from typing import Any, Iterable, Iterator
 import torch
 from torch import nn
 
-from lpt import artifacts, int8
+from lpt import artifacts, fused, int8
 from lpt.arch import PROJECTIONS, Arch, get_module, set_module
 from lpt.config import INT8_THRESHOLD
 from lpt.errors import LptError, MismatchError
@@ -137,6 +137,7 @@ def inject(model: nn.Module, arch: Arch, *, r: int, alpha: float, dropout: float
     """
     targets = set(targets)
     target_paths(arch, targets)  # validates the names
+    targets = fused.expand_targets(arch.family, targets)  # a fused layer (Phi-3's qkv_proj) is one LoRA target
     out = {}
     for p in target_paths(arch, PROJECTIONS):
         base = get_module(model, p)
@@ -246,8 +247,9 @@ def save_adapter(model: nn.Module, directory: str | Path, base_model: str, metad
     directory = Path(directory)
     sd = adapter_state_dict(model)
     check_adapter_finite(sd, "the trained adapter")
+    sd, cfg = fused.adapter_to_file(sd, adapter_config(model, base_model))  # fused layers in PEFT's layout
     directory.mkdir(parents=True, exist_ok=True)
-    artifacts.write_json(directory / artifacts.ADAPTER_CONFIG, adapter_config(model, base_model))
+    artifacts.write_json(directory / artifacts.ADAPTER_CONFIG, cfg)
     artifacts.save_tensors(sd, directory / artifacts.ADAPTER_WEIGHTS, {"format": "pt", **(metadata or {})})
 
 
@@ -257,7 +259,7 @@ def write_adapter(directory: str | Path, adapter_cfg: dict[str, Any], state_dict
     model): the same LoRA settings, ``base_model_name_or_path`` set to ``base_model``."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    doc = dict(adapter_cfg)
+    state_dict, doc = fused.adapter_to_file(state_dict, adapter_cfg)  # fused layers in PEFT's layout
     doc["base_model_name_or_path"] = base_model
     artifacts.write_json(directory / artifacts.ADAPTER_CONFIG, doc)
     artifacts.save_tensors(state_dict, directory / artifacts.ADAPTER_WEIGHTS, {"format": "pt", **(metadata or {})})
@@ -286,8 +288,10 @@ def read_adapter(directory: str | Path) -> tuple[dict[str, Any], dict[str, torch
 
 def load_adapter(model: nn.Module, directory: str | Path, arch: Arch, load_8bit: bool = False,
                  int8_threshold: float = INT8_THRESHOLD, int8_backend: str = "auto") -> dict[str, LoraLinear]:
-    """Wrap ``model`` with the LoRA layers of a PEFT adapter directory and load their weights."""
+    """Wrap ``model`` with the LoRA layers of a PEFT adapter directory and load their weights (a fused layer's LoRA
+    split into its parts', as the model is: ``lpt.fused``)."""
     cfg, sd = read_adapter(directory)
+    sd = fused.adapter_from_file(sd, arch, f"adapter {directory}")
     paths = sorted({k[len(PEFT_PREFIX):].rsplit(".lora_", 1)[0] for k in sd if k.startswith(PEFT_PREFIX)})
     if not paths:
         raise LptError(f"{directory}: adapter holds no LoRA weights")

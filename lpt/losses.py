@@ -198,7 +198,8 @@ def head_loss(hidden: torch.Tensor, head: Head, labels: torch.Tensor, teacher_hi
 
 
 # transformers families whose causal-LM head lpt knows: logits = lm_head(h) [· 1/logits_scaling] [soft-capped]
-HEAD_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "granite", "olmo2")
+HEAD_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "granite", "olmo2",
+                 "phi3")
 
 
 def head_of(model) -> Head | None:

@@ -11,20 +11,36 @@ from typing import Any
 
 import torch
 
-from lpt import artifacts, modeling
+from lpt import artifacts, fused, gguf_file, modeling
 from lpt.errors import LptError
-from lpt.models import DTYPES, resolve_dtype
+from lpt.models import DTYPES, ModelRef, resolve_dtype
 
 
-def output_dtype(name: str, config: Any):
-    """--dtype of merge / slice as a torch dtype; ``auto`` is the dtype the source checkpoint declares (float32 if
-    none)."""
-    if name == "auto":
-        declared = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
-        if isinstance(declared, torch.dtype):
-            return declared if declared in (torch.float32, torch.bfloat16, torch.float16) else torch.float32
-        return getattr(torch, str(declared)) if str(declared) in DTYPES else torch.float32
-    return resolve_dtype(name, "cpu")
+def output_dtype(name: str, config: Any, ref: ModelRef | None = None):
+    """--dtype of merge / slice as a torch dtype (:func:`choose_output_dtype`)."""
+    return choose_output_dtype(name, config, ref)[0]
+
+
+def choose_output_dtype(name: str, config: Any, ref: ModelRef | None = None) -> tuple[torch.dtype, str]:
+    """--dtype of merge / slice as a torch dtype, and why (``lpt_provenance.json`` records both).
+
+    ``auto`` is the dtype the model was trained in where the source says so: a GGUF file (``ref``) whose weights are
+    float keeps that type (F32, F16, BF16); a quantized GGUF file gives bfloat16 (its de-quantized weights fit it,
+    at half the bytes of float32); a checkpoint gives the dtype its config declares (bfloat16 for SmolLM2, Llama,
+    Qwen, Gemma); bfloat16 when it declares none. float32 is written only when asked for.
+    """
+    if name != "auto":
+        return resolve_dtype(name, "cpu"), f"--dtype {name}"
+    if ref is not None and ref.gguf_file:
+        kind = gguf_file.file_type(Path(ref.path) / ref.gguf_file)
+        if kind in gguf_file.FLOAT_TYPES:
+            return getattr(torch, gguf_file.FLOAT_TYPES[kind]), f"auto: the GGUF source's weights are {kind}"
+        return torch.bfloat16, f"auto: the GGUF source is quantized ({kind}), its de-quantized weights as bfloat16"
+    declared = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    declared = str(declared).replace("torch.", "") if declared is not None else None
+    if declared in DTYPES:
+        return getattr(torch, declared), f"auto: the source checkpoint declares {declared}"
+    return torch.bfloat16, "auto: the source checkpoint declares no float dtype, bfloat16"
 
 
 def check_finite(model) -> None:
@@ -53,12 +69,32 @@ def _fix_tokenizer_config(path: Path) -> None:
         artifacts.write_json(f, doc)
 
 
+def _copy_sentencepiece(ref: ModelRef | None, directory: Path) -> None:
+    """The source's SentencePiece model (``tokenizer.model``), which transformers' fast tokenizers do not write back
+    but llama.cpp's converter reads for some families (Phi-3, Llama 2): copied when the source has one (a local
+    directory, or a hub model's cached files)."""
+    name = "tokenizer.model"
+    if ref is None or ref.gguf_file or (directory / name).exists():
+        return
+    if ref.local:
+        f = Path(ref.path) / name
+    else:
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(ref.path, name)
+        f = Path(cached) if isinstance(cached, str) else None
+    if f is not None and f.is_file():
+        shutil.copy(f, directory / name)
+
+
 def write_model_dir(model, tokenizer, directory: Path, *, dtype, max_shard_size: str,
                     provenance: dict[str, Any]) -> None:
     """Save ``model`` (cast to ``dtype``) as a plain Hugging Face directory; per-layer models get the modeling file.
 
-    Everything is checked before the first byte is written; call inside ``artifacts.atomic_dir``.
+    Everything is checked before the first byte is written; call inside ``artifacts.atomic_dir``. Fused projections
+    split while lpt worked on the model (``lpt.fused``) are fused back: the directory has the family's own layout.
     """
+    fused.fuse(model)
     model.to(dtype)
     check_finite(model)
     cfg = model.config
@@ -82,4 +118,5 @@ def write_model_dir(model, tokenizer, directory: Path, *, dtype, max_shard_size:
     if tokenizer is not None:
         tokenizer.save_pretrained(directory)
         _fix_tokenizer_config(directory)
+        _copy_sentencepiece(getattr(model, "lpt_ref", None), directory)
     artifacts.write_json(directory / artifacts.PROVENANCE, provenance)

@@ -251,7 +251,12 @@ def load_model(
 
 def _freeze(m, ref: ModelRef) -> None:
     """What every load ends with: eval mode, every parameter frozen (callers decide what trains), no KV cache in
-    training forwards, and where the model came from (``lpt_ref``, for provenance)."""
+    training forwards, and where the model came from (``lpt_ref``, for provenance). Fused projections (Phi-3's
+    ``qkv_proj``, ``gate_up_proj``) are split into lpt's (``lpt.fused``; ``model_dir.write_model_dir`` fuses them
+    again)."""
+    from lpt import fused
+
+    fused.split(m)
     m.eval()
     m.requires_grad_(False)
     m.config.use_cache = False

@@ -10,7 +10,9 @@ the model, the output under RUN_DIR and the outputs of earlier steps as inputs::
                                              --merge [--reconstruct RUN_DIR/calibrate]
     eval-dense   RUN_DIR/eval/dense.json     lpt eval MODEL --recipe R --label dense
     eval-pruned  RUN_DIR/eval/pruned.json    lpt eval RUN_DIR/slice --recipe R --label pruned
-    export       RUN_DIR/export/pruned-F.gguf  lpt export RUN_DIR/slice --gguf --recipe R
+    export       RUN_DIR/export/pruned-T.gguf  lpt export RUN_DIR/slice --gguf --recipe R  (T: --outtype, or
+                                             --fallback-outtype when it needs llama.cpp's quantizer and none is
+                                             installed: decided before any stage runs, with a note)
     bench        RUN_DIR/bench/bench.json    lpt bench runtime MODEL RUN_DIR/slice --label dense --label pruned
 
 prune trains on RUN_DIR/calibrate when the recipe's calibrate section makes exactly the blocks prune would make
@@ -35,7 +37,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from lpt import artifacts
+from lpt import artifacts, llamacpp
 from lpt.artifacts import RUN_KIND, RUN_SCHEMA, RUN_STATE
 from lpt.config import (RUN_STAGES, STAGE_CONFIGS, CalibrateConfig, DataOptions, PruneConfig, RunConfig, build,
                         field_names, load_recipe, parse_setting)
@@ -54,6 +56,7 @@ class Step:
     config: Any  # the stage's config dataclass
     needs: tuple[str, ...] = ()  # steps whose outputs it reads
     model: str | None = None  # the run's model, when the step reads it (its fingerprint is then an input)
+    note: str | None = None  # what lpt run decided for the user (said before running, kept in run.json)
 
     @property
     def output(self) -> Path:
@@ -214,10 +217,17 @@ class _Planner:
                                "and/or tasks: (or --ppl SOURCE)")
 
     def plan_export(self) -> None:
-        outtype = self.config("export", {}).outtype
+        asked = self.config("export", {})
+        # --fallback-outtype is decided here, before any stage runs: the file is named by what it will hold, and a
+        # quantization without a quantizer (and no fallback) is refused now rather than after the prune
+        try:
+            outtype, note = llamacpp.resolve_outtype(asked.outtype, asked.fallback_outtype, asked.quantizer)
+        except LptError as e:
+            raise LptError(f"stage export: {e}") from None
         self.add("export", "export", {"model": self.pruned, "gguf": True, "overwrite": True,
                                       "output": str(self.run_dir / artifacts.RUN_EXPORT.format(outtype=outtype))},
                  ("slice",), reads_model=False)
+        self.steps[-1].config.outtype, self.steps[-1].note = outtype, note
 
     def plan_bench(self) -> None:
         unmerged = [str(self.prune_dir), str(self.prune_dir / artifacts.MASKS)]
@@ -280,7 +290,8 @@ def step_key(step: Step, config: Mapping[str, Any], inputs: Mapping[str, str | N
 
 STEP_RECORD = {"stage": str, "output": str, "status": str, "key": str, "config": dict, "inputs": dict,
                "fingerprint": (str, type(None)), "seconds": (float, type(None)), "resumed": bool, "in_plan": bool,
-               "reason": str, "started": str, "finished": (str, type(None))}  # run.json: steps.NAME's fields
+               "reason": str, "started": str, "finished": (str, type(None)),
+               "note": str}  # run.json: steps.NAME's fields
 
 
 def load_state(run_dir: Path) -> dict[str, Any]:
@@ -393,12 +404,17 @@ def execute(cfg: RunConfig, runners: Mapping[str, Callable[[Any], Any]],
     if missing:
         raise LptError(f"no runner for stage(s) {', '.join(missing)}")
     run_dir = _check_run_dir(Path(cfg.output))
-    check(cfg, steps, validators or {})
+    check(cfg, steps, validators or {}, _will_run(steps, run_dir))
+    for step in steps:
+        if step.note:
+            say(f"{step.name}: {step.note}")
     if cfg.dry_run:
         return _dry_run(steps, run_dir, say)
     with artifacts.output_lock(run_dir):
+        state = load_state(run_dir)
+        preflight(steps, run_dir, state)
         run_dir.mkdir(parents=True, exist_ok=True)
-        state = _start(cfg, steps, run_dir)
+        state = _start(cfg, steps, run_dir, state)
         t_all = time.perf_counter()
         actions = {step.name: _run_step(step, f"{i}/{len(steps)}", run_dir, state, runners[step.stage], say)
                    for i, step in enumerate(steps, 1)}
@@ -406,12 +422,14 @@ def execute(cfg: RunConfig, runners: Mapping[str, Callable[[Any], Any]],
     return Outcome(run_dir, state, actions, report)
 
 
-def check(cfg: RunConfig, steps: list[Step], validators: Mapping[str, Callable[[Any], Any]]) -> None:
+def check(cfg: RunConfig, steps: list[Step], validators: Mapping[str, Callable[[Any], Any]],
+          will_run: set[str] | None = None) -> None:
     """Everything about the run that can be refused before its first step runs: the model resolves, the stages fit
-    together, and every step's config passes its stage's ``validate`` -- the settings of slice, eval, export and
-    bench are checked before a long prune, not when their turn comes. Inputs that earlier steps will write (masks,
-    the adapter, the sliced model) do not exist yet: while a step is checked they are stood in for by empty
-    placeholders in a temporary directory (a directory with an empty ``config.json`` for a model)."""
+    together, and the config of every step that will run (``will_run``; default: all) passes its stage's
+    ``validate`` -- the settings of slice, eval, export and bench are checked before a long prune, not when their
+    turn comes. Inputs that earlier steps will write (masks, the adapter, the sliced model) do not exist yet: while
+    a step is checked they are stood in for by empty placeholders in a temporary directory (a directory with an
+    empty ``config.json`` for a model)."""
     import tempfile
 
     from lpt import models
@@ -428,13 +446,23 @@ def check(cfg: RunConfig, steps: list[Step], validators: Mapping[str, Callable[[
         written: list[Path] = []  # outputs of the steps checked so far
         for step in steps:
             validate = validators.get(step.stage)
-            if validate is not None:
+            if validate is not None and (will_run is None or step.name in will_run):
                 config = _stand_ins(step.config, written, run_dir, Path(tmp))
                 try:
                     validate(config)
                 except LptError as e:
                     raise LptError(f"stage {step.name}: {e} (nothing was run)") from None
             written.append(step.output)
+
+
+def _will_run(steps: list[Step], run_dir: Path) -> set[str]:
+    """The steps a run would run (what a dry run says), from RUN_DIR's run.json."""
+    state = load_state(run_dir) if run_dir.is_dir() else {"steps": {}}
+    changed: set[str] = set()
+    for step in steps:
+        if decide(step, run_dir, state, changed).run:
+            changed.add(step.name)
+    return changed
 
 
 def _stand_ins(config: Any, written: list[Path], run_dir: Path, tmp: Path) -> Any:
@@ -485,11 +513,11 @@ def _dry_run(steps: list[Step], run_dir: Path, say: Callable[[str], None]) -> Ou
     return Outcome(run_dir, state, actions, None)
 
 
-def _start(cfg: RunConfig, steps: list[Step], run_dir: Path) -> dict[str, Any]:
-    """run.json as this run begins: the run's settings, earlier steps no longer planned marked so."""
+def _start(cfg: RunConfig, steps: list[Step], run_dir: Path, state: dict[str, Any]) -> dict[str, Any]:
+    """run.json as this run begins (``state``: as read): the run's settings, earlier steps no longer planned marked
+    so."""
     import lpt
 
-    state = load_state(run_dir)
     state.update(recipe=cfg.recipe, recipe_sha256=_file_hash(cfg.recipe), model=cfg.model,
                  model_fingerprint=model_fingerprint(cfg.model),
                  stages=[s.name for s in steps], reconstruct=cfg.reconstruct, command=cfg.command,
@@ -517,6 +545,8 @@ def _run_step(step: Step, where: str, run_dir: Path, state: dict[str, Any], runn
     rec = {"stage": step.stage, "output": str(step.output), "config": d.config, "key": d.key,
            "inputs": d.inputs, "status": "running", "started": _now(), "resumed": d.resume, "reason": d.reason,
            "in_plan": True}
+    if step.note:
+        rec["note"] = step.note
     records[step.name] = rec
     save_state(run_dir, state)
     t0 = time.perf_counter()
@@ -548,6 +578,20 @@ def _finish(run_dir: Path, state: dict[str, Any], actions: dict[str, str], secon
         report = write_report(run_dir, state)
     save_state(run_dir, state)
     return report
+
+
+def preflight(steps: list[Step], run_dir: Path, state: Mapping[str, Any]) -> None:
+    """What a step that will run needs and can be checked before the first one runs: llama.cpp's converter for
+    export (else the run would fail after the prune)."""
+    changed: set[str] = set()
+    for step in steps:
+        d = decide(step, run_dir, state, changed)
+        if not d.run:
+            continue
+        changed.add(step.name)
+        if step.stage == "export" and llamacpp.find_converter(step.config.converter) is None:
+            raise LptError(f"stage export needs llama.cpp's converter, which is not installed: "
+                           f"{llamacpp.CONVERTER_INSTALL} (or leave export out of the run's stages: --stages)")
 
 
 def _file_hash(path: str | None) -> str | None:

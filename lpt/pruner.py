@@ -19,7 +19,7 @@ from typing import Any, Iterable
 import torch
 
 from lpt import budget as budgets
-from lpt import checkpoint, distributed, importance, int8, lora, losses, schedule, selection
+from lpt import checkpoint, distributed, importance, int8, lora, losses, modeling, schedule, selection
 from lpt.arch import Arch
 from lpt.budget import Budget, Candidate
 from lpt.config import PruneConfig, resolved
@@ -55,9 +55,16 @@ def targets(cfg: PruneConfig) -> list[str]:
 def check_model(cfg: PruneConfig, arch: Arch) -> Budget:
     """What a config's own rules (``lpt.config.check``) cannot know without the model's config -- the flags against
     the model's widths (--round-to against the MLP width, --balance N against the attention units, --skip-layers,
-    --ratio, --prune-layers, --hidden-ratio, --model-ratio / --target-params, --tp against the layers and sizes) --
-    checked before anything is written, instead of at the first mask update. Returns the run's ``Budget``."""
-    return budgets.plan(resolved(cfg), arch)
+    --ratio, --prune-layers, --hidden-ratio, --model-ratio / --target-params, --tp against the layers and sizes;
+    per-layer widths and query-head / hidden-size pruning where the family's config would not load them) -- checked
+    before anything is written, instead of at the first mask update. Returns the run's ``Budget``."""
+    budget = budgets.plan(resolved(cfg), arch)
+    if budget.layout == "per-layer":
+        modeling.class_name(arch.model_type)  # a family lpt.modeling cannot build with per-layer widths: one line
+    if arch.heads_locked and any(c.heads or c.hidden for c in budget.candidates):
+        raise LptError(f"{arch.heads_locked}, so a model with fewer query heads or a smaller hidden size would not "
+                       f"load: prune MLP channels (--balance 0) or whole blocks (--prune-layers) only")
+    return budget
 
 
 def _state_field(name: str) -> property:

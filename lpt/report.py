@@ -1,7 +1,8 @@
 """The report of an ``lpt run``: ``RUN_DIR/report.md`` and the same as one self-contained ``RUN_DIR/report.html``.
 
 What was run (command, lpt version, model, recipe, wall time per stage), the dense and the pruned model side by
-side (the table of ``lpt eval --compare``, ``lpt.evaluation.results``, plus file sizes and the bench latency), the
+side (the table of ``lpt eval --compare``, ``lpt.evaluation.results``, plus file sizes compared in the same format
+and type -- :func:`file_sizes` -- and the bench latency), the
 masks per layer and the training curve as PNGs (``RUN_DIR/report/``, embedded in the HTML as base64), and each
 stage's settings that differ from its defaults. Everything is read from the files the stages wrote: a report can be
 written again from a run directory alone (:func:`write`). The pictures need matplotlib (``pip install
@@ -233,6 +234,78 @@ def _bench_rows(bench: dict | None) -> list[tuple[str, list[str]]]:
     ]
 
 
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+def _gguf_type(path: Path | None) -> str | None:
+    if path is None or path.suffix != ".gguf" or not path.is_file():
+        return None
+    from lpt import gguf_file
+
+    try:
+        return gguf_file.file_type(path)
+    except LptError:
+        return None
+
+
+def _declared_dtype(model_dir: Path) -> str | None:
+    doc = _json(model_dir / "config.json") if model_dir.is_dir() else None
+    return str((doc or {}).get("dtype") or (doc or {}).get("torch_dtype") or "") or None
+
+
+def file_sizes(dense_file: Path | None, slice_dir: Path | None, prov: dict | None, export: Path | None,
+               export_note: str | None = None) -> tuple[list[tuple[str, list[str]]], list[str]]:
+    """Rows of the dense-vs-pruned table comparing files of the same format and type, and notes: one row per GGUF
+    type (the source's and the export's: side by side when they are the same type, on separate rows when not), one
+    for safetensors at the pruned model's dtype (a dense size computed from its parameter count when the source is
+    not a safetensors directory of that dtype, and labelled so)."""
+    rows: list[tuple[str, list[str]]] = []
+    notes: list[str] = []
+    src_type, exp_type = _gguf_type(dense_file), _gguf_type(export)
+    src_size, exp_size = disk_size(dense_file) if src_type else None, disk_size(export) if exp_type else None
+    if src_type and exp_type == src_type:
+        rows.append((f"GGUF file, {src_type}", [fmt_bytes(src_size), fmt_bytes(exp_size)]))
+    else:
+        if src_type:
+            rows.append((f"GGUF file, {src_type}", [fmt_bytes(src_size), "-"]))
+        if exp_type:
+            rows.append((f"GGUF file, {exp_type}", ["-", fmt_bytes(exp_size)]))
+        if src_type and exp_type:
+            notes.append(f"the exported GGUF is {exp_type}, the source {src_type}: not the same type, so their sizes "
+                         f"do not compare" + (f" ({export_note})" if export_note else ""))
+    if slice_dir is not None:
+        dtype = (prov or {}).get("dtype")
+        pruned = fmt_bytes(disk_size(slice_dir))
+        dense_dir = dense_file if dense_file is not None and dense_file.is_dir() else None
+        if dense_dir is not None and dtype and _declared_dtype(dense_dir) == dtype:
+            rows.append((f"safetensors, {dtype}", [fmt_bytes(disk_size(dense_dir)), pruned]))
+        else:
+            before = ((prov or {}).get("params") or {}).get("before")
+            known = before and dtype in DTYPE_BYTES
+            computed = f"{fmt_bytes(before * DTYPE_BYTES[dtype])} (computed)" if known else "-"
+            rows.append((f"safetensors, {dtype or '?'}", [computed, pruned]))
+            if computed != "-":
+                notes.append(f"the dense safetensors size is computed ({before:,} parameters x {DTYPE_BYTES[dtype]} "
+                             f"bytes of {dtype}): the source is not a {dtype} safetensors directory")
+        if (prov or {}).get("dtype_reason"):
+            notes.append(f"the pruned model's dtype: {prov['dtype_reason']}")
+    return rows, notes
+
+
+def final_artifact(dense_file: Path | None, export: Path | None) -> str | None:
+    """One line for the headline: the exported GGUF against the source GGUF, with their types."""
+    src_type, exp_type = _gguf_type(dense_file), _gguf_type(export)
+    if not exp_type:
+        return None
+    size = disk_size(export)
+    if not src_type:
+        return f"final GGUF {export.name} {fmt_bytes(size)} ({exp_type})"
+    src = disk_size(dense_file)
+    same = (f"both {src_type}, {size / src - 1:+.1%}" if exp_type == src_type
+            else f"{exp_type} against the source's {src_type}: not the same type")
+    return f"final GGUF {export.name} {fmt_bytes(size)}, source {fmt_bytes(src)} ({same})"
+
+
 def _headline(docs: list[dict], params: tuple[int, int] | None) -> str:
     parts = []
     if len(docs) == 2:
@@ -290,8 +363,10 @@ def blocks(run_dir: Path, state: dict[str, Any], pictures: bool = True) -> list[
     """The report's content, in order (rendered by :func:`markdown` and :func:`html`): a title and headline, what
     was run, dense vs pruned, the masks and the training curve, the settings."""
     run = RunFiles.read(Path(run_dir), state)
-    out: list[Block] = [("h1", f"lpt run: {state.get('model', '?')}, {Path(str(state.get('recipe') or '')).name}")]
-    head = _headline(run.docs, run.params)
+    model = state.get("model", "?")
+    out: list[Block] = [("h1", f"lpt run: {model}, {Path(str(state.get('recipe') or '')).name}")]
+    head = "; ".join(filter(None, [_headline(run.docs, run.params),
+                                   final_artifact(_dense_file(model, run.dense), _out(run.run_dir, state, "export"))]))
     if head:
         out.append(("p", head[0].upper() + head[1:] + "."))
     return [*out, *_what_was_run(run), *_dense_vs_pruned(run), *_masks_section(run, pictures),
@@ -328,14 +403,10 @@ def _what_was_run(run: RunFiles) -> list[Block]:
 def _dense_vs_pruned(run: RunFiles) -> list[Block]:
     docs, params = run.docs, run.params
     dense_file = _dense_file(run.state.get("model", "?"), run.dense)
-    sizes = [disk_size(dense_file), disk_size(run.slice_dir)]
-    kinds = [(dense_file.suffix.lstrip(".") or "dir") if dense_file else "",
-             f"safetensors, {(run.provenance or {}).get('dtype', '?')}" if run.slice_dir else ""]
-    extra = [("file size on disk", [f"{fmt_bytes(s)} ({k})" if s else "-" for s, k in zip(sizes, kinds)])]
     export = _out(run.run_dir, run.state, "export")
-    if export:
-        extra.append((f"GGUF export ({export.name})", ["-", fmt_bytes(disk_size(export))]))
-    extra += _bench_rows(_json(_out(run.run_dir, run.state, "bench")))
+    size_rows, size_notes = file_sizes(dense_file, run.slice_dir, run.provenance, export,
+                                       (run.steps.get("export") or {}).get("note"))
+    extra = [*size_rows, *_bench_rows(_json(_out(run.run_dir, run.state, "bench")))]
     if docs:
         table = [*R.table_rows(docs), *extra]
         cols = R.labels(docs)
@@ -346,9 +417,7 @@ def _dense_vs_pruned(run: RunFiles) -> list[Block]:
     out += [("note", note) for note in R.protocol_notes(docs)]
     if not docs:
         out.append(("note", "no evaluation in this run (add eval to the run's stages)"))
-    if dense_file and dense_file.suffix == ".gguf" and run.slice_dir:
-        out.append(("note", "the dense file is the GGUF checkpoint as given (possibly quantized); the pruned model "
-                            "is written in the slice dtype"))
+    out += [("note", note) for note in size_notes]
     return out
 
 

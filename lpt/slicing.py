@@ -324,9 +324,11 @@ def slice_adapter(state_dict: Mapping[str, torch.Tensor], masks: Masks) -> dict[
     are dropped and the others renamed to their block's new index. Keys of modules that are not block projections
     are refused.
     """
+    from lpt.fused import adapter_from_file
     from lpt.lora import PEFT_PREFIX
 
     arch = masks.arch
+    state_dict = adapter_from_file(state_dict, arch)  # a fused layer's LoRA as its parts' (lpt.fused)
     where: dict[str, tuple[int, str]] = {arch.module_path(i, p): (i, p) for i in range(arch.num_layers)
                                           for p in PROJECTIONS}
     new_index = {old: new for new, old in enumerate(masks.kept_layers())}

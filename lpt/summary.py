@@ -46,8 +46,11 @@ def summarize(command: str, output: str | Path) -> dict[str, Any]:
         doc.update({k: meta.get(k) for k in ("source", "format", "nsamples", "seq_len", "val_samples", "seed")})
     elif stage == "prune":
         masks = _read(out / artifacts.MASKS) or {}
+        hidden = masks.get("hidden_channels")
         doc.update(ratio=masks.get("ratio"), params=masks.get("params"), layout=masks.get("layout"),
-                   criterion=(masks.get("info") or {}).get("criterion"))
+                   criterion=(masks.get("info") or {}).get("criterion"),
+                   removed_layers=masks.get("removed_layers") or [],
+                   hidden_size=len(hidden) if hidden is not None else masks.get("hidden_size"))
         log = out / artifacts.TRAIN_LOG
         lines = log.read_text().splitlines() if log.is_file() else []
         if lines:

@@ -71,7 +71,8 @@ def test_main_command_benchmark_reads_the_readme(runner):
     recipe = ROOT / lpt_stages[0][2]
     assert recipe.is_file() and recipe.read_text().startswith(f"# {shlex.join(lpt_stages[0])}\n")
     assert mod.outputs(lpt_stages[0]) == ["runs/smollm2-20"]
-    assert ".[report]" in " ".join(" ".join(s) for s in stages)  # the report's pictures need matplotlib
+    # the report's pictures need matplotlib, the run's final export llama.cpp's converter
+    assert ".[report,export]" in " ".join(" ".join(s) for s in stages)
 
 
 def test_errors_are_one_line_unless_debug(runner, tmp_path):

@@ -353,3 +353,47 @@ def test_memory_estimate_and_layouts():
     assert table.count("\n") == 11 and "| 65B | 65.29 B | int8 |" in table
     row70 = [line for line in table.splitlines() if line.startswith("| 70B |") and "| bf16 |" in line]
     assert len(row70) == 1 and "`--device-map auto` over" in row70[0]
+
+
+NO_RATIO = [a for i, a in enumerate(ARGS) if a != "--ratio" and (i == 0 or ARGS[i - 1] != "--ratio")]
+
+
+def test_axes_two_processes_equal_one_process(tmp_path, tiny_llama_dir, tiny_calib_dir, runner):
+    """Depth and hidden-size scores under data parallel: the block and hidden accumulators are all-reduced, so the
+    search, the removed blocks and hidden channels are one process's."""
+    args = ["prune", tiny_llama_dir, "--calib", tiny_calib_dir, *NO_RATIO, "--model-ratio", "0.3"]
+    one = tmp_path / "one"
+    assert invoke(runner, [*args, "-o", one]).exit_code == 0
+    r = _torchrun(tmp_path, [*args, "-o", tmp_path / "dp"])
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    a, b = (json.loads((d / artifacts.MASKS).read_text()) for d in (tmp_path / "dp", one))
+    for key in ("layers", "removed_layers", "hidden_channels", "params"):
+        assert a[key] == b[key], key
+    assert a["info"]["search"]["target"] == b["info"]["search"]["target"]
+    from safetensors.torch import load_file
+
+    ia, ib = load_file(tmp_path / "dp" / artifacts.IMPORTANCE), load_file(one / artifacts.IMPORTANCE)
+    assert ia.keys() == ib.keys()
+    for k in ia:
+        torch.testing.assert_close(ia[k], ib[k], rtol=1e-4, atol=1e-12)
+
+
+@pytest.mark.parametrize("eight_bit", [False, True], ids=["dense", "int8"])
+def test_axes_over_a_device_map_and_int8(tmp_path, runner, tiny_llama_dir, tiny_calib_dir, eight_bit):
+    """Depth and hidden-size pruning with --device-map (and an int8 base): the masks of one device, and the int8
+    model slices along the hidden size."""
+    extra = ["--prune-layers", "1", "--hidden-ratio", "0.25", "--ratio", "0.2", *(["--8bit"] if eight_bit else [])]
+    base = NO_RATIO
+    plain, mapped = tmp_path / "plain", tmp_path / "mapped"
+    assert invoke(runner, ["prune", tiny_llama_dir, "--calib", tiny_calib_dir, *base, *extra, "-o", plain]
+                  ).exit_code == 0
+    r = invoke(runner, ["prune", tiny_llama_dir, "--calib", tiny_calib_dir, *base, *extra, "--device-map", "auto",
+                        "-o", mapped])
+    assert r.exit_code == 0, r.output
+    assert (mapped / artifacts.MASKS).read_text().replace(str(mapped), "") == \
+        (plain / artifacts.MASKS).read_text().replace(str(plain), "")
+    r = invoke(runner, ["slice", tiny_llama_dir, "--masks", plain / artifacts.MASKS, "--adapter", plain, "--merge",
+                        "-o", tmp_path / "sliced"])
+    assert r.exit_code == 0, r.output
+    cfg = json.loads((tmp_path / "sliced" / "config.json").read_text())
+    assert (cfg["num_hidden_layers"], cfg["hidden_size"]) == (1, 48)

@@ -326,3 +326,46 @@ def test_llamacpp_runs_a_depth_and_hidden_pruned_model(runner, axes_sliced, tmp_
     llm.eval(ids)
     got = torch.tensor(llm.scores[: len(ids)], dtype=torch.float32)
     assert float((got - want).abs().max() / want.abs().max()) < 1e-3
+
+
+# ------------------------------------------------------------------------------------------------ fallback, lpt run
+@NEEDS_CONVERTER
+def test_fallback_outtype_without_a_quantizer(runner, sliced, tmp_path, monkeypatch):
+    """--fallback-outtype q8_0: a quantization without llama.cpp's quantizer becomes the converter's own q8_0, with a
+    note, under the default name of what it holds; a fallback the converter cannot write is refused."""
+    monkeypatch.setattr(llamacpp, "find_quantizer", lambda *a: None)
+    r = invoke(runner, ["export", sliced, "--gguf", "--outtype", "q4_1", "--fallback-outtype", "q8_0"])
+    assert r.exit_code == 0, r.output
+    out = sliced.parent / f"{sliced.name}-q8_0.gguf"
+    assert r.stdout.strip() == str(out) and "--outtype q4_1 needs llama.cpp's quantizer" in r.output
+    assert llamacpp.report(out, "q8_0")["tensor_types"].get("Q8_0")
+    out.unlink()
+    line = one_line_error(invoke(runner, ["export", sliced, "--gguf", "--outtype", "q4_1", "--fallback-outtype",
+                                          "q4_0", "-o", tmp_path / "x.gguf"]))
+    assert "--fallback-outtype" in line and "q8_0" in line
+
+
+@NEEDS_CONVERTER
+def test_run_ends_with_the_export_and_reports_its_size(runner, tmp_path, tiny_calib_dir, monkeypatch):
+    """lpt run prune -> slice -> export with the recipes' export settings and no quantizer: the converter's q8_0,
+    named so, the note said before the prune and kept in run.json, the report's size rows labelled."""
+    from conftest import build_model
+    from test_run import _export_recipe
+
+    from lpt import pipeline
+
+    model = tmp_path / "model"
+    build_model(tiny_config(gqa=True)).save_pretrained(model)
+    build_llama_tokenizer(model)
+    monkeypatch.setattr(llamacpp, "find_quantizer", lambda *a: None)
+    out = tmp_path / "run"
+    r = invoke(runner, ["run", _export_recipe(tmp_path / "r.yaml", model), "-o", out])
+    assert r.exit_code == 0, r.output
+    assert r.output.index("export: --outtype q4_1 needs llama.cpp's quantizer") < r.output.index("prune: running")
+    gguf = out / "export" / "pruned-q8_0.gguf"
+    assert gguf.read_bytes()[:4] == b"GGUF"
+    state = json.loads((out / pipeline.RUN_STATE).read_text())
+    assert state["steps"]["export"]["config"]["outtype"] == "q8_0" and "q4_1" in state["steps"]["export"]["note"]
+    md = (out / "report.md").read_text()
+    assert "| GGUF file, Q8_0 | - |" in md and "| safetensors, float32 |" in md
+    assert "final GGUF pruned-q8_0.gguf" in md

@@ -37,6 +37,10 @@ EXTRA = {
 # name -> (model type, config overrides, gqa mode, pruned heads per layer (gqa-unit space), layout)
 CASES = {mt: (mt, EXTRA.get(mt, {}), "kv-groups", [[1], [0]], "uniform") for mt in supported_model_types()}
 CASES.update({
+    # Phi-3 / Phi-4-mini: fused qkv_proj / gate_up_proj; rope on part of head_dim (Phi-4-mini: 0.75)
+    "phi3-partial-rotary": ("phi3", dict(partial_rotary_factor=0.5), "kv-groups", [[0], [1]], "uniform"),
+    "phi3-mha-queryheads": ("phi3", dict(num_key_value_heads=4, partial_rotary_factor=0.75), "query-heads",
+                            [[0, 3], [1, 2]], "uniform"),
     "olmo2-queryheads-perlayer": ("olmo2", dict(rms_norm_eps=1e-12), "query-heads", [[1, 2], []], "per-layer"),
     "qwen3-mha-bias": ("qwen3", dict(num_key_value_heads=4, attention_bias=True), "kv-groups", [[0, 3], [2]],
                        "per-layer"),
@@ -51,8 +55,11 @@ def family_config(model_type: str, **kw):
     return AutoConfig.for_model(model_type, **{**COMMON, **kw})
 
 
-def build(cfg, seed=0):
+def build(cfg, seed=0, split=True):
+    """A tiny random model of the family, its fused projections split as lpt.models loads them (``split``)."""
     from transformers import AutoModelForCausalLM
+
+    from lpt import fused
 
     torch.manual_seed(seed)
     m = AutoModelForCausalLM.from_config(cfg)
@@ -64,7 +71,7 @@ def build(cfg, seed=0):
                 p.normal_(0, 0.05)
             elif "norm" in name:
                 p.uniform_(0.5, 1.5)
-    return m.eval()
+    return (fused.split(m) if split else m).eval()
 
 
 def channel_rule(layer: int, inter: int) -> torch.Tensor:
@@ -87,8 +94,8 @@ def case(request, tmp_path_factory, tiny_tokenizer_dir):
     model_type, overrides, gqa_mode, heads, layout = CASES[name]
     tmp = tmp_path_factory.mktemp(name)
     cfg = family_config(model_type, **overrides)
+    build(cfg, split=False).save_pretrained(tmp / "model")
     model = build(cfg)
-    model.save_pretrained(tmp / "model")
     for f in tiny_tokenizer_dir.iterdir():
         shutil.copy(f, tmp / "model" / f.name)
     arch = describe(cfg)
@@ -100,7 +107,7 @@ def case(request, tmp_path_factory, tiny_tokenizer_dir):
     with torch.no_grad():
         masked = model(SEQ).logits
     out = slice_stage.run(slice_stage.SliceConfig(model=str(tmp / "model"), masks=str(tmp / "masks.json"),
-                                                  output=str(tmp / "sliced"), device="cpu"))
+                                                  output=str(tmp / "sliced"), device="cpu", dtype="float32"))
     return dict(name=name, model_type=model_type, arch=arch, masks=masks, masked=masked, out=out, cfg=cfg)
 
 
@@ -122,7 +129,7 @@ def test_sliced_reloads_with_plain_transformers_and_matches_masked(case):
     # what masks.json promised is what the sliced model has
     before, after = case["masks"].block_params()
     assert sum(p.numel() for p in sliced.parameters()) == sum(
-        p.numel() for p in build(case["cfg"]).parameters()) - (before - after)
+        p.numel() for p in build(case["cfg"], split=False).parameters()) - (before - after)
 
 
 @pytest.mark.parametrize("eps", [0.0, 1e-6])
@@ -167,7 +174,9 @@ def test_block_params_match_the_modules(model_type, bias):
     with torch.device("meta"):
         from transformers import AutoModelForCausalLM
 
-        model = AutoModelForCausalLM.from_config(cfg)
+        from lpt import fused
+
+        model = fused.split(AutoModelForCausalLM.from_config(cfg))
     assert arch.block_linear_params(0) == _module_block_params(model, arch)
     # removing one unit of each kind removes what unit_params says
     for gqa in groups.GQA_MODES:
@@ -185,11 +194,11 @@ def test_block_params_match_the_modules(model_type, bias):
 
 
 def test_unsupported_family_lists_the_supported_ones():
-    cfg = family_config("phi3", pad_token_id=2)
+    cfg = family_config("starcoder2", pad_token_id=2)
     with pytest.raises(LptError) as e:
         describe(cfg)
     msg = str(e.value)
-    assert "phi3" in msg and all(t in msg for t in supported_model_types())
+    assert "starcoder2" in msg and all(t in msg for t in supported_model_types())
 
 
 def test_every_supported_family_exists_in_transformers():
@@ -200,8 +209,10 @@ def test_every_supported_family_exists_in_transformers():
     for fam in FAMILIES.values():
         for mt in fam.model_types:
             assert family_config(mt).model_type == mt
-        assert hasattr(modeling_lpt, f"Lpt{fam.hf_class}")
+        assert hasattr(modeling_lpt, f"Lpt{fam.hf_class}") == fam.per_layer_widths
         assert getattr(transformers, fam.hf_class).__name__ == fam.hf_class
+        for f in fam.fused:  # q / k / v / gate / up name the children of the fused layers
+            assert all(getattr(fam, p.split("_")[0]) == f"{f.name}.{p}" for p in f.parts)
 
 
 def test_default_gqa_for_a_single_key_value_head():

@@ -56,8 +56,9 @@ def test_round_to_note_only_when_the_hidden_size_breaks_the_block():
 
 
 def test_round_to_presets_and_integers():
-    assert ROUND_TO_PRESETS == {"cpu": 8, "llamacpp": 32, "kquants": 256}
-    assert [round_to_channels(v) for v in ("cpu", "LlamaCpp", "kquants", 16, "16", 1)] == [8, 32, 256, 16, 16, 1]
+    assert ROUND_TO_PRESETS == {"cpu": 8, "llamacpp": 32, "gpu": 128, "kquants": 256}
+    assert [round_to_channels(v) for v in ("cpu", "LlamaCpp", "gpu", "kquants", 16, "16", 1)] == \
+        [8, 32, 128, 256, 16, 16, 1]
     for bad in ("0", -8, "ggml", 2.5, ""):
         with pytest.raises(LptError, match="--round-to must be a positive number of channels or one of cpu"):
             round_to_channels(bad)
@@ -78,7 +79,7 @@ def test_prune_round_to_preset_is_recorded_as_channels(tmp_path, runner, tiny_ll
 
 
 def test_prune_round_to_errors_are_one_line(tmp_path, runner, tiny_llama_dir, tiny_calib_dir):
-    for value, msg in (("gpu", "--round-to must be a positive number"), ("kquants", "larger than the MLP width 96")):
+    for value, msg in (("tpu", "--round-to must be a positive number"), ("gpu", "larger than the MLP width 96")):
         r = invoke(runner, ["prune", tiny_llama_dir, "--calib", tiny_calib_dir, "--round-to", value, *FAST,
                             "-o", tmp_path / value])
         assert r.exit_code == 2, r.output

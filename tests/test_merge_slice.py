@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -90,11 +91,12 @@ def case(request, tmp_path_factory):
     prune_dir, masks = make_prune_dir(model_dir, tmp / "prune", gqa_mode, heads, channels)
     runner = CliRunner()
     m = str(prune_dir / artifacts.MASKS)
-    ok(runner, ["slice", model_dir, "--masks", m, "--adapter", prune_dir, "-o", tmp / "sliced", "--device", "cpu"])
+    f32 = ["--device", "cpu", "--dtype", "float32"]  # the equivalences below compare float32 numbers
+    ok(runner, ["slice", model_dir, "--masks", m, "--adapter", prune_dir, "-o", tmp / "sliced", *f32])
     ok(runner, ["merge", tmp / "sliced", "--adapter", tmp / "sliced" / "adapter", "-o", tmp / "sliced-merged",
-                "--device", "cpu", "--max-shard-size", "200KB"])
-    ok(runner, ["merge", model_dir, "--adapter", prune_dir, "--masks", m, "-o", tmp / "merged", "--device", "cpu"])
-    ok(runner, ["slice", tmp / "merged", "--masks", m, "-o", tmp / "merged-sliced", "--device", "cpu"])
+                *f32, "--max-shard-size", "200KB"])
+    ok(runner, ["merge", model_dir, "--adapter", prune_dir, "--masks", m, "-o", tmp / "merged", *f32])
+    ok(runner, ["slice", tmp / "merged", "--masks", m, "-o", tmp / "merged-sliced", *f32])
     with torch.no_grad():
         masked = load(model_dir, prune_dir, masks)(SEQ).logits
     return dict(name=name, model_dir=model_dir, prune=prune_dir, masks=masks, tmp=tmp, masked=masked)
@@ -312,6 +314,36 @@ def test_all_ones_mask_is_identity(runner, tiny_llama_dir, tmp_path):
     ca, cb = (json.loads((d / "config.json").read_text()) for d in (tiny_llama_dir, tmp_path / "same"))
     for k in ("num_attention_heads", "num_key_value_heads", "intermediate_size", "head_dim", "hidden_size"):
         assert ca[k] == cb[k]
+
+
+def test_auto_dtype_is_the_checkpoints_and_recorded(runner, tiny_llama_dir, gqa_prune, tmp_path):
+    """A checkpoint that declares bfloat16 is sliced and merged to bfloat16 (about half the float32 bytes), float32
+    only with --dtype float32; lpt_provenance.json says which and why; bfloat16 stays close to float32."""
+    prune_dir, masks = gqa_prune
+    src = tmp_path / "bf16"
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.bfloat16).save_pretrained(src)
+    for f in tiny_llama_dir.iterdir():
+        if f.name.startswith("tokenizer") or f.name == "special_tokens_map.json":
+            shutil.copy(f, src / f.name)
+    assert json.loads((src / "config.json").read_text())["dtype"] == "bfloat16"
+    m = prune_dir / artifacts.MASKS
+    ok(runner, ["slice", src, "--masks", m, "--adapter", prune_dir, "--merge", "-o", tmp_path / "s16"])
+    ok(runner, ["slice", src, "--masks", m, "--adapter", prune_dir, "--merge", "--dtype", "float32",
+                "-o", tmp_path / "s32"])
+    ok(runner, ["merge", src, "--adapter", prune_dir, "-o", tmp_path / "m16"])
+    for d, want, why in (("s16", torch.bfloat16, "declares bfloat16"), ("s32", torch.float32, "--dtype float32"),
+                         ("m16", torch.bfloat16, "declares bfloat16")):
+        prov = json.loads((tmp_path / d / artifacts.PROVENANCE).read_text())
+        assert prov["dtype"] == str(want).replace("torch.", "") and why in prov["dtype_reason"]
+        assert all(t.dtype == want for t in weights(tmp_path / d).values())
+    size = {d: sum(f.stat().st_size for f in (tmp_path / d).glob("*.safetensors")) for d in ("s16", "s32")}
+    assert size["s16"] < 0.52 * size["s32"]
+    with torch.no_grad():
+        l16 = load(tmp_path / "s16")(SEQ).logits
+        l32 = load(tmp_path / "s32")(SEQ).logits
+    assert (l16 - l32).abs().max() < 0.05 * l32.abs().max()
 
 
 def test_merge_8bit_base_and_dtype(runner, tiny_llama_dir, gqa_prune, tmp_path):

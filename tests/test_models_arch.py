@@ -128,3 +128,65 @@ def test_config_json_kept_as_is(tmp_path):
     d = _gpt2_dir(tmp_path)
     assert json.loads((d / "config.json").read_text())["model_type"] == "gpt2"
     assert models.model_type_of(models.resolve(str(d)))[0] == "gpt2"
+
+
+def _gguf_with_type(path, file_type=None, tensor_dtype="float32"):
+    import numpy as np
+    from gguf import GGUFWriter
+
+    w = GGUFWriter(str(path), "llama")
+    if file_type is not None:
+        w.add_file_type(file_type)
+    w.add_tensor("token_embd.weight", np.zeros((4, 32), dtype=tensor_dtype))
+    w.add_tensor("output_norm.weight", np.zeros(32, dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def test_output_dtype_auto_is_what_the_source_was_trained_in(tmp_path):
+    """--dtype auto of merge / slice: the checkpoint's declared dtype, a GGUF file's float type, bfloat16 for a
+    quantized GGUF file or a checkpoint declaring none; an explicit --dtype always wins; every choice says why."""
+    import torch
+    from gguf import LlamaFileType
+
+    from lpt import gguf_file
+
+    class Cfg:
+        def __init__(self, dtype):
+            self.dtype = dtype
+
+    from lpt.model_dir import choose_output_dtype as choose
+    assert choose("auto", Cfg("bfloat16"))[0] == torch.bfloat16
+    assert choose("auto", Cfg(torch.float16))[0] == torch.float16
+    dtype, why = choose("auto", Cfg("float32"))
+    assert dtype == torch.float32 and "declares float32" in why
+    dtype, why = choose("auto", Cfg(None))
+    assert dtype == torch.bfloat16 and "declares no" in why
+    assert choose("float32", Cfg("bfloat16")) == (torch.float32, "--dtype float32")
+    for ftype, want, kind in ((LlamaFileType.MOSTLY_Q4_1, torch.bfloat16, "Q4_1"),
+                              (LlamaFileType.MOSTLY_Q4_K_M, torch.bfloat16, "Q4_K_M"),
+                              (LlamaFileType.MOSTLY_F16, torch.float16, "F16"),
+                              (LlamaFileType.MOSTLY_BF16, torch.bfloat16, "BF16"),
+                              (LlamaFileType.ALL_F32, torch.float32, "F32")):
+        f = _gguf_with_type(tmp_path / f"{kind}.gguf", ftype)
+        assert gguf_file.file_type(f) == kind
+        ref = models.resolve(str(f))
+        dtype, why = choose("auto", Cfg("float32"), ref)  # a GGUF cache's config says float32: the file decides
+        assert dtype == want and kind in why and ("quantized" in why) == (kind not in gguf_file.FLOAT_TYPES)
+    # no general.file_type in the header: the weights' own type
+    assert gguf_file.file_type(_gguf_with_type(tmp_path / "plain.gguf", None, "float16")) == "F16"
+
+
+@pytest.mark.smollm2
+def test_smollm2_gguf_is_q4_1_and_slices_to_bfloat16(smollm2_path):
+    import torch
+
+    from lpt import gguf_file
+
+    assert gguf_file.file_type(smollm2_path) == "Q4_1"
+    from lpt.model_dir import choose_output_dtype
+
+    assert choose_output_dtype("auto", None, models.resolve("smollm2-135m"))[0] == torch.bfloat16

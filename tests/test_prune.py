@@ -472,3 +472,12 @@ def test_gqa_auto_prunes_query_heads_with_a_single_key_value_head():
     cfg2 = tiny_config()
     p2 = prune.Pruner(build_model(cfg2), describe(cfg2), PruneConfig(lora_r=4, ratio=0.5), total_steps=4)
     assert p2.cfg.gqa == "kv-groups" and p2.note is None
+
+
+def test_normalize_can_be_switched_off_on_the_command_line(tmp_path, runner, tiny_llama_dir, tiny_calib_dir):
+    out = tmp_path / "out"
+    r = invoke(runner, ["prune", tiny_llama_dir, "--calib", tiny_calib_dir, "--ratio", "0.5", *FAST,
+                        "--no-normalize", "-o", out])
+    assert r.exit_code == 0, r.output
+    assert json.loads((out / artifacts.RESOLVED_CONFIG).read_text())["config"]["normalize"] is False
+    assert json.loads((out / artifacts.MASKS).read_text())["info"]["normalize"] is False

@@ -151,7 +151,7 @@ def test_report_names_every_stage_and_embeds_its_pictures(tmp_path, runner, tiny
     html = (out / "report.html").read_text()
     for name in STAGES:
         assert f"| {name} |" in md and f"<td>{name}</td>" in html
-    for text in ("## Dense vs pruned", "ppl builtin:pydoc:test @64", "file size on disk", "report/masks.png",
+    for text in ("## Dense vs pruned", "ppl builtin:pydoc:test @64", "| safetensors, float32 |", "report/masks.png",
                  "report/training.png", f"lpt run {recipe} -o {out}"[:8]):
         assert text in md, text
     assert html.count("src='data:image/png;base64,") == 2 and "report/masks.png" not in html  # self-contained
@@ -302,3 +302,69 @@ def test_bitsandbytes_import_warning_shows_only_with_debug(tmp_path, tiny_llama_
                           capture_output=True, text=True, env=env, timeout=600)
     assert loud.returncode == 0, loud.stderr[-3000:]
     assert "gemm_4bit_forward" in loud.stderr  # the emulation works: the warning is there to hide
+
+
+def _export_recipe(path: Path, model: Path, outtype: str = "q4_1", fallback: str | None = "q8_0") -> Path:
+    path.write_text(f"""# lpt run {path.name} -o RUN
+run:
+  model: {model}
+  stages: [prune, slice, export]
+prune:
+  data: builtin:pydoc:train
+  nsamples: 4
+  seq_len: 32
+  ratio: 0.3
+  batch_size: 2
+  micro_batch_size: 2
+  max_steps: 2
+  prune_freq: 1
+export:
+  outtype: {outtype}
+""" + (f"  fallback_outtype: {fallback}\n" if fallback else ""))
+    return path
+
+
+def test_run_refuses_what_export_lacks_before_any_stage_runs(tmp_path, runner, tiny_llama_dir, monkeypatch):
+    """No converter, or a quantization without a quantizer and no fallback: one line before the prune runs."""
+    from lpt import llamacpp
+
+    monkeypatch.setattr(llamacpp, "find_quantizer", lambda spec=None: None)
+    r = invoke(runner, ["run", _export_recipe(tmp_path / "q.yaml", tiny_llama_dir, "q4_k_m", None), "-o",
+                        tmp_path / "q"])
+    lines = [line for line in r.output.splitlines() if line.strip()]
+    assert r.exit_code == 2 and len(lines) == 1 and "stage export: --outtype q4_k_m" in lines[0], r.output
+    assert "--fallback-outtype q8_0" in lines[0] and not (tmp_path / "q" / "prune").exists()
+    monkeypatch.setattr(llamacpp, "find_converter", lambda spec=None: None)
+    r = invoke(runner, ["run", _export_recipe(tmp_path / "c.yaml", tiny_llama_dir), "-o", tmp_path / "c"])
+    lines = [line for line in r.output.splitlines() if line.strip()]
+    assert r.exit_code == 2 and "stage export needs llama.cpp's converter" in lines[-1], r.output
+    assert not (tmp_path / "c" / "prune").exists()
+
+
+def test_report_compares_files_of_the_same_format_and_type(tmp_path):
+    """The report's size rows: the source and the exported GGUF side by side only at the same type, safetensors at
+    the pruned dtype (the dense size computed from its parameters when the source is a GGUF file)."""
+    from gguf import LlamaFileType
+    from test_models_arch import _gguf_with_type
+
+    from lpt import report
+
+    src = _gguf_with_type(tmp_path / "src.gguf", LlamaFileType.MOSTLY_Q4_1)
+    same = _gguf_with_type(tmp_path / "pruned-q4_1.gguf", LlamaFileType.MOSTLY_Q4_1)
+    other = _gguf_with_type(tmp_path / "pruned-q8_0.gguf", LlamaFileType.MOSTLY_Q8_0)
+    sliced = tmp_path / "slice"
+    sliced.mkdir()
+    (sliced / "model.safetensors").write_bytes(b"\0" * 3000)
+    prov = {"dtype": "bfloat16", "dtype_reason": "auto: the GGUF source is quantized (Q4_1)",
+            "params": {"before": 2000, "after": 1500}}
+    rows, notes = report.file_sizes(src, sliced, prov, same)
+    assert [r[0] for r in rows] == ["GGUF file, Q4_1", "safetensors, bfloat16"]
+    assert rows[0][1][0] == report.fmt_bytes(src.stat().st_size) and rows[0][1][1] != "-"
+    assert rows[1][1] == [f"{report.fmt_bytes(4000)} (computed)", report.fmt_bytes(3000)]
+    assert any("2,000 parameters x 2 bytes" in n for n in notes) and any("quantized (Q4_1)" in n for n in notes)
+    assert "both Q4_1" in report.final_artifact(src, same)
+    rows, notes = report.file_sizes(src, sliced, prov, other, "no quantizer: q8_0")
+    assert [r[0] for r in rows][:2] == ["GGUF file, Q4_1", "GGUF file, Q8_0"]
+    assert rows[0][1][1] == "-" and rows[1][1][0] == "-"
+    assert any("not the same type" in n and "no quantizer: q8_0" in n for n in notes)
+    assert "not the same type" in report.final_artifact(src, other)

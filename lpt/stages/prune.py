@@ -227,7 +227,7 @@ def _discard_partial(work: Path) -> None:
 
 def _train(pruner: Pruner, cfg: PruneConfig, data: calibration.CalibData, total: int, log_path: Path, ckpt: Path,
            resolved: dict[str, Any], main: bool) -> None:
-    if cfg.one_shot and pruner.step == 0 and pruner.estimator is not None:
+    if cfg.one_shot and pruner.step == 0 and pruner.pruning:
         pruner.one_shot(calibration.batches(data, cfg.batch_size))
     a = pruner.arch
     console.print(f"pruning {cfg.model} ({a.name}, {a.num_layers} layers, {a.num_heads} heads / {a.num_kv_heads} kv "

@@ -19,13 +19,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import lpt
-from lpt import artifacts, calibration, lora, models, reconstruct, slicing
+from lpt import artifacts, calibration, lora, modeling, models, reconstruct, slicing
 from lpt import budget as budgets
 from lpt.arch import describe
 from lpt.config import SliceConfig, check
 from lpt.errors import LptError
 from lpt.masks import Masks, round_to_violations
-from lpt.model_dir import output_dtype, write_model_dir
+from lpt.model_dir import choose_output_dtype, write_model_dir
 from lpt.progress import console, steps_bar
 
 
@@ -53,11 +53,16 @@ def run(cfg: SliceConfig) -> Path:
     validate(cfg)
     out = artifacts.check_output_dir(cfg.output, cfg.overwrite)
     # the contract first: masks (and adapter) against the model's config, before any weight is read
-    config = models.load_config(models.resolve(cfg.model), trust_remote_code=cfg.trust_remote_code,
-                                revision=cfg.revision)
+    ref = models.resolve(cfg.model)
+    config = models.load_config(ref, trust_remote_code=cfg.trust_remote_code, revision=cfg.revision)
     arch = describe(config)
     slicing.check_sliceable(arch)
     masks = Masks.load(cfg.masks, arch)
+    if not masks.is_uniform():
+        modeling.class_name(arch.model_type)  # a family without per-layer widths: refused before any weight
+    arch.check_heads(min(len(masks.layers[i].heads) for i in masks.kept_layers()),
+                     "prune with --balance 0 (MLP channels only), or evaluate these masks unsliced (lpt eval "
+                     "--adapter --masks)", masks.hidden_size())
     uneven = round_to_violations(masks)
     if uneven:  # slice takes the masks as given; say when they break the --round-to they record
         console.print(f"[yellow]warning:[/] {cfg.masks} records --round-to {masks.info['round_to']} but layer(s) "
@@ -66,7 +71,7 @@ def run(cfg: SliceConfig) -> Path:
     if cfg.adapter:
         adapter_cfg, sd = lora.read_adapter(cfg.adapter)
         sliced_adapter = slicing.slice_adapter(sd, masks)
-    dtype = output_dtype(cfg.dtype, config)
+    dtype, dtype_why = choose_output_dtype(cfg.dtype, config, ref)
 
     bar, step = steps_bar("loading model", 4 if cfg.reconstruct else 3)
     with bar:
@@ -98,6 +103,7 @@ def run(cfg: SliceConfig) -> Path:
         prov = artifacts.provenance("slice", cfg, masks=artifacts.masks_record(cfg.masks, masks),
                                     adapter=artifacts.adapter_record(cfg.adapter) if cfg.adapter else None,
                                     merged=cfg.merge, layout=layout, dtype=str(dtype).replace("torch.", ""),
+                                    dtype_reason=dtype_why,
                                     params={"before": before, "after": after}, tensor_parallel=tp)
         with artifacts.atomic_dir(out, overwrite=cfg.overwrite) as tmp:
             write_model_dir(model, tok, tmp, dtype=dtype, max_shard_size=cfg.max_shard_size, provenance=prov)
@@ -107,7 +113,7 @@ def run(cfg: SliceConfig) -> Path:
         step("done")
     what = " + adapter/" if cfg.adapter and not cfg.merge else (" (adapter merged)" if cfg.merge else "")
     console.print(f"sliced {cfg.model}: {before:,} -> {after:,} parameters ({1 - after / before:.1%} fewer), "
-                  f"{layout} widths{what} -> {out}")
+                  f"{layout} widths{what}, {str(dtype).replace('torch.', '')} ({dtype_why}) -> {out}")
     if layout == "per-layer":
         console.print("per-layer widths: load with AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)")
     else:
