@@ -111,7 +111,8 @@ def _pyplot():
 
 
 def plot_masks(masks: dict[str, Any], path: Path) -> Path | None:
-    """Kept (blue) and pruned (grey) query heads and MLP channels, one row per layer."""
+    """Kept (blue) and pruned (grey) query heads and MLP channels, one row per layer; a removed block is a grey row
+    marked on the layer axis, and removed hidden (residual) channels a strip under the two panels."""
     plt = _pyplot()
     if plt is None:
         return None
@@ -120,25 +121,39 @@ def plot_masks(masks: dict[str, Any], path: Path) -> Path | None:
 
     n_layers, heads = int(masks["num_hidden_layers"]), int(masks["num_attention_heads"])
     kv, width = int(masks["num_key_value_heads"]), int(masks["intermediate_size"])
+    removed = {int(i) for i in masks.get("removed_layers") or []}
+    hidden_kept = masks.get("hidden_channels")
+    hidden = int(masks.get("hidden_size") or 0)
     by_layer = {int(lay["layer"]): lay for lay in masks["layers"]}
     H = np.zeros((n_layers, heads))
     C = np.zeros((n_layers, width))
     for i in range(n_layers):
         lay = by_layer.get(i)
+        if i in removed:  # the whole block goes: nothing of it is kept
+            continue
         if lay is None:  # not recorded: not pruned
             H[i], C[i] = 1, 1
             continue
         H[i, lay["attention_heads"]] = 1
         C[i, lay["mlp_channels"]] = 1
-    kept_h, kept_c = H.sum(1).astype(int), C.sum(1).astype(int)
+    live = [i for i in range(n_layers) if i not in removed] or [0]
+    kept_h, kept_c = H[live].sum(1).astype(int), C[live].sum(1).astype(int)
     cmap = ListedColormap([PRUNED, KEPT])
-    height = min(12.0, 1.6 + 0.17 * n_layers)
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, height), gridspec_kw={"width_ratios": [1, 4]})
+    height = min(12.0, 1.6 + 0.17 * n_layers) + (0.8 if hidden_kept is not None else 0.0)
+    fig = plt.figure(figsize=(11, height))
+    rows = (2, [max(1.0, 0.17 * n_layers), 0.35]) if hidden_kept is not None else (1, [1.0])
+    grid = fig.add_gridspec(rows[0], 2, width_ratios=[1, 4], height_ratios=rows[1])
+    ax1, ax2 = fig.add_subplot(grid[0, 0]), fig.add_subplot(grid[0, 1])
     for ax, M in ((ax1, H), (ax2, C)):
         ax.imshow(M, aspect="auto", cmap=cmap, vmin=0, vmax=1, interpolation="nearest")
         ax.set_ylabel("layer")
         step = max(1, math.ceil(n_layers / 16))
-        ax.set_yticks(range(0, n_layers, step))
+        ticks = sorted(set(range(0, n_layers, step)) | removed)
+        ax.set_yticks(ticks)
+        ax.set_yticklabels([f"{i} removed" if i in removed else str(i) for i in ticks])
+        for t, i in zip(ax.get_yticklabels(), ticks):
+            if i in removed:
+                t.set_color("#b22222")
         ax.tick_params(labelsize=8)
     group = heads // max(kv, 1)
     for g in range(1, kv):  # key/value groups: the query heads that share a key/value head
@@ -154,10 +169,23 @@ def plot_masks(masks: dict[str, Any], path: Path) -> Path | None:
     ax2.set_xlabel("MLP channel")
     ax2.set_title(f"MLP: {span(kept_c)} of {width} channels kept per layer", fontsize=10)
     if kept_c.min() != kept_c.max() or kept_h.min() != kept_h.max():  # per-layer widths: the counts on the right
-        for i in range(n_layers):
-            ax2.annotate(f"{kept_h[i]}h {kept_c[i]}c", (1.005, 1 - (i + 0.5) / n_layers), xycoords="axes fraction",
-                         fontsize=6, va="center")
-    fig.suptitle("masks per layer (blue: kept, grey: pruned)", fontsize=11)
+        for i in live:
+            ax2.annotate(f"{int(H[i].sum())}h {int(C[i].sum())}c", (1.005, 1 - (i + 0.5) / n_layers),
+                         xycoords="axes fraction", fontsize=6, va="center")
+    if hidden_kept is not None and hidden:
+        ax3 = fig.add_subplot(grid[1, :])
+        R = np.zeros((1, hidden))
+        R[0, [int(c) for c in hidden_kept]] = 1
+        ax3.imshow(R, aspect="auto", cmap=cmap, vmin=0, vmax=1, interpolation="nearest")
+        ax3.set_yticks([])
+        ax3.set_xlabel("hidden (residual) channel", fontsize=9)
+        ax3.set_title(f"hidden size: {len(hidden_kept)} of {hidden} channels kept (every block, the embedding and "
+                      "the norms)", fontsize=10)
+        ax3.tick_params(labelsize=8)
+    title = "masks per layer (blue: kept, grey: pruned)"
+    if removed:
+        title += f"; {len(removed)} of {n_layers} blocks removed"
+    fig.suptitle(title, fontsize=11)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
@@ -436,6 +464,19 @@ def _masks_section(run: RunFiles, pictures: bool) -> list[Block]:
     if bal:
         text += (f" Balance {bal.get('mode')}: {bal.get('attention_units')} attention unit(s) and "
                  f"{bal.get('mlp_channels')} MLP channels pruned per layer.")
+    removed, hidden = masks.get("removed_layers") or [], masks.get("hidden_channels")
+    if removed:
+        text += (f" Depth: {len(removed)} of {masks.get('num_hidden_layers')} blocks removed "
+                 f"({', '.join(str(i) for i in removed)}).")
+    if hidden is not None:
+        text += f" Hidden size: {len(hidden)} of {masks.get('hidden_size')} residual channels kept."
+    search = info.get("search") or {}
+    if search.get("target") and len(search.get("candidates") or []) > 1:
+        t = search["target"]
+        text += (f" Search over {', '.join(search.get('axes') or [])} ({len(search['candidates'])} candidates, "
+                 f"the lowest loss kept): {t.get('blocks', 0)} block(s), {t.get('hidden_channels', 0)} hidden "
+                 f"channel(s), {t.get('attention_units', 0)} attention unit(s) and {t.get('mlp_channels', 0)} MLP "
+                 "channels per layer removed.")
     png = plot_masks(masks, run.run_dir / PICTURES / MASKS_PNG) if pictures else None
     return [("h2", "Masks per layer"), ("p", text),
             ("img", f"{PICTURES}/{MASKS_PNG}", "masks per layer") if png else NO_PICTURES]

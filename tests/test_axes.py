@@ -153,3 +153,31 @@ def test_masks_v2_fields_are_validated(bad, msg):
     doc = {**axes_masks(arch, [], None).to_json(), **bad}
     with pytest.raises(MismatchError, match=msg):
         Masks.from_json(doc, arch)
+
+
+def test_report_masks_picture_and_text_show_removed_blocks_and_hidden_channels(tmp_path):
+    """lpt run's report: the masks picture draws removed blocks (whole grey rows, marked on the layer axis) and the
+    hidden-channel strip; the section's text names the removed blocks, the kept hidden size and the searched mix."""
+    pytest.importorskip("matplotlib")
+    from lpt import report
+
+    cfg = family_config("llama")
+    arch = describe(cfg)
+    masks = axes_masks(arch, [1], arch.hidden_size - 8)
+    doc = json.loads(json.dumps(masks.to_json()))
+    doc["info"] = {"search": {"axes": ["width", "depth", "hidden"], "target": {"blocks": 1, "hidden_channels": 8,
+                                                                               "attention_units": 1, "mlp_channels": 4},
+                              "candidates": [{"loss": 1.0}, {"loss": 2.0}]}}
+    png = report.plot_masks(doc, tmp_path / "masks.png")
+    assert png is not None and png.stat().st_size > 0
+    plain = dict(doc, removed_layers=[], hidden_channels=None)
+    report.plot_masks(plain, tmp_path / "plain.png")
+    # the hidden strip makes the picture taller than the one without it
+    from PIL import Image
+
+    assert Image.open(png).size[1] > Image.open(tmp_path / "plain.png").size[1]
+    run = report.RunFiles(tmp_path, {}, {}, [], None, None, None, None, doc, None)
+    text = " ".join(b[1] for b in report._masks_section(run, pictures=False) if b[0] == "p")
+    assert f"Depth: 1 of {arch.num_layers} blocks removed (1)" in text
+    assert f"Hidden size: {arch.hidden_size - 8} of {arch.hidden_size} residual channels kept" in text
+    assert "Search over width, depth, hidden (2 candidates" in text and "1 block(s), 8 hidden channel(s)" in text
