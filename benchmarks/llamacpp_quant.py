@@ -99,7 +99,7 @@ def make_models(work: Path, recipes: list[str], round_tos: list[int], log: Path)
 
         full = work / "dense-masks.json"
         Masks.full(describe(lm.load_config(MODEL)), model=MODEL).save(full)
-        run(lpt("slice", MODEL, "--masks", full, "-o", dense, "--device", "cpu"), log)
+        run(lpt("slice", MODEL, "--masks", full, "-o", dense, "--device", "cpu", "--dtype", "float32"), log)
     models["dense"] = {"dir": dense, "recipe": None, "round_to": None, "commands": [f"lpt slice {MODEL} --masks "
                                                                                    f"ALL-ONES.json -o dense"]}
     for spec in recipes:
@@ -118,6 +118,7 @@ def make_models(work: Path, recipes: list[str], round_tos: list[int], log: Path)
             if reconstruct:
                 cmds.append(lpt("calibrate", MODEL, "--recipe", ROOT / recipe, "-o", c))
             cmds.append(lpt("slice", MODEL, "--masks", p / "masks.json", "--adapter", p, "--merge",
+                            "--dtype", "float32",
                             *(["--reconstruct", c] if reconstruct else []), "-o", s))
             for cmd, out in zip(cmds, [p, *([c] if reconstruct else []), s]):
                 if not out.exists():
@@ -144,8 +145,12 @@ def export_all(work: Path, models: dict[str, dict], outtypes: list[str], log: Pa
 # ------------------------------------------------------------------------------------------------ 3./4. perplexity
 def sources(work: Path) -> dict[str, tuple[str, int]]:
     """{name: (lpt eval --ppl source, max segments)}."""
-    _, test, _ = corpus(work, "docs")
+    test = corpus(work, "docs")[1] if ARGS.heldout == "docs" else ARGS.heldout
     return {PYDOC: (PYDOC, ARGS.pydoc_segments), HELDOUT: (test, ARGS.heldout_segments)}
+
+
+def heldout_name() -> str:
+    return "held-out Python docs" if ARGS.heldout == "docs" else ARGS.heldout
 
 
 def torch_ppl(work: Path, label: str, d: Path, srcs: dict, log: Path) -> dict[str, float]:
@@ -289,7 +294,7 @@ def markdown(doc: dict) -> str:
     dense = {r["outtype"]: r for r in rows if r["model"] == "dense"}
     lines = [f"`{doc['command']}` (llama-cpp-python {doc['versions']['llama_cpp_python']}; perplexity: "
              f"{s['seq_len']}-token segments, the first {doc['segments'][PYDOC]} of {PYDOC} and the first "
-             f"{doc['segments'][HELDOUT]} of the held-out Python docs; "
+             f"{doc['segments'][HELDOUT]} of the {doc.get('heldout_label', 'held-out Python docs')}; "
              + (f"speed: {s['threads']} thread(s), {s['prompt_tokens']}-token prompt, {s['gen_tokens']} generated "
                 f"greedily, median of {s['trials']} trials interleaved across models" if s["prompt_tokens"]
                 else "speed not measured (--skip-speed)")
@@ -374,7 +379,8 @@ def plots(doc: dict, stem: Path) -> list[Path]:
         if key == "gen" and not all(r.get("speed") for r in rows):
             continue
         fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
-        for ax, src, title in ((axes[0], PYDOC, PYDOC), (axes[1], HELDOUT, "held-out Python docs")):
+        other = doc.get("heldout_label", "held-out Python docs")
+        for ax, src, title in ((axes[0], PYDOC, PYDOC), (axes[1], HELDOUT, other)):
             for label in labels:
                 rs = [r for r in rows if r["model"] == label]
                 xs = [r["mib"] if key == "mib" else r["speed"]["gen_tokens_per_s"]["median"] for r in rs]
@@ -440,6 +446,8 @@ def main() -> None:
     ap.add_argument("--outtypes", default=",".join(OUTTYPES))
     ap.add_argument("--seq-len", type=int, default=2048)
     ap.add_argument("--pydoc-segments", type=int, default=0, help="segments of builtin:pydoc:test (0: all 10)")
+    ap.add_argument("--heldout", default="docs", help="the second perplexity text: 'docs' (the quality study's held-out "
+                    "Python documentation) or an lpt eval --ppl source, e.g. boolq-passages (out of domain)")
     ap.add_argument("--heldout-segments", type=int, default=4, help="segments of the held-out text (the study's 4)")
     ap.add_argument("--threads", type=int, default=1, help="llama.cpp threads of the speed trials")
     ap.add_argument("--ppl-threads", type=int, default=2, help="llama.cpp threads of the perplexity runs")
@@ -506,7 +514,8 @@ def main() -> None:
                      "gen_tokens": ARGS.gen_tokens, "interleaved": True, "greedy": True},
         "segments": {PYDOC: rows[0]["ppl_detail"][PYDOC]["segments"],
                      HELDOUT: rows[0]["ppl_detail"][HELDOUT]["segments"]},
-        "heldout_source": corpus(work, "docs")[2],
+        "heldout_source": corpus(work, "docs")[2] if ARGS.heldout == "docs" else ARGS.heldout,
+        "heldout_label": heldout_name(),
         "torch_float32_ppl": torch_ppls,
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
         "load_average": loads or [os.getloadavg()[0]],
