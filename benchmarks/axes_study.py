@@ -127,13 +127,15 @@ def quality(st: Study, out: Path, a, results: dict, save) -> None:
     targets = [float(t) for t in a.targets.split(",")]
     for t in targets:
         for label, axes in AXES.items():
+            if label not in a.axes_rows:
+                continue
             name = f"t{int(round(t * 100))}-{label}"
             put(f"-{t:.0%} {label}", lambda name=name, axes=axes, t=t: rows.sliced_row(
                 name, [*TRAIN, *budget_flags(1, a.quick), "--model-ratio", t, "--axes", axes]))
     first = [(k, r) for k, r in sec.items() if k.startswith(f"-{targets[0]:.0%} ") and r.get("ppl")]
     best = sorted(first, key=lambda kr: kr[1]["ppl"].get(OOD, float("inf")))[:2]
     results["four_x"] = [k for k, _ in best]
-    for key, _ in best:
+    for key, _ in best if a.four_x else []:
         label = key.split(" ", 1)[1]
         name = f"t{int(round(targets[0] * 100))}-{label}-4x"
         put(f"{key} 4x", lambda name=name, label=label: rows.sliced_row(
@@ -294,13 +296,13 @@ def plot(results: dict, path: Path) -> None:
             pts = sorted((r["params"] / 1e6, 100 * r["avg7"] if what == "avg7" else r["ppl"][what])
                          for k, r in sec.items() if k.endswith(f" {label}") and r.get("ppl")
                          and (what != "avg7" or r.get("avg7") is not None))
-            if dense and dense.get("ppl"):
+            if dense and dense.get("ppl") and (what != "avg7" or dense.get("avg7") is not None):
                 pts.append((dense["params"] / 1e6, 100 * dense["avg7"] if what == "avg7" else dense["ppl"][what]))
             if pts:
                 xs, ys = zip(*sorted(pts))
                 ax.plot(xs, ys, marker="o", label=label)
         for k, r in sec.items():
-            if k.endswith(" 4x") and r.get("ppl"):
+            if k.endswith(" 4x") and r.get("ppl") and (what != "avg7" or r.get("avg7") is not None):
                 y = 100 * r["avg7"] if what == "avg7" else r["ppl"][what]
                 ax.scatter([r["params"] / 1e6], [y], marker="*", s=120, color="k", zorder=5)
                 ax.annotate(k.split(" ", 1)[1], (r["params"] / 1e6, y), fontsize=7)
@@ -330,6 +332,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--bench-seq", type=int, default=256)
     ap.add_argument("--prompt-tokens", type=int, default=256)
     ap.add_argument("--gen-tokens", type=int, default=64)
+    ap.add_argument("--axes-rows", type=lambda v: v.split(","), default=list(AXES),
+                    help="which axis rows to run at every target (comma-separated; default: all)")
+    ap.add_argument("--no-four-x", dest="four_x", action="store_false",
+                    help="skip the 4x-recovery rows of the two best first-target rows")
     ap.add_argument("--quick", action="store_true", help="a smoke run: tiny budgets, 1 segment, 4 documents")
     ap.add_argument("--report-only", action="store_true")
     ap.add_argument("--publish", action="store_true", help="copy the results to benchmarks/results/")

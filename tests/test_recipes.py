@@ -63,3 +63,26 @@ def test_flags_override_recipe(tmp_path, runner, tiny_llama_dir):
     recipe.write_text("calibrate:\n  bogus: 1\n")
     r = invoke(runner, ["calibrate", tiny_llama_dir, "--recipe", recipe, "-o", tmp_path / "o2"])
     assert r.exit_code == 2 and "bogus" in r.output
+
+
+SHAPE_OF = {"meta-llama/Llama-2-7b-hf": "llama-7b", "huggyllama/llama-7b": "llama-7b", "smollm2-135m": "smollm2-135m"}
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
+def test_recipe_plans_a_loadable_model(path):
+    """The recipe's prune plans against its model's real shape (public config fields, no weights): every candidate
+    is a model plain transformers loads (Llama refuses a hidden size that is not a multiple of the kept heads), and
+    the widths are multiples of the recipe's --round-to."""
+    from lpt import budget
+    from lpt.arch import describe
+    from lpt.benchmarking.shapes import make_config, parse_shape
+    from lpt.config import resolved
+
+    doc = yaml.safe_load(path.read_text())
+    arch = describe(make_config(parse_shape(SHAPE_OF[doc["run"]["model"]])))
+    cfg = resolved(build(PruneConfig, {}, set(), load_recipe(path, "prune")))
+    plan = budget.plan(cfg, arch)  # raises (one line) for a budget transformers would refuse to load
+    assert plan.candidates
+    for c in plan.candidates:
+        assert budget.loadable(arch, cfg.gqa, c)
+        assert (arch.intermediate_size - c.channels) % cfg.round_to == 0 or c.channels == 0
