@@ -55,7 +55,7 @@ RECIPES = ("recipes/smollm2-135m-20.yaml", "recipes/smollm2-135m.yaml")
 OUTTYPES = ("f16", "q8_0", "q6_k", "q5_k_m", "q4_k_m", "q4_0")
 PYDOC = "builtin:pydoc:test"
 HELDOUT = "heldout"
-DEFAULT_ROUND_TO = 8  # lpt prune's default
+DEFAULT_ROUND_TO = "auto"  # lpt prune's default (32 for SmolLM2's 1536-channel MLP; 8 in earlier lpt)
 
 
 def run(args: list, log: Path) -> None:
@@ -74,14 +74,15 @@ def same_widths(recipe: str, round_to: int) -> bool:
     """Does ``--round-to N`` leave the recipe's prune exactly as it is? prune reads ``round_to`` only through these
     counts (the balance-search candidates and the uniform target), so equal counts mean the same run."""
     from lpt import groups, models
-    from lpt.masks import Masks
     from lpt.arch import describe
+    from lpt.config import round_to_channels
 
     cfg = recipe_prune(recipe)
     arch = describe(models.load_config(MODEL))
     ratio, gqa = float(cfg["ratio"]), cfg.get("gqa", "kv-groups")
 
-    def counts(n: int):
+    def counts(n: int | str):
+        n = round_to_channels(n, arch.intermediate_size)
         return groups.balance_candidates(arch, ratio, gqa, n), groups.uniform_counts(arch, ratio, gqa, n)
 
     return counts(round_to) == counts(cfg.get("round_to", DEFAULT_ROUND_TO))

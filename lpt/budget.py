@@ -171,12 +171,12 @@ def plan(cfg: Any, arch: Arch) -> Budget:
     from lpt.config import round_to_channels
 
     gqa, note = default_gqa(arch, None if cfg.gqa == "auto" else cfg.gqa)
-    round_to = round_to_channels(cfg.round_to)
     tp = tp_sizes(cfg.tp)
     skip = groups.parse_layers(cfg.skip_layers, arch.num_layers)
     layout = "per-layer" if skip else cfg.layout
     prunable = tuple(i for i in range(arch.num_layers) if i not in skip)
     widths = arch.layer_intermediate or [arch.intermediate_size]
+    round_to = round_to_channels(cfg.round_to, min(widths))
     unit = channel_unit(round_to, tp)
     target_mode = cfg.model_ratio is not None or cfg.target_params is not None
     depth = block_count(cfg.prune_layers, arch.num_layers) if cfg.prune_layers else 0
@@ -205,8 +205,15 @@ def plan(cfg: Any, arch: Arch) -> Budget:
     if len(prunable) - depth < 1:
         raise LptError(f"--prune-layers {cfg.prune_layers:g} leaves no prunable block with --skip-layers "
                        f"{cfg.skip_layers}")
-    hidden = hidden_count(arch, cfg.hidden_ratio, hidden_unit(arch, arch.num_heads, hidden_round, layout)) \
-        if cfg.hidden_ratio > 0 else 0
+    hidden = 0
+    if cfg.hidden_ratio > 0:
+        h_unit = hidden_unit(arch, arch.num_heads, hidden_round, layout)
+        hidden = hidden_count(arch, cfg.hidden_ratio, h_unit)
+        if hidden == 0:
+            heads = f" and the {arch.num_heads} query heads" if h_unit != hidden_round else ""
+            raise LptError(f"--hidden-ratio {cfg.hidden_ratio:g} removes no channel: this model's hidden size "
+                           f"({arch.hidden_size}) moves in steps of {h_unit} (--round-to {round_to}{heads}); ask for "
+                           f"at least {h_unit / 2 / arch.hidden_size:.2f} or a smaller --round-to (cpu: 8)")
     at = shrunk(arch, depth, hidden)
     layer_ratio = _layer_ratio(at, ratio, prunable, depth) if ratio > 0 else 0.0
     if ratio <= 0:

@@ -85,10 +85,19 @@ INT8_THRESHOLD = 6.0  # LLM.int8's outlier threshold (--int8-threshold): bitsand
 ROUND_TO_PRESETS = {"cpu": 8, "llamacpp": LEGACY_BLOCK, "gpu": 128, "kquants": K_BLOCK}
 
 
-def round_to_channels(value: int | str) -> int:
-    """``--round-to``: a positive number of channels or a preset name (``cpu``, ``llamacpp``, ``gpu``, ``kquants``)
-    -> N."""
+ROUND_TO_AUTO = "auto"
+ROUND_TO_AUTO_MIN_WIDTH = 1024  # auto: llamacpp's 32 from this MLP width up (a step <= 3% of it), else cpu's 8
+
+
+def round_to_channels(value: int | str, width: int | None = None) -> int:
+    """``--round-to``: a positive number of channels, a preset name (``cpu``, ``llamacpp``, ``gpu``, ``kquants``) or
+    ``auto`` (the default: ``llamacpp``'s 32 for MLP widths of at least ``ROUND_TO_AUTO_MIN_WIDTH``, every real
+    LLM's, else ``cpu``'s 8; ``width`` is the model's narrowest MLP width) -> N."""
     key = str(value).strip().lower()
+    if key == ROUND_TO_AUTO:
+        if width is None:
+            raise LptError("--round-to auto is decided by the model's MLP width, which is not known here")
+        return ROUND_TO_PRESETS["llamacpp" if width >= ROUND_TO_AUTO_MIN_WIDTH else "cpu"]
     if key in ROUND_TO_PRESETS:
         return ROUND_TO_PRESETS[key]
     try:
@@ -99,6 +108,11 @@ def round_to_channels(value: int | str) -> int:
         presets = ", ".join(f"{k} ({v})" for k, v in ROUND_TO_PRESETS.items())
         raise LptError(f"--round-to must be a positive number of channels or one of {presets} (got {value})")
     return n
+
+
+def round_to_flag(value: int | str) -> int | str:
+    """The ``--round-to`` field as a config holds it: ``auto`` kept (the model decides, ``budget.plan``), else N."""
+    return ROUND_TO_AUTO if str(value).strip().lower() == ROUND_TO_AUTO else round_to_channels(value)
 
 
 def parse_targets(value: str) -> list[str]:
@@ -170,13 +184,15 @@ class PruneConfig(ModelOptions, DataOptions):
                                   "LoRA-guided estimate, Eq. 10), vanilla (full-gradient Taylor, Eq. 3: the "
                                   "memory-hungry baseline), magnitude, random.",
                         choices=_lazy("lpt.importance", "CRITERIA"))
-    round_to: int | str = _f(8, "Keep pruned MLP widths (and hidden sizes) a multiple of N channels, or of the preset "
-                                "named for the runtime: cpu (8: PyTorch on CPU, where widths not a multiple of 8 ran the "
-                                "MLP ~25% slower), llamacpp (32: the block of llama.cpp's q4_0 / q5_0 / q8_0), kquants "
+    round_to: int | str = _f(ROUND_TO_AUTO, "Keep pruned MLP widths (and hidden sizes) a multiple of N channels, or "
+                                "of the preset named for the runtime: auto (the default: llamacpp's 32 for MLP widths "
+                                "of 1024 and more, so GGUF exports quantize every matrix; cpu's 8 below), cpu (8: "
+                                "PyTorch on CPU, where widths not a multiple of 8 ran the MLP ~25% slower), llamacpp "
+                                "(32: the block of llama.cpp's q4_0 / q5_0 / q8_0), kquants "
                                 "(256: llama.cpp's k-quants q4_k_m / q5_k_m / q6_k; fully used only when the hidden size "
                                 "is a multiple of 256 too), gpu (128: quantized GPU kernels -- Marlin for GPTQ / AWQ "
                                 "wants multiples of 64, FP8 block scales 128 x 128 blocks). The ratio stays within one "
-                                "N-channel step of --ratio. Heads are not rounded; 1 disables.", resolve=round_to_channels)
+                                "N-channel step of --ratio. Heads are not rounded; 1 disables.", resolve=round_to_flag)
     score: str = _f("square", "Element score: square (paper) or abs (authors' released code).",
                     choices=_lazy("lpt.criteria", "SCORES"))
     normalize: bool = _f(True, "Normalise each layer's group scores by their L2 norm (matters for --layout per-layer).")

@@ -64,6 +64,29 @@ def test_round_to_presets_and_integers():
             round_to_channels(bad)
 
 
+
+def test_round_to_auto_is_32_for_real_widths_and_8_below():
+    """The default, auto: llama.cpp's 32-value block for the MLP widths of real models (SmolLM2's 1536, 7B's 11008),
+    cpu's 8 for narrow ones (a 32-channel step would be a large part of the width); the config keeps 'auto' and the
+    budget decides from the model."""
+    from transformers import LlamaConfig
+
+    from lpt import budget
+    from lpt.arch import describe
+    from lpt.config import PruneConfig, resolved, round_to_flag
+
+    assert [round_to_channels("auto", w) for w in (96, 1023, 1024, 1536, 11008)] == [8, 8, 32, 32, 32]
+    assert round_to_flag("AUTO") == "auto" and round_to_flag("gpu") == 128
+    with pytest.raises(LptError, match="auto"):
+        round_to_channels("auto")
+    cfg = resolved(PruneConfig(model="m", output="o", ratio=0.2))
+    assert cfg.round_to == "auto"
+    smol = describe(LlamaConfig(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                                num_key_value_heads=3, head_dim=64, vocab_size=49152))
+    plan = budget.plan(cfg, smol)
+    assert plan.round_to == 32 and all((1536 - c.channels) % 32 == 0 for c in plan.candidates)
+
+
 def test_prune_round_to_preset_is_recorded_as_channels(tmp_path, runner, tiny_llama_dir, tiny_calib_dir):
     out = tmp_path / "out"
     r = invoke(runner, ["prune", tiny_llama_dir, "--calib", tiny_calib_dir, "--ratio", "0.5", "--round-to",

@@ -126,7 +126,7 @@ def _run(cfg: PruneConfig, world: distributed.World, device_map: str | dict | No
                     budget=budget)
     if pruner.note and world.main:
         console.print(f"note: {pruner.note}")
-    hidden_note = llamacpp.round_to_note(arch.hidden_size, cfg.round_to)
+    hidden_note = llamacpp.round_to_note(arch.hidden_size, budget.round_to)
     if hidden_note and world.main:
         console.print(f"note: {hidden_note}")
     resolved = {**asdict(cfg), "data": cfg.data if cfg.calib else default_data(cfg),
@@ -167,7 +167,7 @@ def _run(cfg: PruneConfig, world: distributed.World, device_map: str | dict | No
     masks.info = {
         "criterion": pruner.criterion, "score": cfg.score, "normalize": cfg.normalize,
         "one_shot": cfg.one_shot, "steps": total, "skip_layers": pruner.skip,
-        **({"round_to": cfg.round_to} if cfg.round_to > 1 else {}),
+        **({"round_to": budget.round_to} if budget.round_to > 1 else {}),
         **({"balance": pruner.balance_info()} if pruner.estimator is not None else {}),
         **({"search": search} if search is not None else {}),
         "tp": {"requested": list(budget.tp), "supported": budgets.supported_tp(budgets.model_widths(arch, masks))},
