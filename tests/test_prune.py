@@ -102,14 +102,14 @@ def test_balance_search_keeps_the_candidate_with_the_lowest_loss(layout):
     cands = p.search_losses
     # uniform: not the 1-unit candidate -- 3 heads of a hidden size of 64 is a config Llama's refuses to load
     assert [(c["attention_units"], c["mlp_channels"]) for c in cands] == \
-        [w for w in groups.balance_candidates(p.arch, 0.5, "kv-groups", p.cfg.round_to)
+        [w for w in groups.balance_candidates(p.arch, 0.5, "kv-groups", p.budget.round_to)
          if layout == "per-layer" or 64 % (4 - w[0]) == 0]
     assert len(cands) >= 3
     # the same losses, computed here from the candidates' masks by hand
     ref = build_model(cfg)
     arch = describe(cfg)
     lora.inject(ref, arch, r=4, alpha=8)
-    policy = selection.Policy.of(arch, layout=layout, prunable=[0, 1], gqa="kv-groups", round_to=p.cfg.round_to)
+    policy = selection.Policy.of(arch, layout=layout, prunable=[0, 1], gqa="kv-groups", round_to=p.budget.round_to)
     state = selection.State(p.state.head_scores, p.state.channel_scores, p.heads_pruned, p.channels_pruned)
     for c in cands:
         counts = selection.step_counts(1.0, (c["attention_units"], c["mlp_channels"]), policy, state)

@@ -85,4 +85,4 @@ def test_recipe_plans_a_loadable_model(path):
     assert plan.candidates
     for c in plan.candidates:
         assert budget.loadable(arch, cfg.gqa, c)
-        assert (arch.intermediate_size - c.channels) % cfg.round_to == 0 or c.channels == 0
+        assert (arch.intermediate_size - c.channels) % plan.round_to == 0 or c.channels == 0

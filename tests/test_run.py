@@ -337,7 +337,8 @@ def test_run_refuses_what_export_lacks_before_any_stage_runs(tmp_path, runner, t
     monkeypatch.setattr(llamacpp, "find_converter", lambda spec=None: None)
     r = invoke(runner, ["run", _export_recipe(tmp_path / "c.yaml", tiny_llama_dir), "-o", tmp_path / "c"])
     lines = [line for line in r.output.splitlines() if line.strip()]
-    assert r.exit_code == 2 and "stage export needs llama.cpp's converter" in lines[-1], r.output
+    assert r.exit_code == 2 and "stage export: GGUF export needs llama.cpp's converter" in lines[-1], r.output
+    assert lines[-1].endswith("(nothing was run)")
     assert not (tmp_path / "c" / "prune").exists()
 
 
