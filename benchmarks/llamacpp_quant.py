@@ -55,6 +55,7 @@ RECIPES = ("recipes/smollm2-135m-20.yaml", "recipes/smollm2-135m.yaml")
 OUTTYPES = ("f16", "q8_0", "q6_k", "q5_k_m", "q4_k_m", "q4_0")
 PYDOC = "builtin:pydoc:test"
 HELDOUT = "heldout"
+DOCS_LABEL = "held-out Python docs"  # --heldout docs (and results files written before --heldout)
 DEFAULT_ROUND_TO = "auto"  # lpt prune's default (32 for SmolLM2's 1536-channel MLP; 8 in earlier lpt)
 
 
@@ -151,7 +152,7 @@ def sources(work: Path) -> dict[str, tuple[str, int]]:
 
 
 def heldout_name() -> str:
-    return "held-out Python docs" if ARGS.heldout == "docs" else ARGS.heldout
+    return DOCS_LABEL if ARGS.heldout == "docs" else ARGS.heldout
 
 
 def torch_ppl(work: Path, label: str, d: Path, srcs: dict, log: Path) -> dict[str, float]:
@@ -295,7 +296,7 @@ def markdown(doc: dict) -> str:
     dense = {r["outtype"]: r for r in rows if r["model"] == "dense"}
     lines = [f"`{doc['command']}` (llama-cpp-python {doc['versions']['llama_cpp_python']}; perplexity: "
              f"{s['seq_len']}-token segments, the first {doc['segments'][PYDOC]} of {PYDOC} and the first "
-             f"{doc['segments'][HELDOUT]} of the {doc.get('heldout_label', 'held-out Python docs')}; "
+             f"{doc['segments'][HELDOUT]} of the {doc.get('heldout_label', DOCS_LABEL)}; "
              + (f"speed: {s['threads']} thread(s), {s['prompt_tokens']}-token prompt, {s['gen_tokens']} generated "
                 f"greedily, median of {s['trials']} trials interleaved across models" if s["prompt_tokens"]
                 else "speed not measured (--skip-speed)")
@@ -380,7 +381,7 @@ def plots(doc: dict, stem: Path) -> list[Path]:
         if key == "gen" and not all(r.get("speed") for r in rows):
             continue
         fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
-        other = doc.get("heldout_label", "held-out Python docs")
+        other = doc.get("heldout_label", DOCS_LABEL)
         for ax, src, title in ((axes[0], PYDOC, PYDOC), (axes[1], HELDOUT, other)):
             for label in labels:
                 rs = [r for r in rows if r["model"] == label]

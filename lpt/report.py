@@ -174,9 +174,9 @@ def plot_masks(masks: dict[str, Any], path: Path) -> Path | None:
                          xycoords="axes fraction", fontsize=6, va="center")
     if hidden_kept is not None and hidden:
         ax3 = fig.add_subplot(grid[1, :])
-        R = np.zeros((1, hidden))
-        R[0, [int(c) for c in hidden_kept]] = 1
-        ax3.imshow(R, aspect="auto", cmap=cmap, vmin=0, vmax=1, interpolation="nearest")
+        strip = np.zeros((1, hidden))
+        strip[0, [int(c) for c in hidden_kept]] = 1
+        ax3.imshow(strip, aspect="auto", cmap=cmap, vmin=0, vmax=1, interpolation="nearest")
         ax3.set_yticks([])
         ax3.set_xlabel("hidden (residual) channel", fontsize=9)
         ax3.set_title(f"hidden size: {len(hidden_kept)} of {hidden} channels kept (every block, the embedding and "

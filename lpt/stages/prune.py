@@ -65,7 +65,8 @@ partial_dir = artifacts.partial_dir
 
 def validate(cfg: PruneConfig) -> PruneConfig:
     """Every rule of a PruneConfig (declared with its fields: ``lpt.config.check``); returns the copy the run uses,
-    presets resolved (``--round-to llamacpp`` -> 32, as masks.json records it). ``cfg`` is left as it is."""
+    presets resolved (``--round-to llamacpp`` -> 32, as masks.json records it; ``auto`` stays until
+    ``budget.plan`` decides it from the model's MLP width). ``cfg`` is left as it is."""
     check(cfg)
     return resolved(cfg)
 
@@ -75,7 +76,7 @@ def run(cfg: PruneConfig) -> Path:
 
     Rank 0 holds the output's lock (``artifacts.output_lock``) for the whole run, so a second run on the same output
     (which would share ``.OUTPUT.partial/``) is refused at once."""
-    cfg = validate(cfg)  # the copy the run uses: --ratio's default and --round-to's preset made concrete
+    cfg = validate(cfg)  # the copy the run uses: --ratio's default and --round-to's presets made concrete
     distributed.check_launch(cfg.device, cfg.device_map)
     device_map = distributed.parse_device_map(cfg.device_map)
     out = Path(cfg.output)
